@@ -1,0 +1,24 @@
+"""vae_np: a variational autoencoder with hand-written backprop on NumPy or CuPy.
+
+The public API, by module (each named for the concept it implements):
+
+- ``backend``: :func:`get_backend` -- NumPy, CuPy or array-api-strict, and a dtype;
+- ``layers``: Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Softplus, MLP;
+- ``losses``: KL terms and the Gaussian / Bernoulli negative log-likelihoods;
+- ``model``: :class:`VAE`;
+- ``optim``: :class:`Adam`, :class:`SGD`, :func:`clip_grad_norm`;
+- ``gradcheck``: finite-difference checks of any layer, loss or the whole model.
+"""
+
+from . import gradcheck, layers, losses
+from .backend import Backend, BackendUnavailableError, get_backend
+from .model import VAE, ELBOTerms, reparameterize, reparameterize_backward
+from .optim import SGD, Adam, clip_grad_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam", "Backend", "BackendUnavailableError", "ELBOTerms", "SGD", "VAE",
+    "clip_grad_norm", "get_backend", "gradcheck", "layers", "losses",
+    "reparameterize", "reparameterize_backward", "__version__",
+]

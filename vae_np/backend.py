@@ -1,0 +1,219 @@
+"""The array backend: the one place that knows which array library runs the math.
+
+Every other module computes with ``backend.xp``, a namespace that follows the Python
+array API standard, so the same model code runs on
+
+- ``"numpy"``: the CPU, through ``array_api_compat.numpy`` (plain ``numpy.ndarray``),
+- ``"cupy"``: an NVIDIA GPU, through ``array_api_compat.cupy`` (``cupy.ndarray``),
+- ``"array_api_strict"``: a deliberately minimal implementation of the standard, used by
+  the tests to prove that the model code uses nothing NumPy-only (and so runs on CuPy).
+
+The backend also owns what the standard leaves out: random numbers, moving arrays to and
+from the host, and the choice of floating dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+BACKEND_NAMES = ("numpy", "cupy", "array_api_strict", "auto")
+DTYPE_NAMES = ("float32", "float64")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a requested backend cannot run here (missing package or GPU)."""
+
+
+def _cupy_or_reason() -> tuple[Any, str | None]:
+    """Return (cupy module, None) when CuPy and a GPU are usable, else (None, why)."""
+    try:
+        import cupy
+    except ImportError:
+        return None, ('CuPy is not installed; install the GPU extra with '
+                      '`pip install -e ".[gpu]"` (needs an NVIDIA GPU and CUDA driver)')
+    except Exception as exc:  # broken CUDA libraries raise all sorts of errors on import
+        return None, f"CuPy failed to import ({exc}); check the CUDA installation"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return None, f"CuPy is installed but no usable NVIDIA GPU was found ({exc})"
+    if count < 1:
+        return None, "CuPy is installed but no NVIDIA GPU was found"
+    return cupy, None
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and can see at least one GPU."""
+    return _cupy_or_reason()[0] is not None
+
+
+class RNG:
+    """A seeded random stream that draws arrays on a backend.
+
+    ``normal`` and ``uniform`` return arrays of shape ``shape`` and the backend dtype.
+    ``state()`` is a JSON-serialisable snapshot and ``set_state`` restores it, so a
+    training run can be checkpointed and resumed draw for draw.
+
+    NumPy and array-api-strict draw with NumPy's PCG64 on the host (strict then wraps
+    the result). CuPy draws on the device; each call uses a fresh Philox stream keyed by
+    (seed, call number), so the state is two integers and no draw leaves the GPU.
+    """
+
+    def __init__(self, backend: "Backend", seed: int | Sequence[int]):
+        self.backend = backend
+        self._seed_sequence = np.random.SeedSequence(seed)
+        if backend.name == "cupy":
+            self._calls = 0
+        else:
+            self._generator = np.random.Generator(np.random.PCG64(self._seed_sequence))
+
+    def _cupy_stream(self):
+        cupy = self.backend.native
+        key = np.random.SeedSequence(
+            self._seed_sequence.entropy, spawn_key=(*self._seed_sequence.spawn_key, self._calls)
+        ).generate_state(1, np.uint64)[0]
+        self._calls += 1
+        return cupy.random.RandomState(
+            int(key), method=cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
+        )
+
+    def normal(self, shape: Sequence[int]):
+        """Standard normal draws, shape ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        if self.backend.name == "cupy":
+            return self._cupy_stream().standard_normal(shape, dtype=self.backend.dtype)
+        draws = self._generator.standard_normal(shape, dtype=self.backend.numpy_dtype)
+        return self.backend.asarray(draws)
+
+    def uniform(self, shape: Sequence[int]):
+        """Uniform draws on [0, 1), shape ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        if self.backend.name == "cupy":
+            return self._cupy_stream().random_sample(shape, dtype=self.backend.dtype)
+        draws = self._generator.random(shape, dtype=self.backend.numpy_dtype)
+        return self.backend.asarray(draws)
+
+    def state(self) -> dict:
+        """A JSON-serialisable snapshot of the stream position."""
+        if self.backend.name == "cupy":
+            return {"kind": "philox-calls", "calls": self._calls}
+        return {"kind": "pcg64", "state": self._generator.bit_generator.state}
+
+    def set_state(self, state: dict) -> None:
+        """Restore a snapshot taken by :meth:`state` (same seed, same backend kind)."""
+        if not isinstance(state, dict) or "kind" not in state:
+            raise ValueError(f"state: expected a dict from RNG.state(), got {state!r}")
+        if self.backend.name == "cupy":
+            if state["kind"] != "philox-calls":
+                raise ValueError(f"state: a {state['kind']!r} state cannot restore a CuPy RNG")
+            self._calls = int(state["calls"])
+        else:
+            if state["kind"] != "pcg64":
+                raise ValueError(f"state: a {state['kind']!r} state cannot restore a host RNG")
+            self._generator.bit_generator.state = state["state"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library plus a floating dtype.
+
+    Attributes:
+        name: ``"numpy"``, ``"cupy"`` or ``"array_api_strict"``.
+        xp: the array-API namespace all model code computes with.
+        native: the underlying module (``numpy``, ``cupy`` or ``array_api_strict``).
+        dtype: the floating dtype of parameters and activations, as an ``xp`` dtype.
+    """
+
+    name: str
+    xp: Any = field(repr=False)
+    native: Any = field(repr=False)
+    dtype: Any
+
+    @property
+    def dtype_name(self) -> str:
+        return "float64" if self.dtype == self.xp.float64 else "float32"
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype_name)
+
+    def asarray(self, array, dtype=None):
+        """Copy or view host data (or an array of this backend) as a backend array."""
+        dtype = self.dtype if dtype is None else dtype
+        if self.name == "array_api_strict" and isinstance(array, np.ndarray):
+            array = np.ascontiguousarray(array)
+        return self.xp.asarray(array, dtype=dtype)
+
+    def to_numpy(self, array) -> np.ndarray:
+        """Move an array of this backend to the host as a ``numpy.ndarray``."""
+        if isinstance(array, np.ndarray):
+            return array
+        if self.name == "cupy":
+            return self.native.asnumpy(array)
+        return np.asarray(array)
+
+    def to_float(self, scalar) -> float:
+        """A 0-d backend array as a Python float (a device-to-host copy on GPUs)."""
+        return float(self.to_numpy(scalar))
+
+    def rng(self, seed: int | Sequence[int]) -> RNG:
+        """A seeded random stream drawing arrays of this backend's dtype."""
+        return RNG(self, seed)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); a no-op on the CPU."""
+        if self.name == "cupy":
+            self.native.cuda.Device().synchronize()
+
+    def zeros(self, shape: Sequence[int]):
+        return self.xp.zeros(tuple(shape), dtype=self.dtype)
+
+
+def get_backend(name: str | Backend = "numpy", dtype: str = "float32") -> Backend:
+    """Resolve a backend by name.
+
+    Args:
+        name: ``"numpy"``, ``"cupy"``, ``"array_api_strict"``, or ``"auto"`` (CuPy when a
+            GPU is usable, else NumPy). A :class:`Backend` is returned unchanged.
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Raises:
+        ValueError: unknown ``name`` or ``dtype``.
+        BackendUnavailableError: CuPy requested but not installed or no GPU.
+    """
+    if isinstance(name, Backend):
+        return name
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if name == "auto":
+        name = "cupy" if cuda_available() else "numpy"
+    if name == "numpy":
+        native = np
+        xp = importlib.import_module("array_api_compat.numpy")
+    elif name == "cupy":
+        native, reason = _cupy_or_reason()
+        if native is None:
+            raise BackendUnavailableError(f"backend 'cupy' is unavailable: {reason}")
+        xp = importlib.import_module("array_api_compat.cupy")
+    else:
+        try:
+            native = xp = importlib.import_module("array_api_strict")
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                'backend \'array_api_strict\' needs `pip install array-api-strict` '
+                '(included in the test extra: `pip install -e ".[test]"`)'
+            ) from exc
+    return Backend(name=name, xp=xp, native=native, dtype=getattr(xp, dtype))
+
+
+def namespace_of(*arrays):
+    """The array-API namespace of ``arrays`` (for functions that take arrays, not a backend)."""
+    from array_api_compat import array_namespace
+
+    return array_namespace(*arrays)

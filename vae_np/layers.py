@@ -1,0 +1,219 @@
+"""Layers with hand-written backward passes, and the MLP built from them.
+
+Every layer follows one contract (the CS231n forward/backward pair, kept on the object):
+
+- ``forward(x)`` computes the output and keeps in ``self.cache`` what backward needs;
+- ``backward(dout)`` takes dL/d(output), returns dL/d(input), and writes dL/d(param)
+  into ``self.grads[name]`` for every parameter in ``self.params[name]``.
+
+Gradients are *written* (``grads[k][...] = ...``), not rebound, because the model may
+point ``params`` and ``grads`` at views of one flat buffer (see ``vae_np.parameters``).
+Shapes: ``N`` is the batch size, ``D_in``/``D_out`` the feature sizes.
+The derivations are in docs/derivations.md, section "Layers".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .backend import Backend
+from .ops import sigmoid, softplus
+
+INITIALISATIONS = ("he", "glorot")
+
+
+class Layer:
+    """Base class: a layer with no parameters unless it says otherwise."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.cache = None
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _cached(self):
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self.cache
+
+
+class Linear(Layer):
+    """y = x @ W + b.
+
+    Shapes: x (N, D_in), W (D_in, D_out), b (D_out,), y (N, D_out).
+    Backward: dx = dout @ W^T, dW = x^T @ dout, db = sum_n dout.
+    """
+
+    def __init__(self, in_features: int, out_features: int, backend: Backend,
+                 rng: np.random.Generator, init: str = "he"):
+        super().__init__(backend)
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if init not in INITIALISATIONS:
+            raise ValueError(f"init: expected one of {INITIALISATIONS}, got {init!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        # He et al. (2015) keeps the activation variance through ReLUs: Var W = 2 / fan_in.
+        # Glorot & Bengio (2010) balances forward and backward: Var W = 2 / (fan_in + fan_out).
+        fan = in_features if init == "he" else (in_features + out_features) / 2.0
+        std = math.sqrt(2.0 / fan) if init == "he" else math.sqrt(1.0 / fan)
+        # Drawn on the host from a NumPy generator, so every backend starts from the same
+        # weights for the same seed.
+        weight = rng.standard_normal((in_features, out_features)) * std
+        self.params = {"W": backend.asarray(weight), "b": backend.zeros((out_features,))}
+        self.grads = {k: backend.zeros(v.shape) for k, v in self.params.items()}
+
+    def forward(self, x):
+        self.cache = x
+        return x @ self.params["W"] + self.params["b"]
+
+    def backward(self, dout):
+        x = self._cached()
+        W = self.params["W"]
+        self.grads["W"][...] = x.T @ dout
+        self.grads["b"][...] = self.backend.xp.sum(dout, axis=0)
+        return dout @ W.T
+
+
+class ReLU(Layer):
+    """y = max(x, 0); dy/dx = 1 where x > 0, else 0 (the kink at 0 gets 0)."""
+
+    def forward(self, x):
+        xp = self.backend.xp
+        out = xp.maximum(x, 0.0)
+        self.cache = out
+        return out
+
+    def backward(self, dout):
+        out = self._cached()
+        return self.backend.xp.where(out > 0, dout, 0.0)
+
+
+class LeakyReLU(Layer):
+    """y = x for x > 0, slope * x otherwise; dy/dx = 1 or slope."""
+
+    def __init__(self, backend: Backend, slope: float = 0.01):
+        super().__init__(backend)
+        if not 0.0 <= slope < 1.0:
+            raise ValueError(f"slope: expected a number in [0, 1), got {slope!r}")
+        self.slope = float(slope)
+
+    def forward(self, x):
+        positive = x > 0
+        self.cache = positive
+        return self.backend.xp.where(positive, x, self.slope * x)
+
+    def backward(self, dout):
+        positive = self._cached()
+        return self.backend.xp.where(positive, dout, self.slope * dout)
+
+
+class Tanh(Layer):
+    """y = tanh(x); dy/dx = 1 - y^2 (written with the output, which forward keeps)."""
+
+    def forward(self, x):
+        out = self.backend.xp.tanh(x)
+        self.cache = out
+        return out
+
+    def backward(self, dout):
+        out = self._cached()
+        return dout * (1.0 - out * out)
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y)."""
+
+    def forward(self, x):
+        out = sigmoid(self.backend.xp, x)
+        self.cache = out
+        return out
+
+    def backward(self, dout):
+        out = self._cached()
+        return dout * out * (1.0 - out)
+
+
+class Softplus(Layer):
+    """y = ln(1 + exp(x)); dy/dx = sigmoid(x)."""
+
+    def forward(self, x):
+        self.cache = x
+        return softplus(self.backend.xp, x)
+
+    def backward(self, dout):
+        x = self._cached()
+        return dout * sigmoid(self.backend.xp, x)
+
+
+ACTIVATIONS = {
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU,
+    "tanh": Tanh,
+    "sigmoid": Sigmoid,
+    "softplus": Softplus,
+}
+
+
+def make_activation(name: str, backend: Backend) -> Layer:
+    """An activation layer by name (see ``ACTIVATIONS``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name](backend)
+
+
+class MLP(Layer):
+    """Linear layers with an activation between them (none after the last).
+
+    ``sizes = (D_0, D_1, ..., D_L)`` gives L Linear layers D_{i-1} -> D_i. Hidden layers
+    use He initialisation for ReLU-like activations and Glorot otherwise; the output layer
+    uses Glorot. Backward runs the layers in reverse, each taking its successor's dx.
+    Parameters are named ``linear{i}.W`` and ``linear{i}.b``.
+    """
+
+    def __init__(self, sizes: Sequence[int], backend: Backend, rng: np.random.Generator,
+                 activation: str = "relu"):
+        super().__init__(backend)
+        sizes = tuple(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"sizes: expected at least an input and an output size, got {sizes!r}")
+        hidden_init = "he" if activation in ("relu", "leaky_relu") else "glorot"
+        self.layers: list[Layer] = []
+        self.linears: list[Linear] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            last = i == len(sizes) - 2
+            linear = Linear(fan_in, fan_out, backend, rng, init="glorot" if last else hidden_init)
+            self.linears.append(linear)
+            self.layers.append(linear)
+            if not last:
+                self.layers.append(make_activation(activation, backend))
+        self.sizes = sizes
+        self.activation = activation
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Layer, str]]:
+        """Yield ``(full name, owning layer, key)`` for every parameter, in order."""
+        for i, linear in enumerate(self.linears):
+            for key in linear.params:
+                yield f"{prefix}linear{i}.{key}", linear, key
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return dout

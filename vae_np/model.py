@@ -1,0 +1,312 @@
+"""The variational autoencoder: encoder, reparameterised sampling, decoder, negative ELBO.
+
+Forward (``VAE.loss``), for a batch x of N examples and S samples per example:
+
+    h = encoder(x - input_shift)                      (N, 2d)
+    mu, logvar = h[:, :d], h[:, d:]                   (N, d) each
+    z_s = mu + exp(logvar / 2) * eps_s                (S, N, d), eps ~ N(0, I)
+    out_s = decoder(z_s)                              (S * N, c * outputs_per_pixel)
+    recon_n = 1/S sum_s -ln p(x_n | z_{s,n})          (N,)  nats
+    kl_n = KL(q(z | x_n) || N(0, I))                  (N,)  nats
+    loss = 1/N sum_n (recon_n + beta * kl_n)          the negative ELBO, nats per example
+
+Backward (``VAE.backward``) runs the same chain in reverse; docs/derivations.md,
+section "The whole model", derives every line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .backend import Backend, get_backend, namespace_of
+from .layers import MLP
+from .likelihoods import make_likelihood
+from .losses import kl_standard_normal
+from .ops import LOG_2PI
+from .parameters import Parameters
+
+
+def reparameterize(mu, logvar, eps):
+    """z = mu + exp(logvar / 2) * eps: a draw from N(mu, diag exp(logvar)).
+
+    Args:
+        mu, logvar: (N, d). eps: (S, N, d) standard normal noise.
+    Returns:
+        z: (S, N, d).
+
+    Note ``exp(0.5 * logvar)``: the starting example wrote ``exp(0.5 ** logvar)``, a
+    power, whose noise scale has nothing to do with the encoder's variance.
+    """
+    return mu + namespace_of(mu).exp(0.5 * logvar) * eps
+
+
+def reparameterize_backward(dz, logvar, eps):
+    """Gradients through :func:`reparameterize`, summed over the S samples.
+
+        dz/dmu = 1,   dz/dlogvar = 1/2 exp(logvar / 2) eps
+
+    Args:
+        dz: (S, N, d) upstream gradient; logvar: (N, d); eps: (S, N, d).
+    Returns:
+        (dmu, dlogvar): (N, d) each.
+    """
+    xp = namespace_of(dz)
+    dmu = xp.sum(dz, axis=0)
+    dlogvar = xp.sum(dz * eps, axis=0) * (0.5 * xp.exp(0.5 * logvar))
+    return dmu, dlogvar
+
+
+@dataclass
+class ELBOTerms:
+    """The loss of one batch, each a 0-d backend array in nats per example (batch mean).
+
+    ``loss = recon + beta * kl`` is the negative ELBO when beta = 1.
+    """
+
+    loss: object
+    kl: object
+    recon: object
+
+
+class VAE:
+    """A VAE with MLP encoder and decoder and hand-written backprop.
+
+    Args:
+        input_dim: c, pixels per example (784 for MNIST).
+        hidden: hidden layer widths of the encoder; the decoder mirrors them.
+        latent_dim: d.
+        decoder: ``"bernoulli"`` (logits), ``"gaussian"`` (mean and log-variance) or
+            ``"gaussian-fixed"`` (mean, with fixed ``variance``).
+        variance: lambda for ``gaussian-fixed`` (default 0.098, the starting example's).
+        beta: weight of the KL term (1 gives the ELBO).
+        samples: S >= 1, reparameterised samples per example in the training loss.
+        activation: hidden activation name (``vae_np.layers.ACTIVATIONS``).
+        input_shift: subtracted from x before the encoder (0.5 centres [0, 1] pixels);
+            the likelihood always scores the unshifted x.
+        backend: a :class:`Backend` or a backend name; dtype: used with a name.
+        seed: seeds the weight initialisation (drawn on the host, identical on every backend).
+    """
+
+    def __init__(self, input_dim: int = 784, hidden: Sequence[int] = (512, 512),
+                 latent_dim: int = 64, decoder: str = "bernoulli",
+                 variance: float | None = None, beta: float = 1.0, samples: int = 1,
+                 activation: str = "relu", input_shift: float = 0.5,
+                 backend: Backend | str = "numpy", dtype: str = "float32", seed: int = 0):
+        _check_positive_int("input_dim", input_dim)
+        _check_positive_int("latent_dim", latent_dim)
+        _check_positive_int("samples", samples)
+        hidden = tuple(hidden)
+        for width in hidden:
+            _check_positive_int("hidden", width)
+        for name, value in (("beta", beta), ("input_shift", input_shift)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        if beta < 0:
+            raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
+        self.backend = get_backend(backend, dtype)
+        self.likelihood = make_likelihood(decoder, variance)
+        self.input_dim, self.latent_dim, self.hidden = int(input_dim), int(latent_dim), hidden
+        self.beta, self.samples, self.input_shift = float(beta), int(samples), float(input_shift)
+        init_rng = np.random.default_rng(seed)
+        self.encoder = MLP((input_dim, *hidden, 2 * latent_dim), self.backend, init_rng, activation)
+        self.decoder = MLP((latent_dim, *reversed(hidden),
+                            input_dim * self.likelihood.outputs_per_pixel),
+                           self.backend, init_rng, activation)
+        self.parameters = Parameters(self.backend, [*self.encoder.named_parameters("encoder."),
+                                                    *self.decoder.named_parameters("decoder.")])
+        self.config = {
+            "input_dim": self.input_dim, "hidden": list(hidden), "latent_dim": self.latent_dim,
+            "decoder": decoder, "variance": getattr(self.likelihood, "variance", None),
+            "beta": self.beta, "samples": self.samples, "activation": activation,
+            "input_shift": self.input_shift, "dtype": self.backend.dtype_name, "seed": seed,
+        }
+        self._cache = None
+
+    # ----------------------------------------------------------------------------------
+    # Input checks: shapes and dtypes are checked on every call (free); finiteness needs a
+    # device-to-host read, so hot loops that checked their data once may turn it off.
+
+    def _as_batch(self, x, name: str, width: int, check_finite: bool = True):
+        xp = self.backend.xp
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+        if isinstance(x, np.ndarray) or self.backend.name == "array_api_strict":
+            if not np.issubdtype(np.dtype(str(x.dtype).split(".")[-1]), np.floating):
+                raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+            x = self.backend.asarray(x)
+        elif not xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != width or x.shape[0] < 1:
+            raise ValueError(f"{name}: expected shape (N >= 1, {width}), got {tuple(x.shape)}")
+        if x.dtype != self.backend.dtype:
+            x = xp.astype(x, self.backend.dtype)
+        if check_finite and not bool(xp.all(xp.isfinite(x))):
+            raise ValueError(f"{name}: contains NaN or inf")
+        return x
+
+    def _check_noise(self, eps, shape):
+        if tuple(eps.shape) != shape:
+            raise ValueError(f"eps: expected shape {shape} (samples, batch, latent_dim), "
+                             f"got {tuple(eps.shape)}")
+        return self.backend.asarray(eps)
+
+    # ----------------------------------------------------------------------------------
+    # The pieces
+
+    def encode(self, x, check_finite: bool = True):
+        """q(z | x): (mu, logvar), each (N, d)."""
+        x = self._as_batch(x, "x", self.input_dim, check_finite)
+        h = self.encoder.forward(x - self.input_shift)
+        d = self.latent_dim
+        return h[:, :d], h[:, d:]
+
+    def decoder_outputs(self, z):
+        """Raw decoder outputs for latents z (M, d): (M, c * outputs_per_pixel)."""
+        return self.decoder.forward(z)
+
+    def decode(self, z, check_finite: bool = True):
+        """The mean of p(x | z) for z (M, d): (M, c) (pixel probabilities for Bernoulli)."""
+        z = self._as_batch(z, "z", self.latent_dim, check_finite)
+        return self.likelihood.mean(self.backend.xp, self.decoder_outputs(z))
+
+    def reconstruct(self, x, check_finite: bool = True):
+        """Decoder mean at the posterior mean, z = mu(x): (N, c). Deterministic."""
+        mu, _ = self.encode(x, check_finite)
+        return self.decode(mu, check_finite=False)
+
+    def sample(self, n: int, rng, mean: bool = True):
+        """n draws z ~ N(0, I) decoded: the decoder mean, or (mean=False) a true sample of
+        p(x | z) (Gaussian noise for Gaussian decoders, Bernoulli pixels for Bernoulli).
+        Returns (n, c)."""
+        _check_positive_int("n", n)
+        out = self.decoder_outputs(rng.normal((n, self.latent_dim)))
+        if mean:
+            return self.likelihood.mean(self.backend.xp, out)
+        return self.likelihood.sample(self.backend.xp, out, rng)
+
+    # ----------------------------------------------------------------------------------
+    # Training: negative ELBO and its gradient
+
+    def loss(self, x, rng=None, eps=None, check_finite: bool = True) -> ELBOTerms:
+        """The negative ELBO of batch x (N, c), averaged over the N examples (nats).
+
+        The noise comes from ``eps`` (S, N, d) when given, else from ``rng`` (an
+        ``RNG`` from ``backend.rng(seed)``). Keeps what :meth:`backward` needs.
+        """
+        xp = self.backend.xp
+        x = self._as_batch(x, "x", self.input_dim, check_finite)
+        n, d, s = x.shape[0], self.latent_dim, self.samples
+        if eps is None:
+            if rng is None:
+                raise ValueError("rng: expected an RNG (backend.rng(seed)) or eps, got neither")
+            eps = rng.normal((s, n, d))
+        else:
+            eps = self._check_noise(eps, (s, n, d))
+        mu, logvar = self.encode(x, check_finite=False)
+        z = reparameterize(mu, logvar, eps)
+        out = self.decoder_outputs(xp.reshape(z, (s * n, d)))
+        targets = x if s == 1 else xp.reshape(xp.broadcast_to(x, (s, *x.shape)), (s * n, -1))
+        nll, dnll_dout = self.likelihood.nll(targets, out)
+        kl, dkl_dmu, dkl_dlogvar = kl_standard_normal(mu, logvar)
+        recon = xp.mean(nll)  # = 1/N sum_n 1/S sum_s nll_{s,n}
+        kl_mean = xp.mean(kl)
+        self._cache = (logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n)
+        return ELBOTerms(loss=recon + self.beta * kl_mean, kl=kl_mean, recon=recon)
+
+    def backward(self) -> None:
+        """Write d loss / d parameter into ``self.parameters.grads`` (all of them)."""
+        if self._cache is None:
+            raise RuntimeError("VAE.backward called before VAE.loss")
+        xp = self.backend.xp
+        logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = self._cache
+        s, d = self.samples, self.latent_dim
+        # loss = 1/(S N) sum_{s,n} nll_{s,n} + beta/N sum_n kl_n
+        dz = self.decoder.backward(dnll_dout * (1.0 / (s * n)))
+        dmu, dlogvar = reparameterize_backward(xp.reshape(dz, (s, n, d)), logvar, eps)
+        dmu = dmu + (self.beta / n) * dkl_dmu
+        dlogvar = dlogvar + (self.beta / n) * dkl_dlogvar
+        self.encoder.backward(xp.concat([dmu, dlogvar], axis=1))
+        self._cache = None
+
+    # ----------------------------------------------------------------------------------
+    # Evaluation: the importance-sampled marginal likelihood
+
+    def log_likelihood(self, x, num_samples: int, rng, chunk_size: int | None = None,
+                       check_finite: bool = True):
+        """Importance-sampled estimate of ln p(x), per example, in nats: (N,).
+
+            ln p(x) ~ logsumexp_k [ ln p(x | z_k) + ln p(z_k) - ln q(z_k | x) ] - ln K
+
+        with z_k ~ q(z | x), K = ``num_samples``. The K samples are processed
+        ``chunk_size`` at a time with a running logsumexp, so memory is bounded by the
+        chunk, not by K (default: about 2**22 decoder output values per chunk).
+        """
+        _check_positive_int("num_samples", num_samples)
+        xp = self.backend.xp
+        x = self._as_batch(x, "x", self.input_dim, check_finite)
+        n, d = x.shape[0], self.latent_dim
+        if chunk_size is None:
+            width = self.input_dim * self.likelihood.outputs_per_pixel
+            chunk_size = max(1, min(num_samples, 2 ** 22 // (n * max(width, *self.hidden, 1))))
+        _check_positive_int("chunk_size", chunk_size)
+        mu, logvar = self.encode(x, check_finite=False)
+        std = xp.exp(0.5 * logvar)
+        # ln p(z) - ln q(z|x) = -1/2 sum z^2 + 1/2 sum (logvar + eps^2); the 2 pi terms cancel.
+        sum_logvar = xp.sum(logvar, axis=1)
+        running_max = xp.full((n,), -math.inf, dtype=self.backend.dtype)
+        running_sum = xp.zeros((n,), dtype=self.backend.dtype)
+        for start in range(0, num_samples, chunk_size):
+            k = min(chunk_size, num_samples - start)
+            eps = rng.normal((k, n, d))
+            z = mu + std * eps
+            out = self.decoder_outputs(xp.reshape(z, (k * n, d)))
+            targets = xp.reshape(xp.broadcast_to(x, (k, *x.shape)), (k * n, -1))
+            log_px_given_z = -xp.reshape(self.likelihood.nll(targets, out)[0], (k, n))
+            log_w = log_px_given_z - 0.5 * xp.sum(z * z, axis=2) \
+                + 0.5 * (sum_logvar + xp.sum(eps * eps, axis=2))
+            # Running logsumexp over chunks: rescale the old sum to the new maximum.
+            new_max = xp.maximum(running_max, xp.max(log_w, axis=0))
+            running_sum = running_sum * xp.exp(running_max - new_max) \
+                + xp.sum(xp.exp(log_w - new_max), axis=0)
+            running_max = new_max
+        return xp.log(running_sum) + running_max - math.log(num_samples)
+
+    def log_importance_weights(self, x, eps):
+        """ln w_k = ln p(x|z_k) + ln p(z_k) - ln q(z_k|x) for given noise eps (K, N, d),
+        written out with every density term, as a reference for :meth:`log_likelihood`.
+        Returns (K, N)."""
+        xp = self.backend.xp
+        x = self._as_batch(x, "x", self.input_dim)
+        k, n, d = eps.shape
+        mu, logvar = self.encode(x, check_finite=False)
+        z = reparameterize(mu, logvar, eps)
+        out = self.decoder_outputs(xp.reshape(z, (k * n, d)))
+        targets = xp.reshape(xp.broadcast_to(x, (k, *x.shape)), (k * n, -1))
+        log_px_given_z = -xp.reshape(self.likelihood.nll(targets, out)[0], (k, n))
+        log_pz = -0.5 * xp.sum(z * z + LOG_2PI, axis=2)
+        log_qz = -0.5 * xp.sum((z - mu) ** 2 / xp.exp(logvar) + logvar + LOG_2PI, axis=2)
+        return log_px_given_z + log_pz - log_qz
+
+    # ----------------------------------------------------------------------------------
+    # Parameters
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.parameters.state_dict()
+
+    def load_state_dict(self, arrays) -> None:
+        self.parameters.load_state_dict(arrays)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.parameters.size
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
