@@ -133,14 +133,20 @@ class VAE:
 
     def _as_batch(self, x, name: str, width: int, check_finite: bool = True):
         xp = self.backend.xp
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
-        if isinstance(x, np.ndarray) or self.backend.name == "array_api_strict":
-            if not np.issubdtype(np.dtype(str(x.dtype).split(".")[-1]), np.floating):
+        if isinstance(x, np.ndarray):  # host data is welcome on any backend
+            if not np.issubdtype(x.dtype, np.floating):
                 raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
             x = self.backend.asarray(x)
-        elif not xp.isdtype(x.dtype, "real floating"):
-            raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+        else:
+            try:
+                x_xp = namespace_of(x)
+            except TypeError:
+                raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from None
+            if x_xp is not xp:
+                raise TypeError(f"{name}: expected a {self.backend.name} array (or a NumPy "
+                                f"array), got a {type(x).__module__} array")
+            if not xp.isdtype(x.dtype, "real floating"):
+                raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
         if x.ndim != 2 or x.shape[1] != width or x.shape[0] < 1:
             raise ValueError(f"{name}: expected shape (N >= 1, {width}), got {tuple(x.shape)}")
         if x.dtype != self.backend.dtype:
