@@ -143,8 +143,9 @@ class VAE:
             except TypeError:
                 raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from None
             if x_xp is not xp:
-                raise TypeError(f"{name}: expected a {self.backend.name} array (or a NumPy "
-                                f"array), got a {type(x).__module__} array")
+                raise TypeError(f"{name}: expected a NumPy array or an array of the "
+                                f"{self.backend.name!r} backend, got {type(x).__module__}."
+                                f"{type(x).__name__}")
             if not xp.isdtype(x.dtype, "real floating"):
                 raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
         if x.ndim != 2 or x.shape[1] != width or x.shape[0] < 1:
