@@ -1,0 +1,123 @@
+"""Shared fixtures for the vae_np test suite.
+
+- Backend fixtures: ``backend_name`` runs a test once per CPU backend (NumPy and
+  array-api-strict); ``backend`` is that backend in float64 (gradient checks need float64).
+- The ``gpu`` marker: tests marked ``@pytest.mark.gpu`` are skipped unless CuPy can see a GPU.
+- Hypothesis profiles: ``ci`` (the default) is derandomised and has no deadline, so a CI run
+  is reproducible and not flaky on a slow machine; ``dev`` explores new random examples.
+  Pick one with ``HYPOTHESIS_PROFILE=dev``.
+- ``record_check``: gradient-check tests log their relative errors under a family name; the
+  worst error per family is printed at the end of the run (the table the issue's closing
+  note asks for). Deliberately wrong gradients are logged separately, to show the margin.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+try:
+    import vae_np  # noqa: F401
+except ImportError:  # a source checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vae_np.backend import cuda_available, get_backend
+
+settings.register_profile(
+    "ci", deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CPU_BACKENDS = ("numpy", "array_api_strict")
+
+
+# ------------------------------------------------------------------------------------------
+# Backends
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend_name(request) -> str:
+    """Each CPU backend in turn."""
+    return request.param
+
+
+@pytest.fixture
+def backend(backend_name):
+    """The backend of ``backend_name`` in float64."""
+    return get_backend(backend_name, "float64")
+
+
+@pytest.fixture
+def np64():
+    return get_backend("numpy", "float64")
+
+
+@pytest.fixture
+def strict64():
+    return get_backend("array_api_strict", "float64")
+
+
+# ------------------------------------------------------------------------------------------
+# The gpu marker
+
+
+_CUDA = None
+
+
+def _cuda() -> bool:
+    global _CUDA
+    if _CUDA is None:
+        _CUDA = cuda_available()
+    return _CUDA
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and not _cuda():
+        skip = pytest.mark.skip(reason="needs CuPy and a usable NVIDIA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------
+# Worst relative errors per family of checks
+
+_CHECKS: dict[str, list[float]] = defaultdict(list)
+_WRONG: dict[str, list[float]] = defaultdict(list)
+
+
+@pytest.fixture
+def record_check():
+    """``record_check(family, rel_error, wrong=False)``: log one check's relative error.
+
+    ``wrong=True`` marks a deliberately wrong gradient (its error must be large).
+    """
+
+    def record(family: str, rel_error: float, wrong: bool = False) -> None:
+        (_WRONG if wrong else _CHECKS)[family].append(float(rel_error))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _CHECKS and not _WRONG:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("gradient checks: worst relative errors (tolerance 1e-06)")
+    write(f"{'family':<44} {'checks':>6} {'worst rel. error':>17}")
+    for family in sorted(_CHECKS):
+        errors = _CHECKS[family]
+        write(f"{family:<44} {len(errors):>6} {max(errors):>17.2e}")
+    if _WRONG:
+        write("")
+        write(f"{'deliberately wrong gradient':<44} {'checks':>6} {'smallest error':>17}")
+        for family in sorted(_WRONG):
+            errors = _WRONG[family]
+            write(f"{family:<44} {len(errors):>6} {min(errors):>17.2e}")
