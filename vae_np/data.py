@@ -1,4 +1,4 @@
-"""MNIST loading, binarization and minibatch indexing (host side, NumPy only).
+"""MNIST loading, binarization and minibatch indexing (host NumPy; binarize also on devices).
 
 Typical use::
 
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
+
+from .backend import RNG as BackendRNG
 
 __all__ = [
     "MNIST_FILES",
@@ -562,12 +564,20 @@ def binarize(x: np.ndarray, mode: str, rng: np.random.Generator | int | None = N
     call the two modes are identical; the difference (one fixed draw vs. a
     fresh draw per epoch) is managed by ``BinarizedView``. ``rng`` is a
     ``numpy.random.Generator`` (or seed) and is required for these modes.
+
+    ``rng`` may also be a backend RNG (``backend.rng(seed)``, see
+    ``vae_np.backend``): then ``x`` is an array of that backend, ``u`` is drawn
+    on its device and the result has the backend's dtype, so a GPU training
+    loop re-binarizes its data each epoch without a host round trip.
     """
     _check_mode(mode)
     if mode == "none":
         return x
     if rng is None:
         raise ValueError(f"binarize: mode {mode!r} needs rng (a numpy.random.Generator or int seed)")
+    if isinstance(rng, BackendRNG):
+        xp = rng.backend.xp
+        return xp.astype(x > rng.uniform(tuple(x.shape)), rng.backend.dtype)
     rng = np.random.default_rng(rng)  # returns a Generator unchanged
     x = np.asarray(x)
     # float32 uniforms halve the temporary's memory (60000x784: 188 MB, not 376 MB).
