@@ -35,13 +35,31 @@ C, H, D, N = 6, 5, 3, 4  # pixels, hidden width, latent size, batch
 
 def tiny(decoder="bernoulli", samples=1, beta=1.0, backend="numpy", dtype="float64", seed=0,
          **kwargs):
+    """A small float64 VAE with random (not zero) biases.
+
+    Biases start at exactly 0, so wherever a whole hidden layer is dead (all ReLUs off) the
+    next pre-activation is exactly 0: the ReLU kink, where a central difference sees half a
+    slope and any gradient check fails for a right gradient. Random biases keep every
+    pre-activation away from the kink (and make the forward reference see the biases).
+    """
     kwargs.setdefault("input_dim", C)
     kwargs.setdefault("hidden", (H,))
     kwargs.setdefault("latent_dim", D)
     if decoder == "gaussian-fixed":
         kwargs.setdefault("variance", 0.3)
-    return VAE(decoder=decoder, samples=samples, beta=beta, backend=backend, dtype=dtype,
-               seed=seed, **kwargs)
+    model = VAE(decoder=decoder, samples=samples, beta=beta, backend=backend, dtype=dtype,
+                seed=seed, **kwargs)
+    return jitter_biases(model, seed)
+
+
+def jitter_biases(model, seed=0, scale=0.1):
+    rng = np.random.default_rng(1000 + seed)
+    state = model.state_dict()
+    for name in state:
+        if name.endswith(".b"):
+            state[name] = scale * rng.standard_normal(state[name].shape)
+    model.load_state_dict(state)
+    return model
 
 
 def batch(n=N, c=C, seed=0):
@@ -257,8 +275,8 @@ class OneLayerOffVAE(VAE):
 
 
 def test_one_wrong_parameter_array_fails_and_is_named(record_check):
-    model = OneLayerOffVAE(input_dim=C, hidden=(H,), latent_dim=D, decoder="gaussian",
-                           samples=3, dtype="float64", seed=0)
+    model = jitter_biases(OneLayerOffVAE(input_dim=C, hidden=(H,), latent_dim=D,
+                                         decoder="gaussian", samples=3, dtype="float64"))
     report, directional = _both_checks(model, batch(), noise(3))
     record_check("VAE element-wise", report.max_rel_error, wrong=True)
     record_check("VAE directional", directional.rel_error, wrong=True)
