@@ -65,6 +65,44 @@ def strict64():
 
 
 # ------------------------------------------------------------------------------------------
+# Fast paths: vae_np.kernels (where present) replaces the readable reference code of
+# VAE.loss / VAE.backward / Adam on NumPy. Tests that take ``code_path`` run on both.
+
+
+def _fast_paths_switch():
+    try:
+        from vae_np.kernels import use_fast_paths
+    except ImportError:  # a version without fast paths: the reference always runs
+        return None
+    return use_fast_paths
+
+
+@pytest.fixture(params=["default", "reference"])
+def code_path(request):
+    """"default": whatever a user gets (the fast paths on NumPy, where they exist);
+    "reference": the readable reference code, with the fast paths switched off."""
+    switch = _fast_paths_switch()
+    if request.param == "default":
+        yield "default"
+    elif switch is None:
+        pytest.skip("this version of vae_np has no fast paths: 'default' is the reference")
+    else:
+        with switch(False):
+            yield "reference"
+
+
+@pytest.fixture
+def reference_path():
+    """Run the test on the readable reference code (fast paths off, where they exist)."""
+    switch = _fast_paths_switch()
+    if switch is None:
+        yield
+    else:
+        with switch(False):
+            yield
+
+
+# ------------------------------------------------------------------------------------------
 # The gpu marker
 
 

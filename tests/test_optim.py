@@ -58,7 +58,7 @@ def adam_by_hand(theta, grads, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-3},
     {"lr": 1.0, "betas": (0.0, 0.0), "eps": 1e-8},  # beta = 0: no memory, sign-like steps
 ])
-def test_adam_matches_algorithm_1(hyper, backend):
+def test_adam_matches_algorithm_1(hyper, backend, code_path):
     params, _ = make_parameters(backend, theta=THETA0)
     opt = Adam(params, **hyper)
     beta1, beta2 = hyper.get("betas", (0.9, 0.999))
@@ -89,7 +89,7 @@ def test_adam_updates_every_named_array_of_the_flat_buffer(np64):
     assert holder.params["W"] is params.values["W"]  # the layer sees the update
 
 
-def test_adam_bias_correction_makes_the_first_step_lr_times_sign(np64):
+def test_adam_bias_correction_makes_the_first_step_lr_times_sign(np64, code_path):
     """With m_hat = g and v_hat = g^2 at t = 1, the first step is lr * g / (|g| + eps):
     lr * sign(g) to 1e-5 relative for |g| >= 1e-3. Without bias correction it would be
     lr * (1 - beta1) / sqrt(1 - beta2) ~ 3.16 lr."""
@@ -207,7 +207,7 @@ def _train(model, opt, x, steps):
     lambda p: Adam(p, lr=1e-2, clip_norm=0.5),
     lambda p: SGD(p, lr=1e-2, momentum=0.9),
 ], ids=["adam", "adam-clipped", "sgd-momentum"])
-def test_state_round_trip_continues_identically(make_opt):
+def test_state_round_trip_continues_identically(make_opt, code_path):
     x = np.random.default_rng(0).uniform(size=(8, 6))
     straight = _tiny_vae(0)
     straight_opt = make_opt(straight.parameters)
@@ -306,7 +306,7 @@ def test_optimizers_need_a_parameters_object(cls):
 @pytest.mark.parametrize("make_opt", [lambda p: Adam(p, lr=1e-2),
                                       lambda p: SGD(p, lr=0.1, momentum=0.9)],
                          ids=["adam", "sgd"])
-def test_training_a_tiny_vae_lowers_the_loss(dtype, make_opt):
+def test_training_a_tiny_vae_lowers_the_loss(dtype, make_opt, code_path):
     data_rng = np.random.default_rng(0)
     prototypes = (data_rng.uniform(size=(2, 12)) < 0.5).astype(np.float64)
     x = prototypes[data_rng.integers(0, 2, size=32)]  # two binary patterns

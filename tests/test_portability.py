@@ -5,7 +5,9 @@ array-api-strict implements the Python array API standard and nothing more, so a
 that runs on it uses nothing NumPy-only: the evidence, on a CPU-only CI, that the same code
 runs on CuPy. Agreement is to 1e-12 relative: the two run the same float64 operations
 (strict wraps NumPy), so differences can only come from a different order of operations
-inside a NumPy fast path, i.e. a few ulps.
+inside a NumPy fast path, i.e. a few ulps. Tests taking ``code_path`` run the NumPy model
+both with its fast paths (vae_np.kernels, where present) and on the reference code; strict
+always runs the reference.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def data(n=5, c=7, seed=0):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("samples", [1, 3])
-def test_same_loss_and_gradients(decoder, samples):
+def test_same_loss_and_gradients(decoder, samples, code_path):
     np_model, strict_model = pair(decoder, samples, beta=0.7)
     for name, value in np_model.state_dict().items():  # same initial weights, bit for bit
         np.testing.assert_array_equal(value, strict_model.state_dict()[name])
@@ -80,7 +82,7 @@ def test_same_noise_from_the_same_seed(decoder):
 @pytest.mark.parametrize("make_opt", [lambda p: Adam(p, lr=1e-2, clip_norm=5.0),
                                       lambda p: SGD(p, lr=1e-2, momentum=0.9)],
                          ids=["adam", "sgd"])
-def test_same_optimizer_trajectory(decoder, make_opt):
+def test_same_optimizer_trajectory(decoder, make_opt, code_path):
     np_model, strict_model = pair(decoder, samples=2)
     np_opt, strict_opt = make_opt(np_model.parameters), make_opt(strict_model.parameters)
     x = data()
