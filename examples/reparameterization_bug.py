@@ -71,7 +71,7 @@ class BuggyVAE(VAE):
         xp = self.backend.xp
         x = self._as_batch(x, "x", self.input_dim, check_finite)
         n, d, s = x.shape[0], self.latent_dim, self.samples
-        eps = rng.normal((s, n, d)) if eps is None else self._check_noise(eps, (s, n, d))
+        eps = rng.normal((s, n, d)) if eps is None else self._as_array(eps, "eps", (s, n, d), check_finite)
         mu, logvar = self.encode(x, check_finite=False)
         scale = self.noise_scale(logvar)
         z = mu + scale * eps                              # the bug: not exp(0.5 * logvar)
@@ -359,6 +359,12 @@ def main(argv=None) -> int:
     for name, cls in (("correct", VAE), ("buggy", BuggyVAE)):
         model = cls(input_dim=784, hidden=(args.hidden,), latent_dim=args.latent_dim,
                     decoder="bernoulli", seed=args.seed)
+        if name == "buggy":  # same seed, so the same initial weights as the correct model
+            _, logvar = model.encode(x_eval)
+            low, high = np.percentile(np.asarray(logvar), [5, 95])
+            print(f"at initialisation: logvar between {low:.2f} and {high:.2f} (5th to 95th "
+                  f"percentile); mean noise scale {float(np.mean(np.exp(0.5 * logvar))):.2f} "
+                  f"correct, {float(np.mean(model.noise_scale(logvar))):.2f} buggy")
         train(model, x_train, args, name, history)
         models[name] = model
         results[name] = evaluate(model, x_eval, args)
