@@ -137,9 +137,9 @@ def test_kl_standard_normal_is_non_negative(inputs):
     mu, logvar = inputs
     kl, dmu, dlogvar = kl_standard_normal(mu, logvar)
     assert kl.shape == (mu.shape[0],) and dmu.shape == mu.shape and dlogvar.shape == mu.shape
-    # KL >= 0 up to rounding: exp(lv) - lv - 1 can round to -5.6e-17 for lv ~ 6e-17 (see
-    # test_losses.py::test_kl_is_never_negative_for_tiny_logvar, an xfail for that bug).
-    assert np.all(kl >= -1e-15 * mu.shape[1])
+    # KL >= 0 exactly: written with expm1, each term expm1(lv) - lv + mu^2 is >= 0 in
+    # floating point too (test_losses.py::test_kl_is_never_negative_for_tiny_logvar).
+    assert np.all(kl >= 0)
 
 
 @settings(max_examples=30)

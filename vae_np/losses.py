@@ -57,9 +57,11 @@ def kl_standard_normal(mu, logvar, reduction: str = "none"):
     """
     _check_pair("mu", mu, "logvar", logvar)
     xp = namespace_of(mu, logvar)
-    var = xp.exp(logvar)
-    kl = 0.5 * xp.sum(var - logvar - 1.0 + mu * mu, axis=1)
-    return _reduce(xp, kl, (mu, 0.5 * (var - 1.0)), reduction)
+    # exp(logvar) - 1 as expm1(logvar): for logvar near 0, exp(logvar) - 1 - logvar
+    # cancels to round-off and can come out negative; expm1(t) - t >= 0 holds exactly.
+    var_minus_one = xp.expm1(logvar)
+    kl = 0.5 * xp.sum(var_minus_one - logvar + mu * mu, axis=1)
+    return _reduce(xp, kl, (mu, 0.5 * var_minus_one), reduction)
 
 
 def kl_diagonal_gaussians(mu_q, logvar_q, mu_p, logvar_p, reduction: str = "none"):
