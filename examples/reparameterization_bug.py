@@ -69,10 +69,15 @@ class BuggyVAE(VAE):
 
     def loss(self, x, rng=None, eps=None, check_finite: bool = True) -> ELBOTerms:
         xp = self.backend.xp
-        x = self._as_batch(x, "x", self.input_dim, check_finite)
+        mu, logvar = self.encode(x, check_finite)         # checks x; encoder keeps its cache
+        x = self.backend.asarray(x)
         n, d, s = x.shape[0], self.latent_dim, self.samples
-        eps = rng.normal((s, n, d)) if eps is None else self._as_array(eps, "eps", (s, n, d), check_finite)
-        mu, logvar = self.encode(x, check_finite=False)
+        if eps is None:
+            eps = rng.normal((s, n, d))
+        else:
+            eps = self.backend.asarray(eps)
+            if tuple(eps.shape) != (s, n, d):
+                raise ValueError(f"eps: expected shape {(s, n, d)}, got {tuple(eps.shape)}")
         scale = self.noise_scale(logvar)
         z = mu + scale * eps                              # the bug: not exp(0.5 * logvar)
         out = self.decoder_outputs(xp.reshape(z, (s * n, d)))
@@ -80,21 +85,21 @@ class BuggyVAE(VAE):
         nll, dnll_dout = self.likelihood.nll(targets, out)
         kl, dkl_dmu, dkl_dlogvar = kl_standard_normal(mu, logvar)  # still the stated q
         recon, kl_mean = xp.mean(nll), xp.mean(kl)
-        self._cache = (logvar, scale, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n)
+        self._bug_cache = (logvar, scale, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n)
         return ELBOTerms(loss=recon + self.beta * kl_mean, kl=kl_mean, recon=recon)
 
     def backward(self) -> None:
-        if self._cache is None:
+        if getattr(self, "_bug_cache", None) is None:
             raise RuntimeError("BuggyVAE.backward called before BuggyVAE.loss")
         xp = self.backend.xp
-        logvar, scale, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = self._cache
+        logvar, scale, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = self._bug_cache
         s, d = self.samples, self.latent_dim
         dz = xp.reshape(self.decoder.backward(dnll_dout * (1.0 / (s * n))), (s, n, d))
         dmu = xp.sum(dz, axis=0) + (self.beta / n) * dkl_dmu
         dscale_dlogvar = scale * (0.5 ** logvar) * LN_HALF
         dlogvar = xp.sum(dz * eps, axis=0) * dscale_dlogvar + (self.beta / n) * dkl_dlogvar
         self.encoder.backward(xp.concat([dmu, dlogvar], axis=1))
-        self._cache = None
+        self._bug_cache = None
 
 
 def used_noise_scale(model, logvar):
@@ -161,7 +166,6 @@ def evaluate(model, x, args) -> dict:
     xp = model.backend.xp
     stats = {}
     terms = model.loss(x, rng=model.backend.rng(args.seed + 1))   # the model's own objective
-    model._cache = None
     stats["loss"], stats["kl"], stats["recon"] = (float(terms.loss), float(terms.kl),
                                                   float(terms.recon))
     mu, logvar = model.encode(x)
