@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--eval-samples", type=nonnegative_int, default=d.eval_samples,
                      help="K of the final importance-sampled test ln p(x), 0 to skip; papers "
-                          "use 5000, 1000 takes ~30 s per 1,000 test images on 2 CPU cores "
-                          "(~5 min for full MNIST's 10,000) and is within a nat of K=5000")
+                          "use 5000; 1000 takes ~15 s per 1,000 test images on 2 CPU cores "
+                          "(~2.5 min for full MNIST's 10,000) and is within a nat of K=5000")
     out.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size,
                      help="test images per evaluation batch")
     out.add_argument("--log-every", type=positive_int, default=d.log_every,

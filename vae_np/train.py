@@ -179,8 +179,9 @@ class TrainConfig:
         dtype: ``float32`` or ``float64``. seed: the root of every random stream.
     Evaluation and logging:
         eval_samples: K of the final importance-sampled test ln p(x) (0: skip it). The
-            papers use 5000; 1000 changes the estimate by well under a nat and takes
-            about 30 s per 1,000 test images on two CPU cores.
+            papers use 5000; 1000 takes about 15 s per 1,000 test images on two CPU cores
+            for the default model and gave an estimate 0.7 nats below K = 5000's
+            (docs/results.md).
         eval_batch_size: test images per evaluation batch.
         log_every: read the losses back from the device (progress bar, NaN check)
             every this many batches.
@@ -588,9 +589,12 @@ class Trainer:
         layers = "-".join(str(w) for w in (N_PIXELS, *cfg.hidden, cfg.latent_dim))
         self._log(f"VAE {layers} ({cfg.decoder} decoder, {model.num_parameters:,} parameters)"
                   f" on {self.backend.name}/{self.backend.dtype_name}, seed {cfg.seed}")
-        self._log(f"data: {self.dataset.description}; using {self.n_train:,} train / "
-                  f"{self.n_test:,} test images, binarization {cfg.binarize_mode}; batch "
-                  f"{cfg.batch_size} ({self.batches_per_epoch} updates per epoch)")
+        limited = (self.n_train, self.n_test) != (self.dataset.n_train, self.dataset.n_test)
+        self._log(f"data: {self.dataset.description}"
+                  + (f"; using {self.n_train:,} train / {self.n_test:,} test images of them"
+                     if limited else "")
+                  + f"; {cfg.binarize_mode} binarization; batch {cfg.batch_size} "
+                    f"({self.batches_per_epoch} updates per epoch)")
         if self.epochs_done or self.batches_done:
             self._log(f"resuming {self.checkpoint_path} after {self.epochs_done} epochs"
                       + (f" and {self.batches_done} batches" if self.batches_done else ""))
