@@ -188,6 +188,9 @@ def math_problems(text: str, where: str) -> list[str]:
         line = re.sub(r"`[^`]*`", "", line)             # inline code may hold a literal $
         if line.replace(r"\$", "").count("$") % 2:
             problems.append(f"{where}:{number}: unbalanced $ in: {line.strip()[:80]}")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if re.search(r"[\x00-\x09\x0b-\x1f\x7f]", line):  # e.g. "\t" of "\tfrac" lost to
+            problems.append(f"{where}:{number}: control character")  # a non-raw string
     fences = [line.strip() for line in text.splitlines() if line.strip().startswith("```")]
     if len(fences) % 2:
         problems.append(f"{where}: odd number of ``` fences (a block is not closed)")
@@ -327,3 +330,4 @@ def test_math_checker_catches_unbalanced_dollars():
     assert math_problems("a $x$ and $y$\n```math\nz\n```\n", "ok") == []
     assert math_problems("a $x and y\n", "bad")
     assert math_problems("```math\nz\n", "bad")
+    assert math_problems("$\tfrac{1}{2}$\n", "bad")  # a TAB where "\\t" was meant
