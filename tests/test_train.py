@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vae_np import get_backend
-from vae_np.checkpoint import load_checkpoint
+from vae_np.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_np.data import Dataset, binarize
 from vae_np.train import (
     CHECKPOINT_FILE, EPOCH_METRICS, METRICS_FILE, RESULTS_FILE, TrainConfig, Trainer,
@@ -244,8 +244,11 @@ def make_dataset_with(n_train: int) -> Dataset:
                    ds.source, ds.description)
 
 
-def test_resume_without_a_checkpoint(dataset, tmp_path):
+def test_resume_without_a_training_checkpoint(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        resume(tmp_path, dataset)
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, {"w": np.zeros(3)}, {"note": "not a run"})
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
         resume(tmp_path, dataset)
 
 

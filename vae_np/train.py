@@ -64,7 +64,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .backend import BACKEND_NAMES, DTYPE_NAMES, get_backend
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import BINARIZE_MODES, N_PIXELS, Dataset, binarize, iterate_minibatches
 from .likelihoods import make_likelihood
 from .model import VAE
@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.npz"
+CHECKPOINT_FORMAT = "vae_np.train checkpoint"  # metadata["format"] of a trainer checkpoint
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 
@@ -441,6 +442,9 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"out_dir: no checkpoint to resume at {path}")
         arrays, meta = load_checkpoint(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not a training checkpoint of vae_np.train "
+                                  f"(format {meta.get('format')!r})")
         saved = TrainConfig.from_dict(meta["config"])
         changes = {}
         for name, value in dict(overrides or {}).items():
@@ -514,7 +518,7 @@ class Trainer:
                        for name, value in self.optimizer.state_dict().items()})
         arrays["partial_epoch/terms"] = np.ascontiguousarray(self._partial_terms)
         metadata = {
-            "format": "vae_np.train checkpoint",
+            "format": CHECKPOINT_FORMAT,
             "vae_np_version": __version__,
             "config": self.config.to_dict(),
             "model_config": self.model.config,
@@ -529,16 +533,18 @@ class Trainer:
         self._saved_position = (self.epochs_done, self.batches_done)
         return self.checkpoint_path
 
-    def _check_finite(self) -> None:
-        """Raise TrainingDiverged if the parameters or the partial epoch are not finite."""
+    def _check_finite(self, parameters: bool = True) -> None:
+        """Raise TrainingDiverged if a loss of the current epoch read back so far (or, with
+        ``parameters``, a parameter: one device reduction) is NaN or infinite."""
         epoch = self.epochs_done + 1
         bad = ~np.all(np.isfinite(self._partial_terms), axis=1)
         if bad.any():
-            self._diverged(epoch, int(np.argmax(bad)) + 1, self._partial_terms[np.argmax(bad), 0])
+            first_bad = int(np.argmax(bad))
+            self._diverged(epoch, first_bad + 1, self._partial_terms[first_bad, 0])
         xp = self.backend.xp
-        if not bool(xp.all(xp.isfinite(self.model.parameters.data))):
-            batch = max(self.batches_done, 1)
-            self._diverged(epoch, batch, None)
+        if parameters and not bool(xp.all(xp.isfinite(self.model.parameters.data))):
+            # The losses were finite: the last update of the epoch so far made them bad.
+            self._diverged(epoch, max(self.batches_done, 1), None)
 
     def _diverged(self, epoch: int, batch: int, loss_value) -> None:
         on_disk = self.checkpoint_path if self._saved_position is not None else None
@@ -564,8 +570,8 @@ class Trainer:
         """Train the remaining epochs, then evaluate; returns (and writes) the results.
 
         Returns the dict written to ``results.json``: config, data, the last epoch's
-        metrics, the importance-sampled test ln p(x) (None when ``eval_samples`` is 0),
-        timings and file names.
+        metrics, the importance-sampled test ln p(x) (None when ``eval_samples`` is 0)
+        and the total training time.
 
         Raises TrainingInterrupted (Ctrl-C; a checkpoint to resume from is on disk) and
         TrainingDiverged (NaN/inf; the last good checkpoint is kept).
@@ -574,6 +580,8 @@ class Trainer:
             # A fresh run: the files of an earlier run in out_dir no longer apply.
             for name in (RESULTS_FILE, METRICS_FILE):
                 (self.out_dir / name).unlink(missing_ok=True)
+        else:
+            self._write_metrics()  # in step with the checkpoint, whatever stopped the run
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._log_header()
         with self._stop_at_batch_boundary_on_ctrl_c():
@@ -694,7 +702,7 @@ class Trainer:
                 self._updating = False
                 if self.batches_done % cfg.log_every == 0 or self.batches_done == num_batches:
                     self._partial_terms = backend.to_numpy(terms[:self.batches_done, :]).copy()
-                    self._check_finite_terms(epoch)
+                    self._check_finite(parameters=False)
                     running = _weighted_mean(self._partial_terms, sizes[:self.batches_done])
                     bar.set_postfix_str(f"loss {running[0]:.2f}")
                     bar.update(self.batches_done - shown)
@@ -731,12 +739,6 @@ class Trainer:
         self._log(self._epoch_line(entry))
         if self.pictures:
             self.save_pictures()
-
-    def _check_finite_terms(self, epoch: int) -> None:
-        bad = ~np.all(np.isfinite(self._partial_terms), axis=1)
-        if bad.any():
-            first_bad = int(np.argmax(bad))
-            self._diverged(epoch, first_bad + 1, self._partial_terms[first_bad, 0])
 
     def _epoch_line(self, entry: Mapping[str, Any]) -> str:
         speed = entry["images_per_second"]
