@@ -79,12 +79,14 @@ class Linear(Layer):
         self.cache = x
         return x @ self.params["W"] + self.params["b"]
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad: bool = True):
+        """``input_grad=False`` skips dx (returns None): a network's input needs none, and
+        its dx is the largest matrix product of the first layer's backward."""
         x = self._cached()
         W = self.params["W"]
         self.grads["W"][...] = x.T @ dout
         self.grads["b"][...] = self.backend.xp.sum(dout, axis=0)
-        return dout @ W.T
+        return dout @ W.T if input_grad else None
 
 
 class ReLU(Layer):
@@ -213,7 +215,8 @@ class MLP(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, dout):
-        for layer in reversed(self.layers):
+    def backward(self, dout, input_grad: bool = True):
+        """dL/d(input), or None with ``input_grad=False`` (the first Linear skips its dx)."""
+        for layer in reversed(self.layers[1:]):
             dout = layer.backward(dout)
-        return dout
+        return self.layers[0].backward(dout, input_grad=input_grad)

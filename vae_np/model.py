@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import kernels
 from .backend import Backend, get_backend, namespace_of
 from .layers import MLP
 from .likelihoods import make_likelihood
@@ -214,6 +215,10 @@ class VAE:
             eps = rng.normal((s, n, d))
         else:
             eps = self._check_noise(eps, (s, n, d))
+        if kernels.enabled(self.backend):
+            # The same operations with in-place tails and fused kernels; the results are
+            # this method's to the last bit on NumPy (tests/test_fast_paths.py).
+            return kernels.vae_loss(self, x, eps)
         mu, logvar = self.encode(x, check_finite=False)
         z = reparameterize(mu, logvar, eps)
         out = self.decoder_outputs(xp.reshape(z, (s * n, d)))
@@ -229,6 +234,8 @@ class VAE:
         """Write d loss / d parameter into ``self.parameters.grads`` (all of them)."""
         if self._cache is None:
             raise RuntimeError("VAE.backward called before VAE.loss")
+        if kernels.enabled(self.backend):
+            return kernels.vae_backward(self)  # same results, fewer passes (see loss)
         xp = self.backend.xp
         logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = self._cache
         s, d = self.samples, self.latent_dim
@@ -237,7 +244,8 @@ class VAE:
         dmu, dlogvar = reparameterize_backward(xp.reshape(dz, (s, n, d)), logvar, eps)
         dmu = dmu + (self.beta / n) * dkl_dmu
         dlogvar = dlogvar + (self.beta / n) * dkl_dlogvar
-        self.encoder.backward(xp.concat([dmu, dlogvar], axis=1))
+        # x needs no gradient: skip the encoder's first dx, its largest backward product.
+        self.encoder.backward(xp.concat([dmu, dlogvar], axis=1), input_grad=False)
         self._cache = None
 
     # ----------------------------------------------------------------------------------

