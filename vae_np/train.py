@@ -320,7 +320,8 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         if not isinstance(dataset, Dataset):
-            raise TypeError(f"dataset: expected a vae_np.data.Dataset, got {type(dataset).__name__}")
+            raise TypeError(f"dataset: expected a vae_np.data.Dataset, "
+                            f"got {type(dataset).__name__}")
         self.out_dir = Path(out_dir)
         if not overwrite and self.checkpoint_path.exists():
             raise FileExistsError(
