@@ -450,10 +450,6 @@ def test_log_likelihood_equals_an_independent_logsumexp(decoder, backend):
         np.testing.assert_allclose(got, expected, rtol=1e-12, err_msg=f"chunk_size={chunk_size}")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: VAE.log_importance_weights does not convert "
-                   "or check eps like VAE.loss does: host (NumPy) noise fails on a non-NumPy "
-                   "backend with an array-api-strict TypeError, and a wrong shape is not "
-                   "reported as an eps error")
 def test_log_importance_weights_accepts_host_noise_like_loss():
     model = tiny("gaussian", backend="array_api_strict")
     eps = noise(5)
@@ -622,8 +618,6 @@ def test_loss_without_rng_or_eps(model3):
         model3.loss(batch())
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: VAE.loss does not check eps for NaN/inf "
-                   "(x is checked); a NaN eps silently gives a NaN loss")
 def test_eps_with_nan_is_rejected(model3):
     eps = noise(3)
     eps[0, 0, 0] = np.nan
@@ -631,25 +625,17 @@ def test_eps_with_nan_is_rejected(model3):
         model3.loss(batch(), eps=eps)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: VAE.loss reads eps.shape without checking "
-                   "eps is an array: a nested list raises AttributeError, not TypeError")
 def test_eps_as_a_list_is_a_type_error(model3):
     with pytest.raises(TypeError, match=r"^eps: "):
         model3.loss(batch(), eps=noise(3).tolist())
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: VAE.loss accepts any object with a "
-                   "normal() method as rng; numpy's Generator.normal((S, N, d)) reads the shape "
-                   "as means and returns d numbers, which broadcast silently when S = 1 and "
-                   "d = 3 (the loss is then computed from wrong noise)")
 def test_numpy_generator_as_rng_is_rejected():
     model = tiny("bernoulli", samples=1)  # d = 3 = len((S, N, d))
     with pytest.raises((TypeError, ValueError), match=r"^rng: "):
         model.loss(batch(), rng=np.random.default_rng(0))
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: VAE.sample(n, rng) with a numpy Generator "
-                   "silently returns a 1-D array of the wrong size instead of (n, c)")
 def test_numpy_generator_in_sample_is_rejected():
     model = tiny("gaussian", latent_dim=2)
     with pytest.raises((TypeError, ValueError), match=r"^rng: "):

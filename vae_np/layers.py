@@ -191,6 +191,8 @@ class MLP(Layer):
         sizes = tuple(sizes)
         if len(sizes) < 2:
             raise ValueError(f"sizes: expected at least an input and an output size, got {sizes!r}")
+        if activation not in ACTIVATIONS:  # checked even when there is no hidden layer
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
         hidden_init = "he" if activation in ("relu", "leaky_relu") else "glorot"
         self.layers: list[Layer] = []
         self.linears: list[Linear] = []

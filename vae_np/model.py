@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from . import kernels
-from .backend import Backend, get_backend, namespace_of
+from .backend import RNG, Backend, get_backend, namespace_of
 from .layers import MLP
 from .likelihoods import make_likelihood
 from .losses import kl_standard_normal
@@ -132,9 +132,15 @@ class VAE:
     # Input checks: shapes and dtypes are checked on every call (free); finiteness needs a
     # device-to-host read, so hot loops that checked their data once may turn it off.
 
-    def _as_batch(self, x, name: str, width: int, check_finite: bool = True):
+    def _as_array(self, x, name: str, shape: tuple, check_finite: bool = True):
+        """``x`` as a backend array of the model dtype, after checking it.
+
+        ``shape`` gives each expected size, ``None`` for any size >= 1. Host (NumPy) data
+        is accepted on every backend; arrays of another backend are refused, never copied
+        behind the caller's back.
+        """
         xp = self.backend.xp
-        if isinstance(x, np.ndarray):  # host data is welcome on any backend
+        if isinstance(x, np.ndarray):
             if not np.issubdtype(x.dtype, np.floating):
                 raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
             x = self.backend.asarray(x)
@@ -149,19 +155,26 @@ class VAE:
                                 f"{type(x).__name__}")
             if not xp.isdtype(x.dtype, "real floating"):
                 raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != width or x.shape[0] < 1:
-            raise ValueError(f"{name}: expected shape (N >= 1, {width}), got {tuple(x.shape)}")
+        if x.ndim != len(shape) or any(
+                size < 1 if want is None else size != want for size, want in zip(x.shape, shape)):
+            expected = ", ".join("N >= 1" if want is None else str(want) for want in shape)
+            raise ValueError(f"{name}: expected shape ({expected}), got {tuple(x.shape)}")
         if x.dtype != self.backend.dtype:
             x = xp.astype(x, self.backend.dtype)
         if check_finite and not bool(xp.all(xp.isfinite(x))):
             raise ValueError(f"{name}: contains NaN or inf")
         return x
 
-    def _check_noise(self, eps, shape):
-        if tuple(eps.shape) != shape:
-            raise ValueError(f"eps: expected shape {shape} (samples, batch, latent_dim), "
-                             f"got {tuple(eps.shape)}")
-        return self.backend.asarray(eps)
+    def _as_batch(self, x, name: str, width: int, check_finite: bool = True):
+        """A batch (N, width) of examples or latents."""
+        return self._as_array(x, name, (None, width), check_finite)
+
+    def _check_rng(self, rng) -> None:
+        # A NumPy Generator would "work" and silently misread shapes as means.
+        if not isinstance(rng, RNG) or rng.backend.name != self.backend.name \
+                or rng.backend.dtype != self.backend.dtype:
+            raise TypeError(f"rng: expected the model backend's RNG, "
+                            f"model.backend.rng(seed), got {rng!r}")
 
     # ----------------------------------------------------------------------------------
     # The pieces
@@ -192,6 +205,7 @@ class VAE:
         p(x | z) (Gaussian noise for Gaussian decoders, Bernoulli pixels for Bernoulli).
         Returns (n, c)."""
         _check_positive_int("n", n)
+        self._check_rng(rng)
         out = self.decoder_outputs(rng.normal((n, self.latent_dim)))
         if mean:
             return self.likelihood.mean(self.backend.xp, out)
@@ -212,9 +226,10 @@ class VAE:
         if eps is None:
             if rng is None:
                 raise ValueError("rng: expected an RNG (backend.rng(seed)) or eps, got neither")
+            self._check_rng(rng)
             eps = rng.normal((s, n, d))
         else:
-            eps = self._check_noise(eps, (s, n, d))
+            eps = self._as_array(eps, "eps", (s, n, d), check_finite)
         if kernels.enabled(self.backend):
             # The same operations with in-place tails and fused kernels; the results are
             # this method's to the last bit on NumPy (tests/test_fast_paths.py).
@@ -262,6 +277,7 @@ class VAE:
         chunk, not by K (default: about 2**22 decoder output values per chunk).
         """
         _check_positive_int("num_samples", num_samples)
+        self._check_rng(rng)
         xp = self.backend.xp
         x = self._as_batch(x, "x", self.input_dim, check_finite)
         n, d = x.shape[0], self.latent_dim
@@ -279,10 +295,7 @@ class VAE:
             k = min(chunk_size, num_samples - start)
             eps = rng.normal((k, n, d))
             z = mu + std * eps
-            out = self.decoder_outputs(xp.reshape(z, (k * n, d)))
-            targets = xp.reshape(xp.broadcast_to(x, (k, *x.shape)), (k * n, -1))
-            log_px_given_z = -xp.reshape(self.likelihood.nll(targets, out)[0], (k, n))
-            log_w = log_px_given_z - 0.5 * xp.sum(z * z, axis=2) \
+            log_w = self._log_px_given_z(x, z) - 0.5 * xp.sum(z * z, axis=2) \
                 + 0.5 * (sum_logvar + xp.sum(eps * eps, axis=2))
             # Running logsumexp over chunks: rescale the old sum to the new maximum.
             new_max = xp.maximum(running_max, xp.max(log_w, axis=0))
@@ -297,15 +310,21 @@ class VAE:
         Returns (K, N)."""
         xp = self.backend.xp
         x = self._as_batch(x, "x", self.input_dim)
-        k, n, d = eps.shape
+        eps = self._as_array(eps, "eps", (None, x.shape[0], self.latent_dim))
         mu, logvar = self.encode(x, check_finite=False)
         z = reparameterize(mu, logvar, eps)
-        out = self.decoder_outputs(xp.reshape(z, (k * n, d)))
-        targets = xp.reshape(xp.broadcast_to(x, (k, *x.shape)), (k * n, -1))
-        log_px_given_z = -xp.reshape(self.likelihood.nll(targets, out)[0], (k, n))
+        log_px_given_z = self._log_px_given_z(x, z)
         log_pz = -0.5 * xp.sum(z * z + LOG_2PI, axis=2)
         log_qz = -0.5 * xp.sum((z - mu) ** 2 / xp.exp(logvar) + logvar + LOG_2PI, axis=2)
         return log_px_given_z + log_pz - log_qz
+
+    def _log_px_given_z(self, x, z):
+        """ln p(x_n | z_{k,n}) for x (N, c) and latents z (K, N, d): (K, N)."""
+        xp = self.backend.xp
+        k, n, d = z.shape
+        out = self.decoder_outputs(xp.reshape(z, (k * n, d)))
+        targets = xp.reshape(xp.broadcast_to(x, (k, *x.shape)), (k * n, -1))
+        return -xp.reshape(self.likelihood.nll(targets, out)[0], (k, n))
 
     # ----------------------------------------------------------------------------------
     # Parameters

@@ -29,6 +29,7 @@ def clip_grad_norm(parameters: Parameters, max_norm: float):
     The scale min(1, max_norm / norm) is computed on the device: no host round trip.
     Returns the norm before clipping as a 0-d backend array.
     """
+    _check_number("max_norm", max_norm, low=0.0, low_open=True)
     xp = parameters.backend.xp
     grad = parameters.grad
     norm = xp.sqrt(xp.sum(grad * grad))
