@@ -274,7 +274,7 @@ class _NoProgressBar:
     def update(self, n: int = 1) -> None:
         pass
 
-    def set_postfix_str(self, text: str) -> None:
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
@@ -705,7 +705,7 @@ class Trainer:
                     self._partial_terms = backend.to_numpy(terms[:self.batches_done, :]).copy()
                     self._check_finite(parameters=False)
                     running = _weighted_mean(self._partial_terms, sizes[:self.batches_done])
-                    bar.set_postfix_str(f"loss {running[0]:.2f}")
+                    bar.set_postfix_str(f"loss {running[0]:.2f}", refresh=False)
                     bar.update(self.batches_done - shown)
                     shown = self.batches_done
                 self._stop_if_requested()
