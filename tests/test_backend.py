@@ -59,10 +59,24 @@ def test_unknown_backend_is_a_value_error_naming_the_argument(name):
         get_backend(name)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int32", "double", None, np.float64])
+@pytest.mark.parametrize("dtype", ["float16", "int32", "double", np.float64])
 def test_unknown_dtype_is_a_value_error_naming_the_argument(dtype):
     with pytest.raises(ValueError, match=r"^dtype: expected one of float32, float64"):
         get_backend("numpy", dtype)
+
+
+def test_dtype_defaults_to_float32_for_a_name():
+    assert get_backend("numpy").dtype_name == "float32"
+    assert get_backend("numpy", None).dtype_name == "float32"
+
+
+def test_a_dtype_contradicting_a_given_backend_is_refused():
+    # VAE(backend=get_backend("numpy"), dtype="float64") once ran silently in float32.
+    backend = get_backend("numpy", "float32")
+    assert get_backend(backend) is backend
+    assert get_backend(backend, "float32") is backend
+    with pytest.raises(ValueError, match=r"^dtype: 'float64' contradicts"):
+        get_backend(backend, "float64")
 
 
 # ------------------------------------------------------------------------------------------

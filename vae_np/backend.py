@@ -173,20 +173,25 @@ class Backend:
         return self.xp.zeros(tuple(shape), dtype=self.dtype)
 
 
-def get_backend(name: str | Backend = "numpy", dtype: str = "float32") -> Backend:
+def get_backend(name: str | Backend = "numpy", dtype: str | None = None) -> Backend:
     """Resolve a backend by name.
 
     Args:
         name: ``"numpy"``, ``"cupy"``, ``"array_api_strict"``, or ``"auto"`` (CuPy when a
             GPU is usable, else NumPy). A :class:`Backend` is returned unchanged.
-        dtype: ``"float32"`` or ``"float64"``.
+        dtype: ``"float32"`` (the default for a name) or ``"float64"``. With a
+            :class:`Backend`, ``None`` or that backend's own dtype.
 
     Raises:
-        ValueError: unknown ``name`` or ``dtype``.
+        ValueError: unknown ``name`` or ``dtype``, or a dtype that contradicts a Backend.
         BackendUnavailableError: CuPy requested but not installed or no GPU.
     """
     if isinstance(name, Backend):
+        if dtype is not None and dtype != name.dtype_name:
+            raise ValueError(f"dtype: {dtype!r} contradicts the given backend's "
+                             f"{name.dtype_name!r}; pass one or the other")
         return name
+    dtype = "float32" if dtype is None else dtype
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)}, got {name!r}")
     if dtype not in DTYPE_NAMES:

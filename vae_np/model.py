@@ -88,7 +88,9 @@ class VAE:
         activation: hidden activation name (``vae_np.layers.ACTIVATIONS``).
         input_shift: subtracted from x before the encoder (0.5 centres [0, 1] pixels);
             the likelihood always scores the unshifted x.
-        backend: a :class:`Backend` or a backend name; dtype: used with a name.
+        backend: a :class:`Backend` or a backend name.
+        dtype: ``"float32"`` (default) or ``"float64"``; with a :class:`Backend`, leave it
+            out or repeat the backend's own (a contradiction is a ValueError).
         seed: seeds the weight initialisation (drawn on the host, identical on every backend).
     """
 
@@ -96,7 +98,7 @@ class VAE:
                  latent_dim: int = 64, decoder: str = "bernoulli",
                  variance: float | None = None, beta: float = 1.0, samples: int = 1,
                  activation: str = "relu", input_shift: float = 0.5,
-                 backend: Backend | str = "numpy", dtype: str = "float32", seed: int = 0):
+                 backend: Backend | str = "numpy", dtype: str | None = None, seed: int = 0):
         _check_positive_int("input_dim", input_dim)
         _check_positive_int("latent_dim", latent_dim)
         _check_positive_int("samples", samples)
