@@ -170,17 +170,21 @@ def evaluate(model, x, args) -> dict:
                                                   float(terms.recon))
     mu, logvar = model.encode(x)
     scale = used_noise_scale(model, logvar)
+    low, high = np.percentile(np.asarray(logvar), [5, 95])
+    stats["logvar_p5"], stats["logvar_p95"] = float(low), float(high)
     stats["stated_std"] = float(xp.mean(xp.exp(0.5 * logvar)))
     stats["used_scale"] = float(xp.mean(scale))
     stats["used_scale_min"] = float(xp.min(scale))
     # The KL the objective should have charged: of N(mu, scale^2), the noise really used.
-    kl_used = kl_standard_normal(mu, 2.0 * xp.log(scale), reduction="mean")[0]
-    stats["kl_used"] = float(kl_used)
-    stats["honest_loss"] = stats["recon"] + float(kl_used)
+    kl_used = kl_standard_normal(mu, 2.0 * xp.log(scale))[0]            # per digit, (N,)
+    stats["kl_used"] = float(xp.mean(kl_used))
+    stats["kl_used_median"] = float(np.median(np.asarray(kl_used)))
+    stats["honest_loss"] = stats["recon"] + stats["kl_used"]
     # How far apart the codes of different digits are, in units of the noise added to
     # them: the spread of mu_j over the digits divided by the noise scale, per dimension.
     spread = xp.std(mu, axis=0)
     snr = spread / xp.mean(scale, axis=0)
+    stats["spread_median"] = float(np.median(np.asarray(spread)))
     stats["snr_median"] = float(np.median(np.asarray(snr)))
     stats["active_units"] = int(xp.sum(xp.var(mu, axis=0) > 0.01))
     # ln p(x): the decoder's marginal likelihood, importance-sampled with the encoder's
@@ -197,11 +201,15 @@ ROWS = (
     ("loss", "training objective: recon + KL (its own noise)", "{:.1f}"),
     ("recon", "  reconstruction term  -E[ln p(x|z)]", "{:.1f}"),
     ("kl", "  KL term, of the stated N(mu, exp(logvar))", "{:.1f}"),
+    ("logvar_p5", "logvar output by the encoder, 5th percentile", "{:.2f}"),
+    ("logvar_p95", "logvar output by the encoder, 95th percentile", "{:.2f}"),
     ("stated_std", "posterior std the encoder states, exp(logvar/2)", "{:.3f}"),
     ("used_scale", "noise scale actually used, mean", "{:.3f}"),
     ("used_scale_min", "noise scale actually used, smallest", "{:.3f}"),
     ("kl_used", "KL of the noise actually used, N(mu, scale^2)", "{:.1f}"),
+    ("kl_used_median", "  the same, median over digits", "{:.1f}"),
     ("honest_loss", "negative ELBO of the q actually sampled", "{:.1f}"),
+    ("spread_median", "spread of mu over digits (std), median over dims", "{:.2f}"),
     ("snr_median", "code spread / noise scale, median over dims", "{:.2f}"),
     ("active_units", "active latent units (Var_x mu_j > 0.01)", "{:d}"),
     ("log_px", "ln p(x), importance-sampled, K = {k}", "{:.1f}"),
