@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     for name in ("correct", "buggy"):
         print(f"{name:<7}" + " ".join(f"{v:>7.1f}" for v in history[name]))
     print()
-    print(f"on {len(x_eval)} test digits:")
+    print(f"on {len(x_eval)} test images:")
     print_table(results, args)
 
     out = args.out / "reparameterization_bug.png"
