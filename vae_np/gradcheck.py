@@ -9,6 +9,11 @@ The same tool serves the test suite and learners (``examples/gradcheck_tour.py``
 - :func:`check_layer`, :func:`check_loss` and :func:`check_vae` wire layers, loss functions
   and the whole model into those checks.
 
+ReLU has no derivative at 0: a pre-activation within h of 0 makes the central difference
+see half the slope and the check fails with nothing wrong. Freshly initialised biases are
+exactly 0, so a hidden layer that is entirely off for one example puts the next
+pre-activation exactly on the kink; randomise the biases (or the input) before checking.
+
 All checks need float64 arrays: a central difference has truncation error O(h^2) and
 round-off error about 1e-16 |f| / h; with h = 1e-6 both are near 1e-10 relative in
 float64, while float32 round-off alone (1e-7 |f| / h) would swamp the signal.

@@ -13,8 +13,10 @@ LOG_2PI = math.log(2.0 * math.pi)
 def sigmoid(xp, x):
     """1 / (1 + exp(-x)), without overflow for any x.
 
-    Uses sigmoid(x) = (1 + tanh(x / 2)) / 2: tanh saturates to +-1 instead of overflowing,
-    so the result is exactly 0 or 1 only where float precision forces it.
+    Uses sigmoid(x) = (1 + tanh(x / 2)) / 2: tanh saturates to +-1 instead of overflowing.
+    The error is absolute (below 1e-16 in float64, 1e-7 in float32), which is what the
+    Bernoulli gradient sigmoid(l) - x needs; far in the left tail (x below about -37 in
+    float64, -17 in float32) the result is exactly 0 although the true value is not.
     """
     return 0.5 + 0.5 * xp.tanh(0.5 * x)
 
