@@ -51,22 +51,21 @@ def _int_at_least(text: str, minimum: int) -> int:
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+    return _finite_float(text, allow_zero=False)
 
 
 def nonnegative_float(text: str) -> float:
+    return _finite_float(text, allow_zero=True)
+
+
+def _finite_float(text: str, allow_zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    if not (0 <= value if allow_zero else 0 < value) or value == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text}")
     return value
 
 
