@@ -159,9 +159,16 @@ def test_skipping_the_input_gradient_changes_no_parameter_gradient(np64):
     assert all(np.array_equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("compiled", (True, False))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_bernoulli_tail_matches_the_loss_function(dtype):
+def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypatch):
+    """Including logits far past float32's exp range and the row blocks of the tail."""
     from vae_np.losses import bernoulli_nll
+    if compiled:
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(kernels, "_numba_module", None)
+    monkeypatch.setattr(kernels, "TAIL_BLOCK", 20)  # several blocks of one or two rows
     backend = get_backend("numpy", dtype)
     rng = np.random.default_rng(7)
     logits = backend.asarray(np.concatenate([rng.standard_normal((5, 13)) * 4,
@@ -170,6 +177,23 @@ def test_fast_bernoulli_tail_matches_the_loss_function(dtype):
     nll, grad = bernoulli_nll(x, logits)
     fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits)
     assert np.array_equal(nll, fast_nll) and np.array_equal(grad, fast_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_relu_kernels_match_numpy_on_signed_zeros_and_nan(dtype):
+    """bias + ReLU and ReLU's backward against numpy.maximum and where(), bit for bit, on
+    the values where they could differ: -0.0, +0.0, NaN, +-inf."""
+    compiled = pytest.importorskip("numba") and kernels.numba_kernels()
+    special = np.array([-0.0, 0.0, np.nan, -np.inf, np.inf, -1.5, 2.5, 1e-45], dtype=dtype)
+    y = np.tile(special, (3, 1)).copy()
+    b = np.array([0.0, -0.0, 0.0, 0.0, 0.0, 0.0, -2.5, 0.0], dtype=dtype)
+    expected = np.maximum(y + b, 0.0)
+    compiled.bias_relu(y, b)
+    assert np.array_equal(y.view(f"u{y.itemsize}"), expected.view(f"u{y.itemsize}"))
+    dout = np.tile(special[::-1], (3, 1)).copy()
+    expected = np.where(y > 0, dout, 0.0)
+    compiled.relu_backward(y, dout)
+    assert np.array_equal(dout.view(f"u{y.itemsize}"), expected.view(f"u{y.itemsize}"))
 
 
 def random_adam_buffers(dtype, n, seed=0):
@@ -217,12 +241,15 @@ def test_adam_numba_kernel_is_bit_identical(dtype, n):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("samples", (1, 3))
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_whole_step_without_numba_is_bit_identical(dtype, monkeypatch):
+def test_whole_step_without_numba_is_bit_identical(dtype, decoder, samples, monkeypatch):
+    """The NumPy-only fast paths (Adam in chunks, the in-place tails, where() for ReLU)."""
     monkeypatch.setattr(kernels, "_numba_module", None)
     assert kernels.numba_kernels() is None
-    assert_identical(run_training(True, dtype, "bernoulli", 1),
-                     run_training(False, dtype, "bernoulli", 1))
+    assert_identical(run_training(True, dtype, decoder, samples),
+                     run_training(False, dtype, decoder, samples))
 
 
 def test_vae_np_trains_where_numba_cannot_be_imported():
