@@ -59,6 +59,20 @@ def relu_backward(out, dout):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def relu_backward_bias_grad(out, dout, db):  # pragma: no cover - compiled
+    """relu_backward, and db = sum(dout, axis=0) of the Linear below in the same pass.
+    NumPy sums axis 0 of a C-ordered (N, D >= 2) array row after row from zero, as here."""
+    zero = dout.dtype.type(0)
+    for j in range(dout.shape[1]):
+        db[j] = zero
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            d = dout[i, j] if out[i, j] > zero else zero
+            dout[i, j] = d
+            db[j] += d
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def bernoulli_split(logits, neg_abs, half, h):  # pragma: no cover - compiled
     """The two arguments of the transcendental functions: -|l| and h l (h = 0.5)."""
     for i in range(logits.shape[0]):

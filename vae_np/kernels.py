@@ -243,17 +243,28 @@ def mlp_backward(mlp, dout, input_grad: bool = True):
     Linear, ReLU = _layer_types()
     backend = mlp.backend
     nx = backend.native
+    compiled = numba_kernels() if backend.name == "numpy" else None
+    bias_grad_done = False
     for k in range(len(mlp.layers) - 1, -1, -1):
         layer = mlp.layers[k]
         if isinstance(layer, Linear):
             x = layer._cached()
             nx.matmul(x.T, dout, out=layer.grads["W"])
-            nx.sum(dout, axis=0, out=layer.grads["b"])
+            if not bias_grad_done:
+                nx.sum(dout, axis=0, out=layer.grads["b"])
+            bias_grad_done = False
             if k == 0 and not input_grad:
                 return None
             dout = nx.matmul(dout, layer.params["W"].T)     # fresh: ours to change in place
         elif type(layer) is ReLU and k + 1 < len(mlp.layers):
-            dout = relu_backward(backend, layer._cached(), dout)
+            below = mlp.layers[k - 1] if k > 0 else None
+            if compiled is not None and isinstance(below, Linear) and dout.shape[1] >= 2 \
+                    and dout.flags.c_contiguous:
+                # the mask and the bias gradient of the Linear below in one pass
+                compiled.relu_backward_bias_grad(layer._cached(), dout, below.grads["b"])
+                bias_grad_done = True
+            else:
+                dout = relu_backward(backend, layer._cached(), dout)
         else:
             dout = layer.backward(dout)
     return dout
