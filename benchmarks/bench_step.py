@@ -83,10 +83,9 @@ def set_threads(threads: int):
         keep.append(threadpool_limits(limits=threads))
     except ImportError:
         print("note: threadpoolctl is not installed; BLAS keeps its default thread count")
-    compiled = kernels.numba_kernels()
-    if compiled is not None:
-        import numba
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    # vae_np's numba kernels are single-threaded: numba's thread pool is never started.
+    # (Starting it, e.g. with numba.set_num_threads, adds a second OpenMP runtime whose
+    # idle workers spin beside PyTorch's: measured, that made PyTorch's step 3x slower.)
     return keep
 
 
@@ -197,10 +196,18 @@ def make_torch(torch, device, dtype_name, config, batch, fused_adam: bool, init_
 # ------------------------------------------------------------------------------------------
 # Timing and memory
 
-def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float) -> dict:
-    """Median ms/step of each side. Each round runs every side once, in rotating order: one
-    untimed step (so another side's spinning threads have settled), then a block of steps
-    timed as a whole (with a device sync at both ends on a GPU)."""
+def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
+                     settle_seconds: float) -> dict:
+    """Median ms/step of each side. Each round runs every side once, in rotating order: a
+    pause of ``settle_seconds``, one untimed step, then a block of steps timed as a whole
+    (with a device sync at both ends on a GPU).
+
+    The pause matters on a CPU. After its last matrix product OpenBLAS keeps its worker
+    threads spinning for about 0.1 s (2**28 cycles), and PyTorch's OpenMP workers spin
+    too; a side timed right after the other would share the cores with those spinners
+    (measured: PyTorch's default Adam, many small parallel loops, ran five times slower
+    right after vae_np). A user runs one library, so each side is timed once the other's
+    threads are asleep."""
     names = list(sides)
     reps = {}
     for name in names:  # size the blocks: about block_seconds each, at least 3 steps
@@ -217,6 +224,7 @@ def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float)
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             step = sides[name]
+            time.sleep(settle_seconds)
             step()
             sync[name]()
             start = time.perf_counter()
@@ -320,10 +328,13 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="starting,small", help=f"from {','.join(CONFIGS)}")
     p.add_argument("--batches", default="32,128,512")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="threads for BLAS, numba and PyTorch alike")
+                   help="threads for BLAS (vae_np) and PyTorch alike")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 3 quick)")
     p.add_argument("--block-seconds", type=float, default=None,
                    help="seconds per timed block (default 0.25; 0.05 quick)")
+    p.add_argument("--settle-seconds", type=float, default=0.25,
+                   help="pause before each timed block, so the other side's idle threads "
+                        "stop spinning (OpenBLAS spins about 0.1 s)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     p.add_argument("--reference", action="store_true",
                    help="time the readable reference code (vae_np.kernels fast paths off)")
@@ -370,6 +381,8 @@ def main(argv=None) -> int:
         "env": {k: os.environ[k] for k in sorted(os.environ)
                 if k.startswith(("OPENBLAS", "OMP_", "MKL_", "NUMBA_", "VAE_NP"))},
         "tracemalloc_sees_numpy": tracemalloc_sees_numpy(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_average_at_start": os.getloadavg(),
     }
     print("machine:", json.dumps(report.machine, indent=1))
     if torch is not None:
@@ -400,7 +413,7 @@ def main(argv=None) -> int:
                         for name, fused in (("torch", False), ("torch_fused", True)):
                             sides[name] = make_torch(torch, device, dtype, config, batch, fused, init)
                             sync[name] = torch_sync
-                    ms = time_interleaved(sides, sync, rounds, block)
+                    ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds)
                     flops = step_gemm_flops(config, batch)
                     gflops = flops / (ms["vae_np"] / 1e3) / 1e9
                     step_peak = peak_bytes(step, backend)
@@ -461,6 +474,10 @@ def main(argv=None) -> int:
                 print(f"  {backend_name} {dtype}: {seconds:.2f} s ({entry['ms_per_image']:.0f} "
                       f"ms/image), peak {entry['peak_mib']:.1f} MiB above the model")
 
+    report.machine["load_average_at_end"] = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) at start {report.machine['load_average_at_start']}, "
+          f"at end {report.machine['load_average_at_end']}: other work on the machine "
+          "skews absolute times; the interleaved ratios much less")
     if args.json:
         out = asdict(report)
         Path(args.json).write_text(json.dumps(out, indent=1))
