@@ -177,6 +177,13 @@ def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypa
     nll, grad = bernoulli_nll(x, logits)
     fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits)
     assert np.array_equal(nll, fast_nll) and np.array_equal(grad, fast_grad)
+    if compiled:  # the scaled gradient and its column sums, accumulated across the blocks
+        scaled = grad * (1.0 / 7)
+        bias_grad = np.full(13, np.nan, dtype=dtype)   # stale contents must not leak in
+        fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits, np.dtype(dtype).type(1.0 / 7),
+                                                    bias_grad)
+        assert np.array_equal(nll, fast_nll) and np.array_equal(scaled, fast_grad)
+        assert np.array_equal(np.sum(scaled, axis=0), bias_grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -337,3 +344,58 @@ def test_training_step_reads_nothing_back_to_the_host(monkeypatch):
         model.loss(x, rng=rng, check_finite=False)
         model.backward()
         opt.step()
+
+
+# ------------------------------------------------------------------------------------------
+# The numba step's own bookkeeping: many samples, its cache, what callers keep
+
+
+@pytest.mark.parametrize("decoder", ("bernoulli", "gaussian"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_step_with_many_samples(dtype, decoder):
+    """S = 9: the compiled sums over samples (dz and dz * eps) must add s = 0, 1, ... from
+    zero, as NumPy's axis-0 sum does, also past eight terms (where NumPy's pairwise sum of
+    a contiguous axis would regroup)."""
+    kw = dict(samples=9, batch=5, steps=2)
+    assert_identical(run_training(True, dtype, decoder, **kw),
+                     run_training(False, dtype, decoder, **kw))
+
+
+def test_backward_reads_the_fast_cache_with_fast_paths_switched_off():
+    """The numba loss leaves a cache only the fast backward reads (its loss gradient is
+    already scaled): VAE.backward follows the cache, not the switch."""
+    grads = []
+    for fast_loss in (False, True):
+        model = VAE(20, (16,), 4, dtype="float32", seed=1)
+        x = np.random.default_rng(0).random((5, 20)).astype("float32")
+        eps = np.random.default_rng(1).standard_normal((1, 5, 4)).astype("float32")
+        with kernels.use_fast_paths(fast_loss):
+            model.loss(x, eps=eps)
+        with kernels.use_fast_paths(False):
+            model.backward()
+        grads.append(model.parameters.grad.copy())
+    assert np.array_equal(*grads)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_results_handed_to_the_caller_survive_later_steps(decoder):
+    """Loss terms, encodings and reconstructions returned to the caller are not buffers
+    that a later loss, backward or update writes into."""
+    model = VAE(30, (20,), 4, decoder=decoder, dtype="float32", seed=0)
+    opt = Adam(model.parameters, lr=1e-2)
+    data = np.random.default_rng(0)
+    x = data.random((6, 30)).astype("float32")
+    kept = []
+    for _ in range(3):
+        terms = model.loss(x, eps=data.standard_normal((1, 6, 4)).astype("float32"))
+        mu, logvar = model.encode(x)
+        recon = model.reconstruct(x)
+        decoded = model.decode(mu)
+        arrays = [terms.loss, terms.kl, terms.recon, mu, logvar, recon, decoded]
+        kept.append((arrays, [np.array(a, copy=True) for a in arrays]))
+        model.backward()
+        opt.step()
+    model.loss(x[:4], eps=data.standard_normal((1, 4, 4)).astype("float32"))
+    for arrays, copies in kept:
+        for a, c in zip(arrays, copies):
+            assert np.array_equal(np.asarray(a), c)

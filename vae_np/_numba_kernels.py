@@ -97,3 +97,67 @@ def bernoulli_combine(x, logits, t, u, h):  # pragma: no cover - compiled
             positive = a if (a > zero or a != a) else zero  # numpy.maximum(a, 0.0)
             t[i, j] = (positive + t[i, j]) - xi * a
             u[i, j] = (h * u[i, j] + h) - xi
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def bernoulli_combine_scaled(x, logits, t, u, h, scale, db):  # pragma: no cover - compiled
+    """bernoulli_combine, and the first steps of the backward pass in the same sweep: the
+    gradient is scaled by ``scale`` = 1 / (S N) (VAE.backward's ``dnll_dout * (1 / (S N))``)
+    and added row by row into ``db``, the decoder output bias gradient (NumPy's axis-0 sum
+    of a C-ordered array, from zero: the caller zeroes ``db`` before the first block)."""
+    zero = logits.dtype.type(0)
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            a = logits[i, j]
+            xi = x[i, j]
+            positive = a if (a > zero or a != a) else zero  # numpy.maximum(a, 0.0)
+            t[i, j] = (positive + t[i, j]) - xi * a
+            g = ((h * u[i, j] + h) - xi) * scale
+            u[i, j] = g
+            db[j] += g
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def reparameterize(mu, std, eps, z):  # pragma: no cover - compiled
+    """z[s] = mu + std * eps[s] (model.reparameterize; std = exp(0.5 logvar) from NumPy)."""
+    for s in range(eps.shape[0]):
+        for i in range(mu.shape[0]):
+            for j in range(mu.shape[1]):
+                z[s, i, j] = mu[i, j] + std[i, j] * eps[s, i, j]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def kl_terms(mu, logvar, vm1, term, h):  # pragma: no cover - compiled
+    """losses.kl_standard_normal after NumPy's expm1: ``vm1`` = expm1(logvar) in, the
+    log-variance gradient h vm1 out (h = 0.5, in place); term = (vm1 - logvar) + mu mu,
+    which the caller sums over rows with NumPy (pairwise, as the reference)."""
+    for i in range(mu.shape[0]):
+        for j in range(mu.shape[1]):
+            v = vm1[i, j]
+            m = mu[i, j]
+            term[i, j] = (v - logvar[i, j]) + m * m
+            vm1[i, j] = h * v
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def latent_backward(dz, eps, mu, std, dkl_dlogvar, c, h, g):  # pragma: no cover - compiled
+    """VAE.backward from dz (S, N, d) to the encoder's output gradient g (N, 2d), in one
+    pass and without the concatenate:
+
+        g[:, :d] = sum_s dz[s]         + c mu             (dmu + beta/N dkl_dmu)
+        g[:, d:] = sum_s dz[s] eps[s] * (h std) + c dkl_dlogvar
+
+    c = beta / N, h = 0.5, std = exp(0.5 logvar) (the forward's, same bits as the
+    reference's recomputation). The S-sums run from zero in order s = 0, 1, ..., as
+    NumPy's axis-0 sum of a C-ordered array does."""
+    zero = g.dtype.type(0)
+    d = mu.shape[1]
+    for i in range(mu.shape[0]):
+        for j in range(d):
+            a = zero
+            b = zero
+            for s in range(dz.shape[0]):
+                a += dz[s, i, j]
+                b += dz[s, i, j] * eps[s, i, j]
+            g[i, j] = a + c * mu[i, j]
+            g[i, d + j] = b * (h * std[i, j]) + c * dkl_dlogvar[i, j]

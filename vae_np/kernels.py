@@ -16,7 +16,10 @@ temporary and then copied into the flat gradient buffer. This module removes tha
 - :func:`vae_loss` / :func:`vae_backward`: ``VAE.loss`` and ``VAE.backward`` built from the
   above, with the Bernoulli loss tail in place (one fused kernel on CuPy, as are the
   reparameterisation and the KL term; two numba passes around NumPy's exp, log1p and tanh
-  on the CPU).
+  on the CPU, the second also scaling the gradient by 1 / (S N) and summing the decoder's
+  output bias gradient). With numba, the latent tail is compiled too: reparameterisation
+  and KL around NumPy's exp and expm1, and one pass from dz to the encoder's (N, 2d)
+  output gradient (no dmu, dlogvar or concatenate temporaries).
 
 Same bits. Every fast path performs the reference's IEEE operations in the same order on
 the same dtype (Python-float constants are rounded to the array dtype once, exactly as
@@ -236,15 +239,16 @@ def mlp_forward(mlp, x):
     return x
 
 
-def mlp_backward(mlp, dout, input_grad: bool = True):
+def mlp_backward(mlp, dout, input_grad: bool = True, output_bias_grad: bool = True):
     """``MLP.backward``, writing dW and db straight into the flat gradient buffer and
     applying ReLU's mask in place on the fresh dx of the Linear after it. ``dout`` itself
-    is only read. Returns None when ``input_grad`` is False (the first dx is skipped)."""
+    is only read. Returns None when ``input_grad`` is False (the first dx is skipped);
+    ``output_bias_grad=False`` leaves the last Linear's db to the caller (already done)."""
     Linear, ReLU = _layer_types()
     backend = mlp.backend
     nx = backend.native
     compiled = numba_kernels() if backend.name == "numpy" else None
-    bias_grad_done = False
+    bias_grad_done = not output_bias_grad
     for k in range(len(mlp.layers) - 1, -1, -1):
         layer = mlp.layers[k]
         if isinstance(layer, Linear):
@@ -291,9 +295,13 @@ def relu_backward(backend, out, dout):
 TAIL_BLOCK = 1 << 16
 
 
-def bernoulli_nll(backend, x, logits):
+def bernoulli_nll(backend, x, logits, scale=None, bias_grad=None):
     """``losses.bernoulli_nll(x, logits)`` (reduction "none") with three arrays instead of
-    a dozen: (nll (M,), dlogits (M, c))."""
+    a dozen: (nll (M,), dlogits (M, c)).
+
+    With ``scale`` (a dtype scalar) and ``bias_grad`` (c,), numba only: dlogits comes back
+    multiplied by ``scale`` and ``bias_grad`` receives its column sums (the first two steps
+    of the decoder's backward, done in the same sweep while the block is in cache)."""
     nx = backend.native
     if backend.name == "cupy":
         term, grad = _cupy_kernel(backend, "bernoulli")(x, logits)
@@ -306,6 +314,8 @@ def bernoulli_nll(backend, x, logits):
         h = backend.numpy_dtype.type(0.5)
         term, grad = nx.empty_like(logits), nx.empty_like(logits)
         nll = nx.empty(logits.shape[0], dtype=logits.dtype)
+        if bias_grad is not None:
+            bias_grad[...] = 0                         # the column sums start from zero
         rows = max(1, TAIL_BLOCK // logits.shape[1])
         for lo in range(0, logits.shape[0], rows):
             block = slice(lo, lo + rows)
@@ -314,7 +324,10 @@ def bernoulli_nll(backend, x, logits):
             nx.exp(t, out=t)
             nx.log1p(t, out=t)                         # t = log1p(exp(-|l|))
             nx.tanh(u, out=u)                          # u = tanh(l / 2)
-            compiled.bernoulli_combine(x[block], lb, t, u, h)  # t = term, u = grad
+            if bias_grad is None:
+                compiled.bernoulli_combine(x[block], lb, t, u, h)  # t = term, u = grad
+            else:
+                compiled.bernoulli_combine_scaled(x[block], lb, t, u, h, scale, bias_grad)
             nx.sum(t, axis=1, out=nll[block])
         return nll, grad
     # softplus(l) = max(l, 0) + log1p(exp(-|l|))                       (ops.softplus)
@@ -367,13 +380,16 @@ def reparameterize(backend, mu, logvar, eps):
 
 def vae_loss(model, x, eps):
     """``VAE.loss`` after its input checks (x and eps already backend arrays), with the
-    fast MLP and loss tails. Leaves the same cache for ``VAE.backward``."""
+    fast MLP and loss tails. Leaves the cache for :func:`vae_backward`."""
     from .model import ELBOTerms
     backend = model.backend
     xp = backend.xp
     n, d, s = x.shape[0], model.latent_dim, model.samples
     h = mlp_forward(model.encoder, x - model.input_shift)
     mu, logvar = h[:, :d], h[:, d:]
+    compiled = numba_kernels() if backend.name == "numpy" else None
+    if compiled is not None:
+        return _vae_loss_numba(model, compiled, x, eps, mu, logvar)
     z = reparameterize(backend, mu, logvar, eps)
     out = mlp_forward(model.decoder, xp.reshape(z, (s * n, d)))
     targets = x if s == 1 else xp.reshape(xp.broadcast_to(x, (s, *x.shape)), (s * n, -1))
@@ -385,9 +401,59 @@ def vae_loss(model, x, eps):
     return ELBOTerms(loss=recon + model.beta * kl_mean, kl=kl_mean, recon=recon)
 
 
+class _NumbaStepCache(tuple):
+    """What the numba loss leaves for :func:`vae_backward`: (mu, std, eps, dkl_dlogvar,
+    dnll_dout, output_bias_grad, n). ``dnll_dout`` is already scaled by 1 / (S N) and,
+    when ``output_bias_grad`` is not None, summed into it: the reference backward cannot
+    read this cache, so ``VAE.backward`` sends it here whatever the switch says."""
+
+
+def _vae_loss_numba(model, compiled, x, eps, mu, logvar):
+    """The NumPy + numba loss: the latent tail (reparameterisation, KL) in two small
+    compiled passes around NumPy's exp and expm1, and for the Bernoulli decoder the
+    gradient scale and output bias gradient folded into the likelihood's sweep."""
+    from .model import ELBOTerms
+    backend = model.backend
+    nx = backend.native
+    dt = backend.numpy_dtype.type
+    n, d, s = x.shape[0], model.latent_dim, model.samples
+    half = dt(0.5)
+    std = nx.multiply(logvar, 0.5)                     # exp(0.5 logvar): reparameterize
+    nx.exp(std, out=std)
+    z = nx.empty((s, n, d), dtype=mu.dtype)
+    compiled.reparameterize(mu, std, eps, z)           # z = mu + std eps
+    out = mlp_forward(model.decoder, z.reshape(s * n, d))
+    targets = x if s == 1 else nx.broadcast_to(x, (s, *x.shape)).reshape(s * n, -1)
+    scale = dt(1.0 / (s * n))                          # VAE.backward's 1 / (S N), rounded once
+    if model.likelihood.name == "bernoulli":
+        bias_grad = nx.empty(out.shape[1], dtype=out.dtype)
+        nll, dnll_dout = bernoulli_nll(backend, targets, out, scale, bias_grad)
+    else:
+        bias_grad = None
+        nll, dnll_dout = model.likelihood.nll(targets, out)
+        dnll_dout *= scale                             # fresh from nll(): ours to scale
+    dkl_dlogvar = nx.expm1(logvar)                     # losses.kl_standard_normal
+    term = nx.empty_like(dkl_dlogvar)
+    compiled.kl_terms(mu, logvar, dkl_dlogvar, term, half)
+    kl = nx.sum(term, axis=1)
+    kl *= 0.5
+    recon = nx.mean(nll)
+    kl_mean = nx.mean(kl)
+    model._cache = _NumbaStepCache((mu, std, eps, dkl_dlogvar, dnll_dout, bias_grad, n))
+    return ELBOTerms(loss=recon + model.beta * kl_mean, kl=kl_mean, recon=recon)
+
+
+def owns_cache(cache) -> bool:
+    """True when ``cache`` was left by the numba loss, which only :func:`vae_backward`
+    can read (e.g. fast paths switched off between ``loss`` and ``backward``)."""
+    return isinstance(cache, _NumbaStepCache)
+
+
 def vae_backward(model) -> None:
     """``VAE.backward`` with the fast MLP backward; the loss gradient is scaled in place
     (the loss made that array and nothing else holds it)."""
+    if isinstance(model._cache, _NumbaStepCache):
+        return _vae_backward_numba(model)
     from .model import reparameterize_backward
     xp = model.backend.xp
     logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = model._cache
@@ -398,4 +464,24 @@ def vae_backward(model) -> None:
     dmu = dmu + (model.beta / n) * dkl_dmu
     dlogvar = dlogvar + (model.beta / n) * dkl_dlogvar
     mlp_backward(model.encoder, xp.concat([dmu, dlogvar], axis=1), input_grad=False)
+    model._cache = None
+
+
+def _vae_backward_numba(model) -> None:
+    """The backward of :func:`_vae_loss_numba`: the decoder's output bias gradient comes
+    from the loss's sweep, and dz becomes the encoder's (N, 2d) output gradient in one
+    compiled pass (no dmu, dlogvar or concatenate temporaries)."""
+    backend = model.backend
+    nx = backend.native
+    dt = backend.numpy_dtype.type
+    compiled = numba_kernels()
+    mu, std, eps, dkl_dlogvar, dnll_dout, bias_grad, n = model._cache
+    s, d = model.samples, model.latent_dim
+    if bias_grad is not None:
+        model.decoder.linears[-1].grads["b"][...] = bias_grad
+    dz = mlp_backward(model.decoder, dnll_dout, output_bias_grad=bias_grad is None)
+    g = nx.empty((n, 2 * d), dtype=mu.dtype)
+    compiled.latent_backward(dz.reshape(s, n, d), eps, mu, std, dkl_dlogvar,
+                             dt(model.beta / n), dt(0.5), g)
+    mlp_backward(model.encoder, g, input_grad=False)
     model._cache = None

@@ -251,7 +251,7 @@ class VAE:
         """Write d loss / d parameter into ``self.parameters.grads`` (all of them)."""
         if self._cache is None:
             raise RuntimeError("VAE.backward called before VAE.loss")
-        if kernels.enabled(self.backend):
+        if kernels.enabled(self.backend) or kernels.owns_cache(self._cache):
             return kernels.vae_backward(self)  # same results, fewer passes (see loss)
         xp = self.backend.xp
         logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = self._cache
