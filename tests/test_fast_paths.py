@@ -172,16 +172,22 @@ def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypa
     backend = get_backend("numpy", dtype)
     rng = np.random.default_rng(7)
     logits = backend.asarray(np.concatenate([rng.standard_normal((5, 13)) * 4,
-                                             np.full((1, 13), 60.0), np.full((1, 13), -60.0)]))
+                                             np.full((1, 13), 60.0), np.full((1, 13), -60.0),
+                                             np.full((1, 13), -0.0), np.full((1, 13), 0.0)]))
     x = backend.asarray((rng.random(logits.shape) < 0.5).astype(dtype))
     nll, grad = bernoulli_nll(x, logits)
     fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits)
-    assert np.array_equal(nll, fast_nll) and np.array_equal(grad, fast_grad)
+    bits = f"u{np.dtype(dtype).itemsize}"  # signed zeros too (the compiled path adds a zero bias)
+    assert np.array_equal(nll.view(bits), fast_nll.view(bits))
+    assert np.array_equal(grad.view(bits), fast_grad.view(bits))
     if compiled:  # the scaled gradient and its column sums, accumulated across the blocks
+        # and with the bias folded in: logits = out + b
+        b = backend.asarray(rng.standard_normal(13))
+        nll, grad = bernoulli_nll(x, logits + b)
         scaled = grad * (1.0 / 7)
         bias_grad = np.full(13, np.nan, dtype=dtype)   # stale contents must not leak in
         fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits, np.dtype(dtype).type(1.0 / 7),
-                                                    bias_grad)
+                                                    bias_grad, bias=b)
         assert np.array_equal(nll, fast_nll) and np.array_equal(scaled, fast_grad)
         assert np.array_equal(np.sum(scaled, axis=0), bias_grad)
 

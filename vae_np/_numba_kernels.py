@@ -73,42 +73,33 @@ def relu_backward_bias_grad(out, dout, db):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def bernoulli_split(logits, neg_abs, half, h):  # pragma: no cover - compiled
-    """The two arguments of the transcendental functions: -|l| and h l (h = 0.5)."""
-    for i in range(logits.shape[0]):
-        for j in range(logits.shape[1]):
-            a = logits[i, j]
+def bernoulli_split(out, b, neg_abs, half, h):  # pragma: no cover - compiled
+    """The two arguments of the transcendental functions for the logits l = out + b (the
+    decoder's last bias add, done here instead of in a pass of its own): -|l| and h l
+    (h = 0.5)."""
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            a = out[i, j] + b[j]
             neg_abs[i, j] = -abs(a)
             half[i, j] = h * a
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def bernoulli_combine(x, logits, t, u, h):  # pragma: no cover - compiled
+def bernoulli_combine(x, out, b, t, u, h, scale, db):  # pragma: no cover - compiled
     """In place: t = log1p(exp(-|l|)) becomes term = softplus(l) - x l, and u = tanh(l / 2)
-    becomes grad = sigmoid(l) - x, operation for operation as ops.softplus, ops.sigmoid
-    and losses.bernoulli_nll (numpy.maximum's NaN propagation included). In place rather
-    than into separate outputs that may be the same arrays: LLVM vectorises a loop only
-    after checking that its arrays do not overlap, and overlapping ones fail that check."""
-    zero = logits.dtype.type(0)
-    for i in range(logits.shape[0]):
-        for j in range(logits.shape[1]):
-            a = logits[i, j]
-            xi = x[i, j]
-            positive = a if (a > zero or a != a) else zero  # numpy.maximum(a, 0.0)
-            t[i, j] = (positive + t[i, j]) - xi * a
-            u[i, j] = (h * u[i, j] + h) - xi
+    becomes grad = (sigmoid(l) - x) * scale, operation for operation as ops.softplus,
+    ops.sigmoid and losses.bernoulli_nll (numpy.maximum's NaN propagation included), with
+    l = out + b recomputed (the same addition as in bernoulli_split, so the same bits).
 
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def bernoulli_combine_scaled(x, logits, t, u, h, scale, db):  # pragma: no cover - compiled
-    """bernoulli_combine, and the first steps of the backward pass in the same sweep: the
-    gradient is scaled by ``scale`` = 1 / (S N) (VAE.backward's ``dnll_dout * (1 / (S N))``)
-    and added row by row into ``db``, the decoder output bias gradient (NumPy's axis-0 sum
-    of a C-ordered array, from zero: the caller zeroes ``db`` before the first block)."""
-    zero = logits.dtype.type(0)
-    for i in range(logits.shape[0]):
-        for j in range(logits.shape[1]):
-            a = logits[i, j]
+    ``scale`` is VAE.backward's 1 / (S N) (1 gives the plain gradient: an exact multiply),
+    and the scaled gradient is added row by row into ``db``, the decoder's output bias
+    gradient (NumPy's axis-0 sum of a C-ordered array; the caller zeroes ``db`` before the
+    first block of rows). In place rather than into separate outputs that may be the same
+    arrays: LLVM vectorises a loop only after checking that its arrays do not overlap."""
+    zero = out.dtype.type(0)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            a = out[i, j] + b[j]
             xi = x[i, j]
             positive = a if (a > zero or a != a) else zero  # numpy.maximum(a, 0.0)
             t[i, j] = (positive + t[i, j]) - xi * a

@@ -203,11 +203,12 @@ def _layer_types():
     return Linear, ReLU
 
 
-def mlp_forward(mlp, x):
+def mlp_forward(mlp, x, output_bias: bool = True):
     """``MLP.forward`` with the bias add and ReLU in place on each fresh matmul output.
 
     Keeps the same caches as the reference (a Linear its input, a ReLU its output), so
-    the reference backward could follow it.
+    the reference backward could follow it. ``output_bias=False`` returns the last
+    Linear's output before its bias add, for a caller that adds it in its own sweep.
     """
     Linear, ReLU = _layer_types()
     backend = mlp.backend
@@ -225,7 +226,7 @@ def mlp_forward(mlp, x):
                 _cupy_kernel(backend, "bias_relu")(layer.params["b"], out)
             elif relu and compiled is not None:
                 compiled.bias_relu(out, layer.params["b"])
-            else:
+            elif output_bias or i + 1 < len(layers):      # not the output's, if declined
                 out += layer.params["b"]
                 if relu:
                     nx.maximum(out, 0.0, out=out)
@@ -295,13 +296,15 @@ def relu_backward(backend, out, dout):
 TAIL_BLOCK = 1 << 16
 
 
-def bernoulli_nll(backend, x, logits, scale=None, bias_grad=None):
+def bernoulli_nll(backend, x, logits, scale=None, bias_grad=None, bias=None):
     """``losses.bernoulli_nll(x, logits)`` (reduction "none") with three arrays instead of
     a dozen: (nll (M,), dlogits (M, c)).
 
-    With ``scale`` (a dtype scalar) and ``bias_grad`` (c,), numba only: dlogits comes back
-    multiplied by ``scale`` and ``bias_grad`` receives its column sums (the first two steps
-    of the decoder's backward, done in the same sweep while the block is in cache)."""
+    numba only (``_vae_loss_numba``): with ``bias`` (c,), the logits are ``logits + bias``
+    (the decoder's last bias add, folded into the sweep); with ``scale`` (a dtype scalar)
+    and ``bias_grad`` (c,), dlogits comes back multiplied by ``scale`` and ``bias_grad``
+    receives its column sums: the first two steps of the decoder's backward, done while
+    each block is in cache."""
     nx = backend.native
     if backend.name == "cupy":
         term, grad = _cupy_kernel(backend, "bernoulli")(x, logits)
@@ -310,25 +313,31 @@ def bernoulli_nll(backend, x, logits, scale=None, bias_grad=None):
     if compiled is not None:
         # numba does the arithmetic, NumPy its own exp, log1p and tanh (whose last bits a
         # compiled loop would not reproduce), in blocks of rows that stay in the L2 cache
-        # across the six passes. Rows are independent, so blocking changes no result.
-        h = backend.numpy_dtype.type(0.5)
-        term, grad = nx.empty_like(logits), nx.empty_like(logits)
-        nll = nx.empty(logits.shape[0], dtype=logits.dtype)
-        if bias_grad is not None:
-            bias_grad[...] = 0                         # the column sums start from zero
-        rows = max(1, TAIL_BLOCK // logits.shape[1])
-        for lo in range(0, logits.shape[0], rows):
+        # across the six passes. Rows are independent, so blocking changes no result; the
+        # per-pixel terms live only in one block-sized scratch (only their row sums leave).
+        # A zero bias and a scale of 1 change no bit of any output (x + 0 differs from x
+        # only for x = -0.0, whose logit terms and gradient are those of +0.0).
+        dt = backend.numpy_dtype.type
+        h = dt(0.5)
+        m, c = logits.shape
+        bias = nx.zeros(c, dtype=logits.dtype) if bias is None else bias
+        scale = dt(1) if scale is None else scale
+        bias_grad = nx.zeros(c, dtype=logits.dtype) if bias_grad is None else bias_grad
+        bias_grad[...] = 0                             # the column sums start from zero
+        grad = nx.empty_like(logits)
+        nll = nx.empty(m, dtype=logits.dtype)
+        rows = max(1, min(m, TAIL_BLOCK // c))
+        scratch = nx.empty((rows, c), dtype=logits.dtype)
+        for lo in range(0, m, rows):
             block = slice(lo, lo + rows)
-            lb, t, u = logits[block], term[block], grad[block]
-            compiled.bernoulli_split(lb, t, u, h)      # t = -|l|, u = l / 2
+            lb, u = logits[block], grad[block]
+            t = scratch[:lb.shape[0]]
+            compiled.bernoulli_split(lb, bias, t, u, h)  # t = -|l|, u = l / 2
             nx.exp(t, out=t)
             nx.log1p(t, out=t)                         # t = log1p(exp(-|l|))
             nx.tanh(u, out=u)                          # u = tanh(l / 2)
-            if bias_grad is None:
-                compiled.bernoulli_combine(x[block], lb, t, u, h)  # t = term, u = grad
-            else:
-                compiled.bernoulli_combine_scaled(x[block], lb, t, u, h, scale, bias_grad)
-            nx.sum(t, axis=1, out=nll[block])
+            compiled.bernoulli_combine(x[block], lb, bias, t, u, h, scale, bias_grad)
+            nx.sum(t, axis=1, out=nll[block])          # t = term, u = scaled grad
         return nll, grad
     # softplus(l) = max(l, 0) + log1p(exp(-|l|))                       (ops.softplus)
     t = nx.abs(logits)
@@ -422,13 +431,15 @@ def _vae_loss_numba(model, compiled, x, eps, mu, logvar):
     nx.exp(std, out=std)
     z = nx.empty((s, n, d), dtype=mu.dtype)
     compiled.reparameterize(mu, std, eps, z)           # z = mu + std eps
-    out = mlp_forward(model.decoder, z.reshape(s * n, d))
     targets = x if s == 1 else nx.broadcast_to(x, (s, *x.shape)).reshape(s * n, -1)
     scale = dt(1.0 / (s * n))                          # VAE.backward's 1 / (S N), rounded once
     if model.likelihood.name == "bernoulli":
+        out = mlp_forward(model.decoder, z.reshape(s * n, d), output_bias=False)
         bias_grad = nx.empty(out.shape[1], dtype=out.dtype)
-        nll, dnll_dout = bernoulli_nll(backend, targets, out, scale, bias_grad)
+        nll, dnll_dout = bernoulli_nll(backend, targets, out, scale, bias_grad,
+                                       bias=model.decoder.linears[-1].params["b"])
     else:
+        out = mlp_forward(model.decoder, z.reshape(s * n, d))
         bias_grad = None
         nll, dnll_dout = model.likelihood.nll(targets, out)
         dnll_dout *= scale                             # fresh from nll(): ours to scale
