@@ -145,7 +145,20 @@ def make_vae_np(backend, config, batch):
         model.backward()
         opt.step()
 
-    return model, step
+    return model, opt, step
+
+
+def subnormal_moments(backend, opt) -> int:
+    """Adam moments that are subnormal floats. A parameter whose gradient stays exactly 0
+    (the weights of a ReLU unit dead for the whole batch) has its first moment multiplied
+    by beta1 = 0.9 every step: from about 1e-4 it reaches float32's subnormal range after
+    some 700 steps and stays there (0.9 times the smallest subnormal rounds back to it).
+    Arithmetic on subnormals takes a microcode assist on x86: once a third of the moments
+    are subnormal, a vae_np step at batch 32 is four times slower (and PyTorch's, with the
+    same arithmetic, 1.6 times). The timed rows stay below that point; this counts them."""
+    tiny = np.finfo(backend.numpy_dtype).tiny
+    return sum(int(np.count_nonzero((buf != 0) & (np.abs(buf) < tiny)))
+               for buf in (backend.to_numpy(opt.m), backend.to_numpy(opt.v)))
 
 
 def make_torch(torch, device, dtype_name, config, batch, fused_adam: bool, init_from=None):
@@ -285,6 +298,7 @@ class Row:
     gflops: float
     peak_fraction: float
     step_peak_mib: float | None = None
+    subnormal_moments: int | None = None
     torch_ms: float | None = None
     torch_fused_ms: float | None = None
     ratio: float | None = None
@@ -404,7 +418,7 @@ def main(argv=None) -> int:
             for dtype in dtypes:
                 backend = get_backend(backend_name, dtype)
                 for batch in batches:
-                    model, step = make_vae_np(backend, config, batch)
+                    model, opt, step = make_vae_np(backend, config, batch)
                     sides = {"vae_np": step}
                     sync = {"vae_np": backend.synchronize}
                     if use_torch:
@@ -414,13 +428,15 @@ def main(argv=None) -> int:
                             sides[name] = make_torch(torch, device, dtype, config, batch, fused, init)
                             sync[name] = torch_sync
                     ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds)
+                    subnormal = subnormal_moments(backend, opt)
                     flops = step_gemm_flops(config, batch)
                     gflops = flops / (ms["vae_np"] / 1e3) / 1e9
                     step_peak = peak_bytes(step, backend)
                     row = Row(backend_name, config_name, dtype, batch, ms["vae_np"],
                               batch / (ms["vae_np"] / 1e3), gflops,
                               gflops / report.peaks_gflops[f"{backend_name}/{dtype}"],
-                              None if step_peak is None else step_peak / 2 ** 20)
+                              None if step_peak is None else step_peak / 2 ** 20,
+                              subnormal_moments=subnormal)
                     if "torch" in ms:
                         row.torch_ms, row.torch_fused_ms = ms["torch"], ms["torch_fused"]
                         row.ratio = ms["vae_np"] / ms["torch"]
@@ -430,6 +446,10 @@ def main(argv=None) -> int:
                           f"{row.ms:.2f} ms/step" + (f", PyTorch {row.torch_ms:.2f} / fused "
                                                      f"{row.torch_fused_ms:.2f} ms"
                                                      if row.torch_ms else ""), flush=True)
+                    if subnormal:
+                        print(f"    note: {subnormal} subnormal Adam moments after the timed "
+                              "steps; the step slows down as they accumulate (see "
+                              "subnormal_moments)", flush=True)
 
     print()
     print_table(report.rows)
