@@ -405,3 +405,69 @@ def test_results_handed_to_the_caller_survive_later_steps(decoder):
     for arrays, copies in kept:
         for a, c in zip(arrays, copies):
             assert np.array_equal(np.asarray(a), c)
+
+
+# ------------------------------------------------------------------------------------------
+# Adam's float32 kernel through subnormal moments
+
+
+def adam_buffers_with_dead_lanes(n, emulated_from, seed=0):
+    """Float32 Adam state where a third of the lanes are 'dead' (g = +-0, a first moment
+    already tiny or subnormal, of either sign, or a small normal heading there), and from
+    index ``emulated_from`` on, a sprinkling of every other small value, which sends those
+    chunks through the emulation: tiny gradients (their square underflows), subnormal v
+    and p, zero p."""
+    rng = np.random.default_rng(seed)
+    p = (rng.standard_normal(n) * 0.05).astype("float32")
+    m = (rng.standard_normal(n) * 1e-4).astype("float32")
+    v = (rng.random(n) * 1e-7).astype("float32")
+    dead = rng.random(n) < 0.35
+    m[dead] = (rng.integers(-3000, 3000, dead.sum()) * np.float32(1.4e-45)).astype("float32")
+    late = np.arange(n) >= emulated_from
+    few = lambda fraction: rng.random(n) < fraction  # noqa: E731
+    m[few(0.01) & dead] = np.float32(-2e-31)                  # small normal, heading down
+    m[few(0.01) & dead] = np.float32(1.3e-38)                 # the last normals
+    p[few(3e-3) & late] = np.float32(1e-40)
+    p[few(3e-3) & late] = -0.0
+    v[few(3e-3) & late] = np.float32(3e-41)
+    tiny_g = few(3e-3) & late & ~dead
+    return p, m, v, dead, tiny_g
+
+
+def adam_gradients(n, dead, tiny_g, step, seed=1):
+    rng = np.random.default_rng((seed, step))
+    g = (rng.standard_normal(n) * 1e-3).astype("float32")
+    g[dead] = np.where(rng.random(dead.sum()) < 0.5, np.float32(0.0), np.float32(-0.0))
+    g[tiny_g] = np.float32(3e-21)
+    return g
+
+
+@pytest.mark.parametrize("lr, eps", [(1e-3, 1e-8), (1.0, 1e-30)])
+@pytest.mark.parametrize("watch_every", (1, 16))
+def test_float32_adam_is_bit_identical_through_subnormal_moments(lr, eps, watch_every,
+                                                                monkeypatch):
+    """The guarded float32 kernel (dead lanes, emulated chunks, chunks switching between
+    the plain and the guarded loop) against the reference's NumPy arithmetic, bit for bit,
+    signed zeros and subnormals included. lr = 1, eps = 1e-30 puts the floor above which a
+    dead lane's p provably stays so high that every chunk is emulated instead."""
+    compiled = pytest.importorskip("numba") and kernels.numba_kernels()
+    monkeypatch.setattr(kernels, "WATCH_EVERY", watch_every)
+    n = 3 * compiled.CHUNK + 123
+    backend = get_backend("numpy", "float32")
+    p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(n, emulated_from=2 * compiled.CHUNK)
+    ref = [p.copy(), m.copy(), v.copy()]
+    state: dict = {}
+    betas = (0.9, 0.999)
+    for t in range(1, 41):
+        g = adam_gradients(n, dead, tiny_g, t)
+        assert kernels.adam_update(backend, p, g, m, v, lr, *betas, eps, t, state=state)
+        rp, rm, rv = ref                 # optim.Adam._update_reference on plain buffers
+        rm[...] = betas[0] * rm + (1.0 - betas[0]) * g
+        rv[...] = betas[1] * rv + (1.0 - betas[1]) * (g * g)
+        m_hat = rm / (1.0 - betas[0] ** t)
+        v_hat = rv / (1.0 - betas[1] ** t)
+        rp[...] = rp - lr * m_hat / (np.sqrt(v_hat) + eps)
+        for fast, reference in zip((p, m, v), ref):
+            assert np.array_equal(fast.view("u4"), reference.view("u4")), f"step {t}"
+    assert state["subnormal_guard"].any()           # the guarded loop did run
+    assert np.count_nonzero((m != 0) & (np.abs(m) < np.finfo("float32").tiny)) > n // 10

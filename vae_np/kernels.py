@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 
 _enabled = os.environ.get("VAE_NP_FAST_PATHS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -147,11 +148,18 @@ def _cupy_kernel(backend, name):
 ADAM_CHUNK = 1 << 15
 
 
-def adam_update(backend, data, grad, m, v, lr, beta1, beta2, eps, t) -> bool:
+# Steps between the plain float32 kernel's looks for moments heading to subnormals (they
+# take some 170 steps from 2^-100, where it looks, to 2^-126); looking costs about 20 % of
+# the kernel, so it looks one step in WATCH_EVERY.
+WATCH_EVERY = 16
+
+
+def adam_update(backend, data, grad, m, v, lr, beta1, beta2, eps, t, state=None) -> bool:
     """Adam's step t in place on the flat buffers, as ``optim.Adam._update_reference``.
 
-    Returns False (and does nothing) where no fast kernel exists, so the caller runs the
-    reference.
+    ``state``: a dict the optimizer keeps between steps (the float32 kernel's record of
+    which chunks hold moments near the subnormal range). Returns False (and does nothing)
+    where no fast kernel exists, so the caller runs the reference.
     """
     if not enabled(backend):
         return False
@@ -164,11 +172,36 @@ def adam_update(backend, data, grad, m, v, lr, beta1, beta2, eps, t) -> bool:
         _cupy_kernel(backend, "adam")(grad, *consts, data, m, v)
         return True
     compiled = numba_kernels()
-    if compiled is not None:
+    if compiled is not None and data.dtype == backend.native.float32 and state is not None:
+        # float32 moments of dead units reach subnormals; this kernel gives the same bits
+        # without subnormal arithmetic (_numba_kernels, "guarded against subnormal moments")
+        chunks = -(-data.shape[0] // compiled.CHUNK)
+        guard = state.get("subnormal_guard")
+        if guard is None or guard.shape != (chunks,):
+            guard = state["subnormal_guard"] = backend.native.zeros(chunks, dtype=bool)
+        floor = adam_dead_p_floor(consts[6], consts[4], consts[7])
+        compiled.adam_guarded(data, grad, m, v, *consts, floor, guard, (t - 1) % WATCH_EVERY == 0)
+    elif compiled is not None:
         compiled.adam(data, grad, m, v, *consts)
     else:
         _adam_numpy_chunked(backend.native, data, grad, m, v, *consts)
     return True
+
+
+def adam_dead_p_floor(lr, d1, eps) -> int:
+    """The bits of the smallest float32 |p| that a dead lane of the guarded Adam keeps
+    unchanged: with g = +-0 and |m| < 2^-100, |m_new| < 2^-100, so the update
+    lr (m_new / d1) / (sqrt(v_hat) + eps) is below u = (lr (2^-100 / d1 + 2^-149) + 2^-149)
+    / eps (the 2^-149 terms bound the roundings on the subnormal grid, the factor the
+    relative ones), and |p| >= 2^26 u puts it below a quarter of p's last place: p - update
+    rounds back to p. Returns the bits of +inf (no lane qualifies) when the floor is that
+    high."""
+    lr, d1, eps = float(lr), float(d1), float(eps)
+    u = (lr * (2.0 ** -100 / d1 + 2.0 ** -149) + 2.0 ** -149) / eps * (1.0 + 2.0 ** -20)
+    floor = u * 2.0 ** 26
+    if not floor < 2.0 ** 127:
+        return 0x7F800000
+    return struct.unpack("<I", struct.pack("<f", floor))[0] + 1   # one float32 step above
 
 
 def _adam_numpy_chunked(np, p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps):

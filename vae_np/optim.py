@@ -109,6 +109,7 @@ class Adam(Optimizer):
         backend = parameters.backend
         self.m = backend.zeros((parameters.size,))
         self.v = backend.zeros((parameters.size,))
+        self._kernel_state: dict = {}   # the fast kernel's bookkeeping between steps
 
     def _update(self) -> None:
         # Fast path: the same operations fused into one pass over the flat buffers, without
@@ -116,7 +117,8 @@ class Adam(Optimizer):
         # It declines where it has no kernel (array_api_strict) and the reference runs.
         params = self.parameters
         if not kernels.adam_update(params.backend, params.data, params.grad, self.m, self.v,
-                                   self.lr, self.beta1, self.beta2, self.eps, self.t):
+                                   self.lr, self.beta1, self.beta2, self.eps, self.t,
+                                   state=self._kernel_state):
             self._update_reference()
 
     def _update_reference(self) -> None:
