@@ -29,13 +29,7 @@ def adam(p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps):  # pragma: no cover - com
 
     c1 = 1 - beta1, c2 = 1 - beta2, d1 = 1 - beta1^t, d2 = 1 - beta2^t.
     """
-    for i in range(p.shape[0]):
-        gi = g[i]
-        mi = b1 * m[i] + c1 * gi
-        vi = b2 * v[i] + c2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] - lr * (mi / d1) / (np.sqrt(vi / d2) + eps)
+    _adam_plain(p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps, False)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
