@@ -14,7 +14,9 @@ from the host, and the choice of floating dtype.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -22,6 +24,42 @@ import numpy as np
 
 BACKEND_NAMES = ("numpy", "cupy", "array_api_strict", "auto")
 DTYPE_NAMES = ("float32", "float64")
+
+# The fast paths: each op that has one (a fused CuPy kernel, a compiled numba loop, an
+# in-place NumPy sequence) runs it on these backends, and its readable reference elsewhere.
+FAST_BACKENDS = ("numpy", "cupy")
+_fast_paths_on = os.environ.get("VAE_NP_FAST_PATHS", "1").strip().lower() not in (
+    "0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def use_fast_paths(on: bool = True):
+    """Switch the fast paths on or off inside a ``with`` block (process-wide), e.g. to run
+    the readable reference: ``with use_fast_paths(False): model.loss(x, eps=eps)``. The
+    environment variable ``VAE_NP_FAST_PATHS=0`` switches them off for a whole process."""
+    global _fast_paths_on
+    previous, _fast_paths_on = _fast_paths_on, bool(on)
+    try:
+        yield
+    finally:
+        _fast_paths_on = previous
+
+
+_NUMBA_UNLOADED = object()
+_numba_module = _NUMBA_UNLOADED
+
+
+def _numba_kernels():
+    """The compiled kernels module, or None without numba (imported lazily: numba takes a
+    tenth of a second to import)."""
+    global _numba_module
+    if _numba_module is _NUMBA_UNLOADED:
+        try:
+            from . import _numba_kernels as module
+        except ImportError:
+            module = None
+        _numba_module = module
+    return _numba_module
 
 
 class BackendUnavailableError(RuntimeError):
@@ -171,6 +209,26 @@ class Backend:
 
     def zeros(self, shape: Sequence[int]):
         return self.xp.zeros(tuple(shape), dtype=self.dtype)
+
+    # ----------------------------------------------------------------------------------
+    # The fast paths: one predicate, and the kernels behind it
+
+    @property
+    def fast(self) -> bool:
+        """True when ops run their fast variants here (NumPy or CuPy, and not switched off
+        with :func:`use_fast_paths` or ``VAE_NP_FAST_PATHS=0``)."""
+        return _fast_paths_on and self.name in FAST_BACKENDS
+
+    @property
+    def numba(self):
+        """The compiled CPU kernels (``vae_np._numba_kernels``) when this is a fast NumPy
+        backend and numba is installed, else None."""
+        return _numba_kernels() if self.fast and self.name == "numpy" else None
+
+    def cuda_kernel(self, name: str):
+        """The fused CuPy kernel ``name`` (``vae_np._cuda_kernels.SOURCES``)."""
+        from ._cuda_kernels import kernel
+        return kernel(self, name)
 
 
 def get_backend(name: str | Backend = "numpy", dtype: str | None = None) -> Backend:
