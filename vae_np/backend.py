@@ -280,3 +280,23 @@ def namespace_of(*arrays):
     from array_api_compat import array_namespace
 
     return array_namespace(*arrays)
+
+
+_BACKENDS_OF: dict = {}
+
+
+def backend_of(array) -> Backend:
+    """The :class:`Backend` an array lives on (its library and its floating dtype), for
+    functions that take arrays rather than a backend and need ``Backend.fast``."""
+    xp = namespace_of(array)
+    key = (xp.__name__, str(array.dtype))
+    backend = _BACKENDS_OF.get(key)
+    if backend is None:
+        name = xp.__name__.rsplit(".", 1)[-1]
+        if name not in ("numpy", "cupy", "array_api_strict"):
+            raise TypeError(f"array: expected a NumPy, CuPy or array-api-strict array, got "
+                            f"{type(array).__module__}.{type(array).__name__}")
+        native = importlib.import_module(name)
+        backend = Backend(name=name, xp=xp, native=native, dtype=array.dtype)
+        _BACKENDS_OF[key] = backend
+    return backend
