@@ -1,5 +1,6 @@
 """Tests for vae_np.data. Never touch the network: downloads go through a
-monkeypatched ``_fetch_url`` and MNIST itself is replaced by tiny IDX files."""
+monkeypatched ``vae_np.data.download._fetch_url`` (the one seam that opens a URL) and
+MNIST itself is replaced by tiny IDX files."""
 
 import builtins
 import gzip
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from vae_np import data
+from vae_np.data import download
 from vae_np.data import (
-    BinarizedView,
     ChecksumError,
     Dataset,
     DownloadError,
@@ -74,7 +75,7 @@ def no_network(monkeypatch):
         tried.append(url)
         raise urllib.error.URLError("simulated: network unreachable")
 
-    monkeypatch.setattr(data, "_fetch_url", fail)
+    monkeypatch.setattr(download, "_fetch_url", fail)
     return tried
 
 
@@ -168,7 +169,7 @@ def test_download_fetches_missing_and_verifies(tiny_mnist, monkeypatch):
         fetched.append(url)
         out.write(blobs[url.rsplit("/", 1)[1]])
 
-    monkeypatch.setattr(data, "_fetch_url", fake_fetch)
+    monkeypatch.setattr(download, "_fetch_url", fake_fetch)
     paths = download_mnist(d, mirrors=("https://m1.invalid/mnist",))
     assert sorted(fetched) == [
         "https://m1.invalid/mnist/t10k-labels-idx1-ubyte.gz",
@@ -184,7 +185,7 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     def bad_fetch(url, out, timeout):
         out.write(b"<html>captive portal</html>")
 
-    monkeypatch.setattr(data, "_fetch_url", bad_fetch)
+    monkeypatch.setattr(download, "_fetch_url", bad_fetch)
     with pytest.raises(ChecksumError) as ei:
         download_mnist(tmp_path, mirrors=("https://a.invalid/", "https://b.invalid/"))
     err = ei.value
@@ -206,7 +207,7 @@ def test_download_next_mirror_after_failure(tiny_mnist, monkeypatch):
             raise urllib.error.URLError("boom")
         out.write(blobs[url.rsplit("/", 1)[1]])
 
-    monkeypatch.setattr(data, "_fetch_url", fetch)
+    monkeypatch.setattr(download, "_fetch_url", fetch)
     download_mnist(d, mirrors=("https://bad.invalid/", "https://good.invalid/"))
     assert (d / "train-labels-idx1-ubyte.gz").read_bytes() == blobs["train-labels-idx1-ubyte.gz"]
     assert len(list(d.iterdir())) == 4
@@ -217,7 +218,7 @@ def test_interrupted_download_leaves_no_temp_file(tmp_path, monkeypatch):
         out.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_fetch_url", interrupted)
+    monkeypatch.setattr(download, "_fetch_url", interrupted)
     with pytest.raises(KeyboardInterrupt):
         download_mnist(tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -267,7 +268,7 @@ def test_load_mnist_downloads_when_missing(tmp_path, monkeypatch):
     for role, name in data.MNIST_FILES.items():
         blobs[name] = gzip.compress(idx_bytes(TINY[role]))
         monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(blobs[name]).hexdigest())
-    monkeypatch.setattr(data, "_fetch_url", lambda url, out, timeout: out.write(blobs[url.rsplit("/", 1)[1]]))
+    monkeypatch.setattr(download, "_fetch_url", lambda url, out, timeout: out.write(blobs[url.rsplit("/", 1)[1]]))
     ds = load_mnist(tmp_path / "new" / "dir", log=None)
     assert ds.source == "mnist" and ds.n_train == 6
 
@@ -406,29 +407,6 @@ def test_binarize_modes():
         binarize(x, "bogus", np.random.default_rng(0))
     with pytest.raises(ValueError, match="needs rng"):
         binarize(x, "static", None)
-
-
-def test_binarized_view():
-    x = np.random.default_rng(1).random((50, 784)).astype(np.float32)
-    assert BinarizedView(x, "none", seed=0).epoch_data() is x
-
-    s1, s2 = BinarizedView(x, "static", seed=7), BinarizedView(x, "static", seed=7)
-    e0 = s1.epoch_data(np.random.default_rng(0))
-    np.testing.assert_array_equal(e0, s1.epoch_data(np.random.default_rng(1)))  # fixed across epochs
-    np.testing.assert_array_equal(e0, s2.epoch_data())  # reproducible from the seed
-    assert not np.array_equal(e0, BinarizedView(x, "static", seed=8).epoch_data())
-
-    d1, d2 = BinarizedView(x, "dynamic", seed=3), BinarizedView(x, "dynamic", seed=3)
-    a, b = d1.epoch_data(), d1.epoch_data()
-    assert not np.array_equal(a, b)  # fresh draw per epoch
-    np.testing.assert_array_equal(a, d2.epoch_data())  # same seed, same sequence
-    np.testing.assert_array_equal(b, d2.epoch_data())
-    r = d1.epoch_data(np.random.default_rng(9))
-    np.testing.assert_array_equal(r, binarize(x, "dynamic", np.random.default_rng(9)))
-    assert set(np.unique(r)) <= {0.0, 1.0} and len(d1) == 50
-
-    with pytest.raises(ValueError, match="binarize"):
-        BinarizedView(x, "sometimes", seed=0)
 
 
 # -------------------------------------------------------------------- minibatches
