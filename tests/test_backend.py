@@ -125,6 +125,138 @@ def test_cupy_without_a_gpu_says_so(monkeypatch):
         get_backend("cupy")
 
 
+@pytest.mark.parametrize("device_count", [0, RuntimeError("cudaErrorInsufficientDriver")])
+def test_cupy_without_a_gpu_names_the_gpu_extra_on_one_line(monkeypatch, device_count):
+    """What examples/train_mnist.py prints as its one-line error (and what
+    tests/test_train_mnist_cli.py expects) on a machine with CuPy and no GPU, as in CI."""
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(device_count))
+    with pytest.raises(BackendUnavailableError) as info:
+        get_backend("cupy")
+    message = str(info.value)
+    assert 'pip install -e ".[gpu]"' in message and ".[cuda13]" in message
+    assert "nvidia-smi" in message and "\n" not in message
+
+
+@pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are available here")
+def test_the_installed_cupy_without_a_gpu_names_the_gpu_extra():
+    """The real thing where CuPy is installed and there is no GPU (the CI machine)."""
+    pytest.importorskip("cupy")
+    with pytest.raises(BackendUnavailableError) as info:
+        get_backend("cupy")
+    assert 'pip install -e ".[gpu]"' in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------
+# CuPy with a GPU but without its CUDA libraries: found at the backend check, not mid-run
+
+
+class _FakeRandomState:
+    """Stands in for cupy.random.RandomState: records construction and re-seeding."""
+
+    created: list = []
+
+    def __init__(self, seed, method=None):
+        type(self).created.append((seed, method))
+        self.seeds = [seed]
+
+    def seed(self, seed):
+        self.seeds.append(seed)
+
+    def standard_normal(self, shape, dtype=None):
+        return np.full(shape, float(len(self.seeds)), dtype=dtype)
+
+    def random_sample(self, shape, dtype=None):
+        return np.full(shape, 0.5, dtype=dtype)
+
+
+def _gpu_cupy(fail=None, runtime_version=12090):
+    """A stand-in CuPy with one GPU whose cuRAND, cuBLAS or NVRTC step raises ``fail``
+    (a (library, exception) pair), counting the kernels it builds."""
+    module = _fake_cupy(1)
+    module.cuda.runtime.runtimeGetVersion = lambda: runtime_version
+    module.float32 = np.float32
+    module.kernels_built = 0
+
+    def step(library, result):
+        def run(*args, **kwargs):
+            if fail is not None and fail[0] == library:
+                raise fail[1]
+            return result(*args, **kwargs)
+        return run
+
+    module.cuda.curand = types.SimpleNamespace(CURAND_RNG_PSEUDO_PHILOX4_32_10=4)
+    module.random = types.SimpleNamespace(RandomState=step("cuRAND", _FakeRandomState))
+    module.matmul = step("cuBLAS", np.matmul)
+
+    def elementwise_kernel(in_params, out_params, body, name, options=()):
+        module.kernels_built += 1
+        assert options == ("--fmad=false",)
+        return lambda x: x + 1
+
+    module.ElementwiseKernel = step("NVRTC", elementwise_kernel)
+    return module
+
+
+def test_a_gpu_with_working_cuda_libraries_is_usable_and_probed_once(monkeypatch):
+    from vae_np.backend import _cupy_or_reason
+
+    fake = _gpu_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert _cupy_or_reason() == (fake, None)
+    assert cuda_available() and cuda_available()
+    assert fake.kernels_built == 1  # the probe compiles its kernel once per process
+
+
+@pytest.mark.parametrize("library, exc, says", [
+    ("cuRAND", ImportError("libcurand.so.10: cannot open shared object file"),
+     "cannot use cuRAND.*libcurand.so.10"),
+    ("cuBLAS", RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED"),
+     "cannot use cuBLAS.*CUBLAS_STATUS_NOT_INITIALIZED"),
+    ("NVRTC", RuntimeError("Failed to find CUDA headers. Please install CUDA toolkit\n"
+                           "headers (e.g., pip install cupy-cuda12x[ctk])"),
+     "NVRTC.*Failed to find CUDA headers. Please install CUDA toolkit headers"),
+])
+def test_a_gpu_without_a_cuda_library_names_it_and_the_extra(monkeypatch, library, exc, says):
+    from vae_np.backend import cuda_unavailable_reason
+
+    monkeypatch.setitem(sys.modules, "cupy", _gpu_cupy((library, exc)))
+    assert not cuda_available()
+    with pytest.raises(BackendUnavailableError, match=says) as info:
+        get_backend("cupy")
+    message = str(info.value)
+    assert 'pip install -e ".[cuda12]"' in message and "\n" not in message
+    assert cuda_unavailable_reason() == message.split("unavailable: ", 1)[1]
+    assert get_backend("auto").name == "numpy"
+
+
+def test_a_cuda_13_cupy_without_its_libraries_points_at_the_cuda13_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _gpu_cupy(("cuBLAS", ImportError("libcublas.so.13")),
+                                                       runtime_version=13000))
+    with pytest.raises(BackendUnavailableError, match=r'pip install -e "\.\[cuda13\]"'):
+        get_backend("cupy")
+
+
+def test_cupy_rng_keeps_one_philox_generator_and_reseeds_it_per_draw(monkeypatch):
+    """One cuRAND generator per RNG (a run draws once per batch), re-seeded with the same
+    per-draw keys (seed, call number) as before, so checkpointed states stay valid."""
+    fake = _gpu_cupy()
+    backend = Backend(name="cupy", xp=np, native=fake, dtype=np.float32)
+    _FakeRandomState.created = []
+    rng = backend.rng(7)
+    draws = [rng.normal((2, 3)), rng.uniform((4,)), rng.normal((5,))]
+    assert [d.dtype for d in draws] == [np.float32] * 3
+    assert len(_FakeRandomState.created) == 1 and _FakeRandomState.created[0][1] == 4
+    sequence = np.random.SeedSequence(7)
+    expected = [int(np.random.SeedSequence(sequence.entropy, spawn_key=(call,))
+                    .generate_state(1, np.uint64)[0]) for call in range(3)]
+    assert rng._philox.seeds == expected
+    assert rng.state() == {"kind": "philox-calls", "calls": 3}
+    rng.set_state({"kind": "philox-calls", "calls": 1})
+    rng.normal((1,))
+    assert rng._philox.seeds[-1] == expected[1] and len(_FakeRandomState.created) == 1
+
+
 def test_cupy_that_fails_to_import_points_at_cuda(monkeypatch):
     import builtins
 

@@ -66,27 +66,110 @@ class BackendUnavailableError(RuntimeError):
     """Raised when a requested backend cannot run here (missing package or GPU)."""
 
 
+# What to install for the GPU backend, by the CUDA major version of the driver
+# (``nvidia-smi`` prints it top right): setup.cfg's extras bring CuPy together with the
+# CUDA libraries it loads (cuRAND, cuBLAS, NVRTC and the CUDA headers NVRTC needs).
+GPU_INSTALL_HINT = '`pip install -e ".[gpu]"` (`".[cuda13]"` with a CUDA 13 driver)'
+
+
+def _install_hint(cupy) -> str:
+    """The extra that matches the CUDA major CuPy was built for (cuda12 when unknown)."""
+    try:
+        major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:
+        major = 12
+    extra = "cuda13" if major >= 13 else "cuda12"
+    return f'`pip install -e ".[{extra}]"` (CuPy for CUDA {max(major, 12)} with its libraries)'
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception as one short line (NVRTC logs and CUDA errors run to many lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _probe_gpu(cupy) -> str | None:
+    """Run once what a training run needs from the CUDA libraries, on a few numbers: a
+    Philox draw (cuRAND, as :class:`RNG` draws), a matrix product (cuBLAS, as every layer
+    does) and one elementwise kernel compiled with the package's NVRTC options and read
+    back (NVRTC and the CUDA headers, as the fused kernels are built; the read-back makes
+    a launch failure, e.g. no kernel image for this GPU, surface here). None when all
+    work, else one line naming the library that failed and what to install."""
+    from ._cuda_kernels import OPTIONS
+
+    try:
+        philox = cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
+        noise = cupy.random.RandomState(1, method=philox).standard_normal(
+            (4, 4), dtype=cupy.float32)
+    except Exception as exc:
+        return (f"CuPy sees the GPU but cannot use cuRAND, the CUDA random number library "
+                f"({_one_line(exc)}); install CuPy with its CUDA libraries: "
+                f"{_install_hint(cupy)}")
+    try:
+        product = cupy.matmul(noise, noise)
+    except Exception as exc:
+        return (f"CuPy sees the GPU but cannot use cuBLAS, the CUDA matrix library "
+                f"({_one_line(exc)}); install CuPy with its CUDA libraries: "
+                f"{_install_hint(cupy)}")
+    try:
+        probe = cupy.ElementwiseKernel("T x", "T y", "y = x + (T)1;", "vae_np_probe",
+                                       options=OPTIONS)
+        value = float(probe(product).sum())
+    except Exception as exc:
+        return (f"CuPy sees the GPU but cannot compile and run a kernel with NVRTC, the "
+                f"CUDA runtime compiler, and the CUDA headers ({_one_line(exc)}); install "
+                f"CuPy with its CUDA libraries: {_install_hint(cupy)}")
+    if value != value:  # NaN: the GPU computed garbage
+        return "CuPy's first kernel on this GPU returned NaN; check the driver and the GPU"
+    return None
+
+
+# The probe compiles a kernel (about a second the first time, then cached on disk by
+# CuPy): run it once per process, per CuPy module (the tests substitute stand-ins).
+_PROBED: dict[int, tuple[Any, str | None]] = {}
+
+
 def _cupy_or_reason() -> tuple[Any, str | None]:
-    """Return (cupy module, None) when CuPy and a GPU are usable, else (None, why)."""
+    """Return (cupy module, None) when CuPy and a GPU are usable, else (None, why).
+
+    Usable means: CuPy imports, sees at least one device, and can draw random numbers
+    (cuRAND), multiply matrices (cuBLAS) and compile and run a kernel (NVRTC), so that a
+    missing CUDA library is reported here, before any data is loaded, and not as a
+    traceback in the middle of training."""
     try:
         import cupy
     except ImportError:
         return None, ('CuPy is not installed; install the GPU extra with '
-                      '`pip install -e ".[gpu]"` (needs an NVIDIA GPU and CUDA driver)')
+                      f'{GPU_INSTALL_HINT} (needs an NVIDIA GPU and its driver)')
     except Exception as exc:  # broken CUDA libraries raise all sorts of errors on import
-        return None, f"CuPy failed to import ({exc}); check the CUDA installation"
+        return None, (f"CuPy failed to import ({_one_line(exc)}); check the CUDA "
+                      f"installation, or reinstall with {GPU_INSTALL_HINT}")
+    no_gpu = ("the cupy backend needs an NVIDIA GPU and its driver (`nvidia-smi` lists "
+              f"them) plus {GPU_INSTALL_HINT}; use the numpy backend here")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        return None, f"CuPy is installed but no usable NVIDIA GPU was found ({exc})"
+        return None, (f"CuPy is installed but no usable NVIDIA GPU was found "
+                      f"({_one_line(exc)}): {no_gpu}")
     if count < 1:
-        return None, "CuPy is installed but no NVIDIA GPU was found"
+        return None, f"CuPy is installed but no NVIDIA GPU was found: {no_gpu}"
+    probed = _PROBED.get(id(cupy))
+    if probed is None or probed[0] is not cupy:
+        probed = _PROBED[id(cupy)] = (cupy, _probe_gpu(cupy))
+    if probed[1] is not None:
+        return None, probed[1]
     return cupy, None
 
 
 def cuda_available() -> bool:
-    """True when CuPy is installed and can see at least one GPU."""
+    """True when CuPy is installed, sees a GPU, and its CUDA libraries work."""
     return _cupy_or_reason()[0] is not None
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the cupy backend cannot run here (one line), or None when it can."""
+    return _cupy_or_reason()[1]
 
 
 class RNG:
@@ -97,8 +180,9 @@ class RNG:
     training run can be checkpointed and resumed draw for draw.
 
     NumPy and array-api-strict draw with NumPy's PCG64 on the host (strict then wraps
-    the result). CuPy draws on the device; each call uses a fresh Philox stream keyed by
-    (seed, call number), so the state is two integers and no draw leaves the GPU.
+    the result). CuPy draws on the device; each call draws from a Philox stream keyed by
+    (seed, call number) (one cuRAND generator, re-seeded per call), so the state is two
+    integers and no draw leaves the GPU.
     """
 
     def __init__(self, backend: "Backend", seed: int | Sequence[int]):
@@ -106,18 +190,29 @@ class RNG:
         self._seed_sequence = np.random.SeedSequence(seed)
         if backend.name == "cupy":
             self._calls = 0
+            self._philox = None  # cupy.random.RandomState, made at the first draw
         else:
             self._generator = np.random.Generator(np.random.PCG64(self._seed_sequence))
 
     def _cupy_stream(self):
+        """The Philox generator, seeded for this draw with the key (seed, call number).
+
+        One cuRAND generator per RNG, created at the first draw and re-seeded at each
+        later one (a training run draws once per batch: thousands of draws). CuPy's
+        ``RandomState.seed`` sets the cuRAND seed and resets the offset to 0, which is
+        exactly the state a new generator with that seed starts in, so the draws are the
+        same bits as with a fresh generator per draw (tests/test_gpu.py checks it)."""
         cupy = self.backend.native
-        key = np.random.SeedSequence(
+        key = int(np.random.SeedSequence(
             self._seed_sequence.entropy, spawn_key=(*self._seed_sequence.spawn_key, self._calls)
-        ).generate_state(1, np.uint64)[0]
+        ).generate_state(1, np.uint64)[0])
         self._calls += 1
-        return cupy.random.RandomState(
-            int(key), method=cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
-        )
+        if self._philox is None:
+            self._philox = cupy.random.RandomState(
+                key, method=cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+        else:
+            self._philox.seed(key)
+        return self._philox
 
     def normal(self, shape: Sequence[int]):
         """Standard normal draws, shape ``shape``."""
