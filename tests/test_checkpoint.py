@@ -303,6 +303,29 @@ def test_reserved_and_invalid_names(tmp_path):
         save_checkpoint(tmp_path / "c.npz", {"": np.zeros(1)}, {})
 
 
+@pytest.mark.parametrize("names", [("a", "a.npy"), ("a.npy", "a.npy.npy"),
+                                   (HEADER_KEY + ".npy",)])
+def test_names_that_collide_inside_the_npz_are_refused(tmp_path, names):
+    """Array "x" is stored as the member "x.npy"; numpy.load finds arrays by either name,
+    so "x" beside "x.npy" would be written and then called corrupt by load_checkpoint."""
+    path = _save_old(tmp_path)
+    arrays = {name: np.full(i + 1, float(i)) for i, name in enumerate(names)}
+    with pytest.raises(ValueError, match="collide") as info:
+        save_checkpoint(path, arrays, {})
+    stem = names[-1][:-4]
+    assert repr(stem) in str(info.value) and repr(names[-1]) in str(info.value)
+    _assert_old_intact(path)
+
+
+def test_a_name_ending_in_npy_alone_round_trips(tmp_path):
+    arrays = {"b.npy": np.arange(3.0), "c": np.ones(2)}
+    save_checkpoint(tmp_path / "c.npz", arrays, {})
+    loaded, _ = load_checkpoint(tmp_path / "c.npz")
+    assert loaded.keys() == arrays.keys()
+    for name in arrays:
+        np.testing.assert_array_equal(loaded[name], arrays[name])
+
+
 def test_structured_non_object_dtype_round_trips(tmp_path):
     rec = np.zeros(3, dtype=[("x", "<f4"), ("n", ">i8", (2,))])
     rec["x"] = [1, 2, 3]

@@ -178,6 +178,17 @@ def _validate_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                 "and could only be stored with pickle"
             )
         out[name] = np.asarray(value)  # drop ndarray subclasses (matrix, masked, ...)
+    # Array "x" is stored as the member "x.npy", and numpy.load finds an array by its name
+    # or by its member's name; so "x" and "x.npy" (or HEADER_KEY and HEADER_KEY + ".npy")
+    # would read back as the same member and fail the digest. Refuse them here instead.
+    for name in out:
+        if name.endswith(".npy") and (name[:-4] in out or name[:-4] == HEADER_KEY):
+            other = name[:-4]
+            what = "the reserved metadata member" if other == HEADER_KEY else "array"
+            raise ValueError(
+                f"array names {other!r} and {name!r} collide inside the .npz ({what} {other!r} "
+                f"is stored as the member {name!r}); rename one of them"
+            )
     return out
 
 
@@ -238,7 +249,8 @@ def save_checkpoint(
         Non-``str`` array name, non-ndarray value, object dtype, or a metadata
         value that is not JSON-serialisable (the message names its key path).
     ValueError
-        Reserved or empty array name.
+        Reserved or empty array name, or two names that collide inside the
+        archive (``"x"`` and ``"x.npy"``: the first is stored as ``x.npy``).
     """
     checked = _validate_arrays(arrays)
     if not isinstance(metadata, Mapping):
