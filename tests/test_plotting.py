@@ -420,6 +420,8 @@ def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
         save_image_grid(tmp_path / "g.png", np.zeros((1, 784)), nrow=1)
     with pytest.raises(ImportError, match="matplotlib"):
         plot_manifold(tmp_path / "m.png", RecordingDecoder(), n=2)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[train\]"'):
+        plotting.require_matplotlib()  # what a trainer calls before its first epoch
     # image_grid is pure NumPy and keeps working.
     assert image_grid(np.zeros((1, 784)), 1).shape == (32, 32)
 

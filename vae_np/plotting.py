@@ -32,6 +32,7 @@ __all__ = [
     "plot_latent_scatter",
     "plot_loss_curves",
     "plot_manifold",
+    "require_matplotlib",
     "save_image_grid",
     "save_reconstructions",
 ]
@@ -58,6 +59,15 @@ def _mpl():
             'training extras with  pip install -e ".[train]"  (or  pip install matplotlib)'
         ) from exc
     return Figure, FigureCanvasAgg
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError (with the install command) now if matplotlib is missing.
+
+    For callers that will draw later, e.g. a trainer that draws after each epoch and
+    should fail before the first one rather than after it.
+    """
+    _mpl()
 
 
 def _new_figure(figsize: tuple[float, float]):
