@@ -42,8 +42,8 @@ except ImportError:  # run from a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import vae_np
 
-from vae_np import VAE, Adam, kernels
-from vae_np.backend import cuda_available, get_backend
+from vae_np import VAE, Adam
+from vae_np.backend import cuda_available, get_backend, use_fast_paths
 
 CONFIGS = {
     "starting": {"hidden": (512, 512), "latent_dim": 64},
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
                         "stop spinning (OpenBLAS spins about 0.1 s)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     p.add_argument("--reference", action="store_true",
-                   help="time the readable reference code (vae_np.kernels fast paths off)")
+                   help="time the readable reference code (every op's fast variant off)")
     p.add_argument("--eval-images", type=int, default=None,
                    help=f"images in the K={EVAL_SAMPLES} evaluation (default 100; 10 quick; 0 skips)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
         backends = [s for s in args.backends.split(",") if s]
     stack = contextlib.ExitStack()
     if args.reference:
-        stack.enter_context(kernels.use_fast_paths(False))
+        stack.enter_context(use_fast_paths(False))
 
     keep_alive = set_threads(args.threads)  # noqa: F841 -- the limits hold while it lives
     torch = None
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(), "numpy": np.__version__,
         "vae_np": vae_np.__version__,
         "fast_paths": not args.reference,
-        "numba": (__import__("numba").__version__ if kernels.numba_kernels() else None),
+        "numba": (__import__("numba").__version__ if get_backend("numpy").numba else None),
         "torch": torch.__version__ if torch else None,
         "blas": blas_info(),
         "env": {k: os.environ[k] for k in sorted(os.environ)

@@ -218,19 +218,13 @@ def reparameterize_backward_without_half(dz, logvar, eps):
 
 @contextlib.contextmanager
 def patched_reparameterize_backward(replacement):
-    """Swap the function VAE.backward calls, only inside this block. The readable reference
-    code runs (not the optional fast paths of vae_np.kernels, where they exist), so the
-    patch is seen exactly where docs/05-whole-model.md shows it."""
-    try:
-        from vae_np.kernels import use_fast_paths
-        reference_only = use_fast_paths(False)
-    except ImportError:
-        reference_only = contextlib.nullcontext()
+    """Swap the function VAE.backward calls, only inside this block (VAE.backward is one
+    method on every path, so the patch is seen exactly where docs/05-whole-model.md shows
+    it)."""
     original = model_module.reparameterize_backward
     model_module.reparameterize_backward = replacement
     try:
-        with reference_only:
-            yield
+        yield
     finally:
         model_module.reparameterize_backward = original
 

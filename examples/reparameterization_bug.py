@@ -69,9 +69,11 @@ class BuggyVAE(VAE):
 
     def loss(self, x, rng=None, eps=None, check_finite: bool = True) -> ELBOTerms:
         xp = self.backend.xp
-        mu, logvar = self.encode(x, check_finite)         # checks x; encoder keeps its cache
+        self.encode(x, check_finite)                      # checks x (inference: keeps nothing)
         x = self.backend.asarray(x)
         n, d, s = x.shape[0], self.latent_dim, self.samples
+        h = self.encoder.forward(x - self.input_shift)   # training forward: keeps its cache
+        mu, logvar = h[:, :d], h[:, d:]
         if eps is None:
             eps = rng.normal((s, n, d))
         else:
@@ -80,7 +82,7 @@ class BuggyVAE(VAE):
                 raise ValueError(f"eps: expected shape {(s, n, d)}, got {tuple(eps.shape)}")
         scale = self.noise_scale(logvar)
         z = mu + scale * eps                              # the bug: not exp(0.5 * logvar)
-        out = self.decoder_outputs(xp.reshape(z, (s * n, d)))
+        out = self.decoder.forward(xp.reshape(z, (s * n, d)))
         targets = x if s == 1 else xp.reshape(xp.broadcast_to(x, (s, *x.shape)), (s * n, -1))
         nll, dnll_dout = self.likelihood.nll(targets, out)
         kl, dkl_dmu, dkl_dlogvar = kl_standard_normal(mu, logvar)  # still the stated q

@@ -26,7 +26,7 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vae_np.backend import cuda_available, get_backend
+from vae_np.backend import cuda_available, get_backend, use_fast_paths
 
 settings.register_profile(
     "ci", deadline=None, derandomize=True, print_blob=True,
@@ -65,41 +65,26 @@ def strict64():
 
 
 # ------------------------------------------------------------------------------------------
-# Fast paths: vae_np.kernels (where present) replaces the readable reference code of
-# VAE.loss / VAE.backward / Adam on NumPy. Tests that take ``code_path`` run on both.
+# Fast paths: on NumPy each op runs its fused variant unless switched off with
+# vae_np.backend.use_fast_paths(False). Tests that take ``code_path`` run on both.
 
 
-def _fast_paths_switch():
-    try:
-        from vae_np.kernels import use_fast_paths
-    except ImportError:  # a version without fast paths: the reference always runs
-        return None
-    return use_fast_paths
-
-
-@pytest.fixture(params=["default", "reference"])
+@pytest.fixture(params=["fast", "reference"])
 def code_path(request):
-    """"default": whatever a user gets (the fast paths on NumPy, where they exist);
-    "reference": the readable reference code, with the fast paths switched off."""
-    switch = _fast_paths_switch()
-    if request.param == "default":
-        yield "default"
-    elif switch is None:
-        pytest.skip("this version of vae_np has no fast paths: 'default' is the reference")
+    """"fast": what a user gets on NumPy (each op's fused variant); "reference": the
+    readable reference code of every op, with the fast paths switched off."""
+    if request.param == "fast":
+        yield "fast"
     else:
-        with switch(False):
+        with use_fast_paths(False):
             yield "reference"
 
 
 @pytest.fixture
 def reference_path():
-    """Run the test on the readable reference code (fast paths off, where they exist)."""
-    switch = _fast_paths_switch()
-    if switch is None:
+    """Run the test on the readable reference code (fast paths off)."""
+    with use_fast_paths(False):
         yield
-    else:
-        with switch(False):
-            yield
 
 
 # ------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_gradcheck_tour_checks_every_layer_loss_and_decoder(tour_output):
         assert table_rows(tour_output, title), f"no table for {title}"
     for decoder in ("bernoulli", "gaussian", "gaussian-fixed"):
         for samples in (1, 3):
-            rows = table_rows(tour_output, f"VAE ({decoder}, S={samples}) gradient check")
+            rows = table_rows(tour_output, f"VAE ({decoder}, S={samples}, fast path) gradient check")
             assert {row[0] for row in rows} >= {"encoder.linear0.W", "decoder.linear1.b"}
             assert re.search(rf"VAE \({decoder}, S={samples}\) directional check: .* ok yes",
                              tour_output)

@@ -1,4 +1,5 @@
-"""vae_np.kernels: every fast path against the readable reference, to the last bit.
+"""The fast variants of every op (beside their reference code in layers, likelihoods,
+losses, model and optim) against that reference, to the last bit.
 
 Tolerance: none. Each fast path performs the reference's IEEE-754 operations, in the same
 order, on the same dtype, with every Python-float constant rounded to that dtype once (as
@@ -24,9 +25,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae_np import VAE, Adam, kernels
-from vae_np.backend import get_backend
+import vae_np.backend as backend_module
+from vae_np import VAE, Adam
+from vae_np.backend import get_backend, use_fast_paths
 from vae_np.layers import MLP
+from vae_np.likelihoods import Bernoulli
+from vae_np.parameters import Parameters
 
 DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
 DTYPES = ("float32", "float64")
@@ -38,7 +42,7 @@ def run_training(fast: bool, dtype: str, decoder: str = "bernoulli", samples: in
                  latent_dim: int = 6, activation: str = "relu", beta: float = 1.0,
                  clip_norm=None, seed: int = 0) -> dict:
     """``steps`` Adam steps with the fast paths on or off; everything a step produces."""
-    with kernels.use_fast_paths(fast):
+    with use_fast_paths(fast):
         model = VAE(input_dim, hidden, latent_dim, decoder=decoder, samples=samples,
                     activation=activation, beta=beta, backend="numpy", dtype=dtype, seed=seed)
         opt = Adam(model.parameters, lr=1e-2, clip_norm=clip_norm)
@@ -132,10 +136,7 @@ def test_fast_mlp_matches_the_reference_forward_and_backward(dtype):
     results = []
     for fast in (False, True):
         mlp = MLP((30, 20, 20, 9), backend, np.random.default_rng(4))
-        if fast:
-            y = kernels.mlp_forward(mlp, x)
-            dx = kernels.mlp_backward(mlp, dout)
-        else:
+        with use_fast_paths(fast):
             y = mlp.forward(x)
             dx = mlp.backward(dout)
         results.append((y, dx, {f"{i}{k}": g.copy() for i, lin in enumerate(mlp.linears)
@@ -159,6 +160,12 @@ def test_skipping_the_input_gradient_changes_no_parameter_gradient(np64):
     assert all(np.array_equal(a, b) for a, b in zip(*grads))
 
 
+def without_numba(monkeypatch):
+    """Make ``Backend.numba`` report numba as missing (the NumPy-only fast variants)."""
+    monkeypatch.setattr(backend_module, "_numba_module", None)
+    assert get_backend("numpy", "float32").numba is None
+
+
 @pytest.mark.parametrize("compiled", (True, False))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypatch):
@@ -167,36 +174,32 @@ def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypa
     if compiled:
         pytest.importorskip("numba")
     else:
-        monkeypatch.setattr(kernels, "_numba_module", None)
-    monkeypatch.setattr(kernels, "TAIL_BLOCK", 20)  # several blocks of one or two rows
+        without_numba(monkeypatch)
+    monkeypatch.setattr(Bernoulli, "TAIL_BLOCK", 20)  # several blocks of one or two rows
     backend = get_backend("numpy", dtype)
     rng = np.random.default_rng(7)
     logits = backend.asarray(np.concatenate([rng.standard_normal((5, 13)) * 4,
                                              np.full((1, 13), 60.0), np.full((1, 13), -60.0),
                                              np.full((1, 13), -0.0), np.full((1, 13), 0.0)]))
     x = backend.asarray((rng.random(logits.shape) < 0.5).astype(dtype))
-    nll, grad = bernoulli_nll(x, logits)
-    fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits)
-    bits = f"u{np.dtype(dtype).itemsize}"  # signed zeros too (the compiled path adds a zero bias)
+    with use_fast_paths(False):
+        nll, grad = Bernoulli().nll(x, logits)
+    reference_nll, reference_grad = bernoulli_nll(x, logits)
+    assert np.array_equal(nll, reference_nll) and np.array_equal(grad, reference_grad)
+    fast_nll, fast_grad = Bernoulli().nll(x, logits)
+    bits = f"u{np.dtype(dtype).itemsize}"  # signed zeros too
     assert np.array_equal(nll.view(bits), fast_nll.view(bits))
     assert np.array_equal(grad.view(bits), fast_grad.view(bits))
-    if compiled:  # the scaled gradient and its column sums, accumulated across the blocks
-        # and with the bias folded in: logits = out + b
-        b = backend.asarray(rng.standard_normal(13))
-        nll, grad = bernoulli_nll(x, logits + b)
-        scaled = grad * (1.0 / 7)
-        bias_grad = np.full(13, np.nan, dtype=dtype)   # stale contents must not leak in
-        fast_nll, fast_grad = kernels.bernoulli_nll(backend, x, logits, np.dtype(dtype).type(1.0 / 7),
-                                                    bias_grad, bias=b)
-        assert np.array_equal(nll, fast_nll) and np.array_equal(scaled, fast_grad)
-        assert np.array_equal(np.sum(scaled, axis=0), bias_grad)
+    # the gradient scaled by the model's 1 / (S N) as it is written
+    fast_nll, fast_grad = Bernoulli().nll(x, logits, grad_scale=1.0 / 7)
+    assert np.array_equal(nll, fast_nll) and np.array_equal(grad * (1.0 / 7), fast_grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_numba_relu_kernels_match_numpy_on_signed_zeros_and_nan(dtype):
     """bias + ReLU and ReLU's backward against numpy.maximum and where(), bit for bit, on
     the values where they could differ: -0.0, +0.0, NaN, +-inf."""
-    compiled = pytest.importorskip("numba") and kernels.numba_kernels()
+    compiled = pytest.importorskip("numba") and get_backend("numpy", dtype).numba
     special = np.array([-0.0, 0.0, np.nan, -np.inf, np.inf, -1.5, 2.5, 1e-45], dtype=dtype)
     y = np.tile(special, (3, 1)).copy()
     b = np.array([0.0, -0.0, 0.0, 0.0, 0.0, 0.0, -2.5, 0.0], dtype=dtype)
@@ -217,27 +220,47 @@ def random_adam_buffers(dtype, n, seed=0):
     return p, grads
 
 
+class _FlatHolder:
+    """A stand-in layer owning one flat parameter, so Adam can run on plain buffers."""
+
+    def __init__(self, value):
+        self.params, self.grads = {"w": value}, {}
+
+
+def adam_on_buffer(backend, p, **kwargs):
+    """(Parameters holding a copy of ``p``, an Adam over them)."""
+    params = Parameters(backend, [("w", _FlatHolder(backend.asarray(p)), "w")])
+    return params, Adam(params, **kwargs)
+
+
+def reference_adam_step(p, g, m, v, t, lr, betas, eps):
+    """optim.Adam._update_reference, written against plain buffers."""
+    m[...] = betas[0] * m + (1.0 - betas[0]) * g
+    v[...] = betas[1] * v + (1.0 - betas[1]) * (g * g)
+    m_hat = m / (1.0 - betas[0] ** t)
+    v_hat = v / (1.0 - betas[1] ** t)
+    p[...] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
 def adam_run(dtype, n, path, monkeypatch=None, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
     """Four Adam steps over n parameters through ``path``: reference, numba or numpy."""
     backend = get_backend("numpy", dtype)
     p, grads = random_adam_buffers(dtype, n)
     m, v = np.zeros(n, dtype), np.zeros(n, dtype)
-    for t, g in enumerate(grads, start=1):
-        if path == "reference":
-            # optim.Adam._update_reference, written against plain buffers
-            m[...] = betas[0] * m + (1.0 - betas[0]) * g
-            v[...] = betas[1] * v + (1.0 - betas[1]) * (g * g)
-            m_hat = m / (1.0 - betas[0] ** t)
-            v_hat = v / (1.0 - betas[1] ** t)
-            p[...] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
-        else:
-            if path == "numpy":
-                monkeypatch.setattr(kernels, "_numba_module", None)
-            assert kernels.adam_update(backend, p, g, m, v, lr, betas[0], betas[1], eps, t)
-    return p, m, v
+    if path == "reference":
+        for t, g in enumerate(grads, start=1):
+            reference_adam_step(p, g, m, v, t, lr, betas, eps)
+        return p, m, v
+    if path == "numpy":
+        without_numba(monkeypatch)
+    params, opt = adam_on_buffer(backend, p, lr=lr, betas=betas, eps=eps)
+    for g in grads:
+        params.grad[...] = g
+        opt.step()
+    return params.data, opt.m, opt.v
 
 
-@pytest.mark.parametrize("n", (1, 1000, kernels.ADAM_CHUNK + 7, 3 * kernels.ADAM_CHUNK))
+@pytest.mark.parametrize("n", (1, 1000, Adam.CHUNK + 7, 3 * Adam.CHUNK))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adam_numpy_fallback_is_bit_identical(dtype, n, monkeypatch):
     """The chunked NumPy loop (no numba), across chunk boundaries."""
@@ -245,11 +268,11 @@ def test_adam_numpy_fallback_is_bit_identical(dtype, n, monkeypatch):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("n", (1, 1000, 3 * kernels.ADAM_CHUNK + 7))
+@pytest.mark.parametrize("n", (1, 1000, 3 * Adam.CHUNK + 7))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adam_numba_kernel_is_bit_identical(dtype, n):
     pytest.importorskip("numba")
-    assert kernels.numba_kernels() is not None
+    assert get_backend("numpy", dtype).numba is not None
     for a, b in zip(adam_run(dtype, n, "numba"), adam_run(dtype, n, "reference")):
         assert np.array_equal(a, b)
 
@@ -259,8 +282,7 @@ def test_adam_numba_kernel_is_bit_identical(dtype, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_whole_step_without_numba_is_bit_identical(dtype, decoder, samples, monkeypatch):
     """The NumPy-only fast paths (Adam in chunks, the in-place tails, where() for ReLU)."""
-    monkeypatch.setattr(kernels, "_numba_module", None)
-    assert kernels.numba_kernels() is None
+    without_numba(monkeypatch)
     assert_identical(run_training(True, dtype, decoder, samples),
                      run_training(False, dtype, decoder, samples))
 
@@ -271,11 +293,11 @@ def test_vae_np_trains_where_numba_cannot_be_imported():
     code = (
         "import sys; sys.modules['numba'] = None\n"
         "import numpy as np\n"
-        "from vae_np import VAE, Adam, kernels\n"
-        "assert kernels.numba_kernels() is None\n"
+        "from vae_np import VAE, Adam, get_backend, use_fast_paths\n"
+        "assert get_backend('numpy').numba is None\n"
         "out = []\n"
         "for fast in (True, False):\n"
-        "    with kernels.use_fast_paths(fast):\n"
+        "    with use_fast_paths(fast):\n"
         "        m = VAE(20, (16,), 4, dtype='float32'); opt = Adam(m.parameters)\n"
         "        x = np.random.default_rng(0).random((5, 20)).astype('float32')\n"
         "        eps = np.random.default_rng(1).standard_normal((1, 5, 4)).astype('float32')\n"
@@ -296,11 +318,12 @@ def test_vae_np_trains_where_numba_cannot_be_imported():
 
 
 def test_fast_paths_are_selected_by_backend_name():
-    assert kernels.enabled(get_backend("numpy", "float32"))
-    assert not kernels.enabled(get_backend("array_api_strict", "float64"))
-    with kernels.use_fast_paths(False):
-        assert not kernels.enabled(get_backend("numpy", "float32"))
-    assert kernels.enabled(get_backend("numpy", "float32"))
+    assert get_backend("numpy", "float32").fast
+    assert not get_backend("array_api_strict", "float64").fast
+    with use_fast_paths(False):
+        assert not get_backend("numpy", "float32").fast
+        assert get_backend("numpy", "float32").numba is None
+    assert get_backend("numpy", "float32").fast
 
 
 def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np64):
@@ -312,9 +335,7 @@ def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np6
         opt = Adam(model.parameters, lr=1e-2)
         x = backend.asarray(np.random.default_rng(0).random((4, 12)))
         eps = backend.asarray(np.random.default_rng(1).standard_normal((1, 4, 3)))
-        if backend is strict64:  # declined: Adam's reference update runs instead
-            assert not kernels.adam_update(backend, model.parameters.data, model.parameters.grad,
-                                           opt.m, opt.v, 1e-3, 0.9, 0.999, 1e-8, 1)
+        assert backend.fast == (backend is np64)
         for _ in range(2):
             model.loss(x, eps=eps)
             model.backward()
@@ -324,8 +345,8 @@ def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np6
 
 
 def test_environment_variable_switches_the_fast_paths_off():
-    code = ("from vae_np import kernels, get_backend\n"
-            "print(kernels.enabled(get_backend('numpy', 'float32')))\n")
+    code = ("from vae_np import get_backend\n"
+            "print(get_backend('numpy', 'float32').fast)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "VAE_NP_FAST_PATHS": "0"})
     assert result.returncode == 0, result.stderr
@@ -368,16 +389,16 @@ def test_fast_step_with_many_samples(dtype, decoder):
 
 
 def test_backward_reads_the_fast_cache_with_fast_paths_switched_off():
-    """The numba loss leaves a cache only the fast backward reads (its loss gradient is
-    already scaled): VAE.backward follows the cache, not the switch."""
+    """An MLP's fused forward leaves a record only its fused backward reads: backward
+    follows what its forward did, not the switch."""
     grads = []
     for fast_loss in (False, True):
         model = VAE(20, (16,), 4, dtype="float32", seed=1)
         x = np.random.default_rng(0).random((5, 20)).astype("float32")
         eps = np.random.default_rng(1).standard_normal((1, 5, 4)).astype("float32")
-        with kernels.use_fast_paths(fast_loss):
+        with use_fast_paths(fast_loss):
             model.loss(x, eps=eps)
-        with kernels.use_fast_paths(False):
+        with use_fast_paths(False):
             model.backward()
         grads.append(model.parameters.grad.copy())
     assert np.array_equal(*grads)
@@ -450,24 +471,21 @@ def test_float32_adam_is_bit_identical_through_subnormal_moments(lr, eps, watch_
     the plain and the guarded loop) against the reference's NumPy arithmetic, bit for bit,
     signed zeros and subnormals included. lr = 1, eps = 1e-30 puts the floor above which a
     dead lane's p provably stays so high that every chunk is emulated instead."""
-    compiled = pytest.importorskip("numba") and kernels.numba_kernels()
-    monkeypatch.setattr(kernels, "WATCH_EVERY", watch_every)
+    compiled = pytest.importorskip("numba") and get_backend("numpy", "float32").numba
+    monkeypatch.setattr(Adam, "WATCH_EVERY", watch_every)
     n = 3 * compiled.CHUNK + 123
     backend = get_backend("numpy", "float32")
     p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(n, emulated_from=2 * compiled.CHUNK)
     ref = [p.copy(), m.copy(), v.copy()]
-    state: dict = {}
     betas = (0.9, 0.999)
+    params, opt = adam_on_buffer(backend, p, lr=lr, betas=betas, eps=eps)
+    opt.m[...], opt.v[...] = m, v
     for t in range(1, 41):
         g = adam_gradients(n, dead, tiny_g, t)
-        assert kernels.adam_update(backend, p, g, m, v, lr, *betas, eps, t, state=state)
-        rp, rm, rv = ref                 # optim.Adam._update_reference on plain buffers
-        rm[...] = betas[0] * rm + (1.0 - betas[0]) * g
-        rv[...] = betas[1] * rv + (1.0 - betas[1]) * (g * g)
-        m_hat = rm / (1.0 - betas[0] ** t)
-        v_hat = rv / (1.0 - betas[1] ** t)
-        rp[...] = rp - lr * m_hat / (np.sqrt(v_hat) + eps)
-        for fast, reference in zip((p, m, v), ref):
+        params.grad[...] = g
+        opt.step()
+        reference_adam_step(*ref[:1], g, *ref[1:], t, lr, betas, eps)
+        for fast, reference in zip((params.data, opt.m, opt.v), ref):
             assert np.array_equal(fast.view("u4"), reference.view("u4")), f"step {t}"
-    assert state["subnormal_guard"].any()           # the guarded loop did run
-    assert np.count_nonzero((m != 0) & (np.abs(m) < np.finfo("float32").tiny)) > n // 10
+    assert opt._subnormal_guard.any()               # the guarded loop did run
+    assert np.count_nonzero((opt.m != 0) & (np.abs(opt.m) < np.finfo("float32").tiny)) > n // 10

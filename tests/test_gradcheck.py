@@ -195,7 +195,7 @@ def test_vae_report_table_names_every_parameter():
     table = report.table()
     for name in model.parameters.names:
         assert name in table
-    assert "VAE (bernoulli, S=1)" in table
+    assert "VAE (bernoulli, S=1, fast path)" in table and report.path == "fast"
     assert report.passed, table
 
 

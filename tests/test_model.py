@@ -175,10 +175,12 @@ def test_vae_gradients(decoder, samples, beta, code_path, record_check):
     report = gradcheck.check_vae(model, x, eps, max_entries=None)  # every entry: ~200
     record_check("VAE element-wise (numpy)", report.max_rel_error)
     assert report.passed, report.table()
+    assert report.path == code_path and f"{code_path} path" in report.title
     assert {row.name for row in report.rows} == set(model.parameters.names)
     directional = gradcheck.check_vae_directional(model, x, eps, seed=3)
     record_check("VAE directional (numpy)", directional.rel_error)
     assert directional.passed, directional
+    assert directional.path == code_path
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -754,3 +756,236 @@ def test_float32_model_runs_in_float32_and_gradcheck_refuses_it():
     assert float(terms.loss) == pytest.approx(float(reference.loss), rel=1e-5)
     with pytest.raises(ValueError, match="float64"):
         gradcheck.check_vae(model, batch(), noise(1))
+
+
+# ------------------------------------------------------------------------------------------
+# One model: the op chooses its variant, a cache belongs to the backward that reads it
+
+
+PATHS = ("numba", "numpy-only", "reference", "array_api_strict")
+
+
+@pytest.fixture(params=PATHS)
+def every_path(request, monkeypatch):
+    """Each way a step can run: NumPy with its compiled kernels, NumPy's fast variants
+    without numba, the readable reference, and array-api-strict (reference only)."""
+    import vae_np.backend as backend_module
+    from vae_np.backend import use_fast_paths
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        yield "numpy"
+    elif request.param == "numpy-only":
+        monkeypatch.setattr(backend_module, "_numba_module", None)
+        yield "numpy"
+    elif request.param == "reference":
+        with use_fast_paths(False):
+            yield "numpy"
+    else:
+        yield "array_api_strict"
+
+
+def gradients(model, x, eps):
+    model.loss(x, eps=eps)
+    model.backward()
+    return model.backend.to_numpy(model.parameters.grad).copy()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_inference_between_loss_and_backward_changes_no_gradient(decoder, every_path):
+    """encode, decode, reconstruct, sample and log_likelihood between loss() and
+    backward(), with other batch sizes, leave the training step's gradients exact."""
+    model = tiny(decoder, samples=2, backend=every_path)
+    x, eps = model.backend.asarray(batch()), model.backend.asarray(noise(2))
+    clean = gradients(model, x, eps)
+    other = model.backend.asarray(batch(n=7, seed=4))
+    rng = model.backend.rng(3)
+    model.loss(x, eps=eps)
+    model.encode(other)
+    model.decode(model.backend.asarray(np.ones((3, D))))
+    model.reconstruct(other)
+    model.sample(2, rng)
+    model.log_likelihood(other, num_samples=3, rng=rng)
+    model.decoder_outputs(model.backend.asarray(np.zeros((9, D))))
+    model.backward()
+    assert np.array_equal(model.backend.to_numpy(model.parameters.grad), clean)
+
+
+def test_an_inference_call_keeps_the_layer_caches(np64):
+    from vae_np.layers import MLP
+    mlp = MLP((4, 5, 3), np64, np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((6, 4))
+    dout = np.random.default_rng(2).standard_normal((6, 3))
+    mlp.forward(x)
+    expected = mlp.backward(dout).copy()
+    mlp.forward(x)
+    mlp(np.ones((2, 4)))                     # inference, another batch size
+    mlp.linears[0](np.ones((9, 4)))
+    assert np.array_equal(mlp.backward(dout), expected)
+
+
+def test_a_failed_loss_leaves_nothing_to_backward():
+    model = tiny()
+    x = batch()
+    model.loss(x, eps=noise(1))
+    with pytest.raises(ValueError):
+        model.loss(x, eps=noise(2))          # the wrong shape for S = 1
+    model.loss(x, eps=noise(1))
+    model.backward()
+    with pytest.raises(RuntimeError, match="before VAE.loss"):
+        model.backward()
+
+
+def test_a_linear_subclass_runs_its_own_code_on_every_path(every_path):
+    """The fused MLP must not bypass a subclass: a Linear that doubles its output changes
+    the loss, and its gradients still pass the check, on the fast path and the reference."""
+    from vae_np.layers import Linear
+
+    class DoubledLinear(Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+        def backward(self, dout, input_grad=True):
+            return super().backward(2.0 * dout, input_grad=input_grad)
+
+    model = tiny(backend=every_path)
+    x, eps = model.backend.asarray(batch()), model.backend.asarray(noise(1))
+    plain = float(model.loss(x, eps=eps).loss)
+    first = model.encoder.layers[2]              # the encoder's second Linear
+    doubled = DoubledLinear.__new__(DoubledLinear)
+    doubled.__dict__.update(first.__dict__)
+    model.encoder.layers[2] = model.encoder.linears[1] = doubled
+    assert float(model.loss(x, eps=eps).loss) != plain
+    model.backward()
+    assert gradcheck.check_vae(model, x, eps, max_entries=4).passed
+
+
+def test_patching_a_function_of_the_model_reaches_the_default_path(monkeypatch):
+    """VAE.backward is one method: a function it calls, patched in vae_np.model, is seen
+    with the fast paths on (the default)."""
+    model = tiny()
+    x, eps = batch(), noise(1)
+    clean = gradients(model, x, eps)
+    calls = []
+
+    def doubled(dz, logvar, eps):
+        calls.append(1)
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        return 2.0 * dmu, dlogvar
+
+    monkeypatch.setattr(model_module, "reparameterize_backward", doubled)
+    assert model.backend.fast
+    patched = gradients(model, x, eps)
+    assert calls and not np.array_equal(patched, clean)
+
+
+# ------------------------------------------------------------------------------------------
+# Defects found by trying the library as a hostile user would
+
+
+def test_bernoulli_targets_outside_the_unit_interval_are_refused():
+    model = tiny("bernoulli")
+    for bad in (batch() * 2.0, batch() - 0.5):
+        with pytest.raises(ValueError, match=r"x: the bernoulli decoder needs targets in \[0, 1\]"):
+            model.loss(bad, eps=noise(1))
+    model.loss(np.round(batch()), eps=noise(1))            # 0 and 1 themselves are fine
+    tiny("gaussian").loss(batch() * 3.0 - 1.0, eps=noise(1))  # real-valued data: fine there
+
+
+@pytest.mark.parametrize("chunk_size", (1, 2, None))
+def test_log_likelihood_is_minus_infinity_where_every_weight_is_zero(chunk_size):
+    """Every importance weight -inf (a Gaussian decoder whose variance underflows to 0 at a
+    target it misses) gives ln p(x) = -inf, not the NaN of -inf - -inf."""
+    model = tiny("gaussian")
+    state = model.state_dict()
+    state["decoder.linear1.W"][...] = 0.0
+    state["decoder.linear1.b"][...] = np.concatenate([np.full(C, 50.0), np.full(C, -1e4)])
+    model.load_state_dict(state)          # mu_x = 50 everywhere, variance exp(-1e4) = 0
+    with np.errstate(all="ignore"):
+        values = model.log_likelihood(batch(), num_samples=3, rng=model.backend.rng(0),
+                                      chunk_size=chunk_size)
+    assert np.all(values == -np.inf), values
+
+
+def test_a_loss_that_overflows_is_a_clear_error():
+    model = tiny()
+    state = model.state_dict()
+    state["encoder.linear1.b"][D:] = 800.0          # logvar ~ 800: exp overflows
+    model.load_state_dict(state)
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError,
+                                                  match="not finite.*largest encoder logvar"):
+        model.loss(batch(), eps=noise(1))
+    with pytest.raises(RuntimeError):
+        model.backward()                            # nothing was kept for it
+
+
+def test_load_state_dict_checks_finiteness_in_the_model_dtype():
+    model = VAE(6, (5,), 2, dtype="float32")
+    before = model.parameters.data.copy()
+    state = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    state["decoder.linear0.W"][0, 0] = 1e300          # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"decoder.linear0.W.*too large for float32"):
+        model.load_state_dict(state)
+    assert np.array_equal(model.parameters.data, before)   # nothing half-loaded
+
+
+@pytest.mark.parametrize("t, message", [(-5, "integer >= 0"), (2.7, "integer >= 0"),
+                                        (float("nan"), "integer >= 0"), ("3", "integer >= 0")])
+def test_adam_refuses_a_bad_step_count(t, message):
+    from vae_np import Adam
+    model = tiny()
+    opt = Adam(model.parameters)
+    state = opt.state_dict()
+    state["t"] = t
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert opt.t == 0
+
+
+@pytest.mark.parametrize("name, value, message", [("m", np.nan, "NaN or inf"),
+                                                  ("v", np.inf, "NaN or inf"),
+                                                  ("v", -1e-3, "cannot be negative")])
+def test_adam_refuses_bad_moments(name, value, message):
+    from vae_np import Adam
+    model = tiny()
+    opt = Adam(model.parameters)
+    state = opt.state_dict()
+    state[name][3] = value
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert not np.any(opt.m) and not np.any(opt.v)
+    state = opt.state_dict()
+    state["t"] = np.int64(7)
+    opt.load_state_dict(state)                      # a good state still loads
+    assert opt.t == 7
+
+
+def test_clear_messages_for_common_mistakes(np64):
+    model = tiny()
+    with pytest.raises(TypeError, match=r"rng: expected an RNG of the model's backend "
+                                        r"\(numpy/float64\).*got an RNG of numpy/float32"):
+        model.sample(2, get_backend("numpy", "float32").rng(0))
+    with pytest.raises(TypeError, match=r"got numpy.random._generator.Generator"):
+        model.sample(2, np.random.default_rng(0))
+    with pytest.raises(TypeError, match=r"hidden: expected a sequence of layer widths"):
+        VAE(4, hidden=8, latent_dim=2)
+    with pytest.raises(ValueError, match=r"seed: expected an integer >= 0, got -1"):
+        VAE(4, (3,), 2, seed=-1)
+
+
+def test_gradient_checks_refuse_settings_that_check_nothing():
+    model = tiny()
+    x, eps = batch(), noise(1)
+    with pytest.raises(ValueError, match="h: expected a finite number > 0"):
+        gradcheck.check_vae(model, x, eps, h=0)
+    with pytest.raises(ValueError, match="max_entries: expected an integer >= 1"):
+        gradcheck.check_vae(model, x, eps, max_entries=0)
+    with pytest.raises(ValueError, match="h: expected"):
+        gradcheck.check_vae_directional(model, x, eps, h=float("nan"))
+    with pytest.raises(ValueError, match="path: expected one of"):
+        gradcheck.check_vae(model, x, eps, path="numba")
+    strict = tiny(backend="array_api_strict")
+    with pytest.raises(ValueError, match="no fast path"):
+        gradcheck.check_vae(strict, strict.backend.asarray(x), strict.backend.asarray(eps),
+                            path="fast")
+    assert gradcheck.check_vae(strict, strict.backend.asarray(x), strict.backend.asarray(eps),
+                               max_entries=2).path == "reference"

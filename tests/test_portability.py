@@ -6,7 +6,7 @@ that runs on it uses nothing NumPy-only: the evidence, on a CPU-only CI, that th
 runs on CuPy. Agreement is to 1e-12 relative: the two run the same float64 operations
 (strict wraps NumPy), so differences can only come from a different order of operations
 inside a NumPy fast path, i.e. a few ulps. Tests taking ``code_path`` run the NumPy model
-both with its fast paths (vae_np.kernels, where present) and on the reference code; strict
+both with its fast paths (each op's fused variant) and on the reference code; strict
 always runs the reference.
 """
 

@@ -11,7 +11,7 @@ The public API, by module (each named for the concept it implements):
 """
 
 from . import gradcheck, layers, losses
-from .backend import Backend, BackendUnavailableError, get_backend
+from .backend import Backend, BackendUnavailableError, get_backend, use_fast_paths
 from .model import VAE, ELBOTerms, reparameterize, reparameterize_backward
 from .optim import SGD, Adam, clip_grad_norm
 
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Adam", "Backend", "BackendUnavailableError", "ELBOTerms", "SGD", "VAE",
     "clip_grad_norm", "get_backend", "gradcheck", "layers", "losses",
-    "reparameterize", "reparameterize_backward", "__version__",
+    "reparameterize", "reparameterize_backward", "use_fast_paths", "__version__",
 ]

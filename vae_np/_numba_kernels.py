@@ -1,4 +1,8 @@
-"""Compiled CPU kernels (numba), imported by ``vae_np.kernels`` only when numba is installed.
+"""Compiled CPU kernels (numba), loaded by ``Backend.numba`` only when numba is installed.
+
+A leaf module: it imports nothing from the package. The Python that calls each kernel sits
+beside the math it reproduces (``layers.MLP``, ``likelihoods.Bernoulli``, ``losses``,
+``model.reparameterize``, ``optim.Adam``).
 
 Each loop performs the reference's floating-point operations in the reference's order on the
 array dtype (constants arrive already rounded to it). numba compiles without ``fastmath``,
@@ -69,43 +73,36 @@ def relu_backward_bias_grad(out, dout, db):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def bernoulli_split(out, b, neg_abs, half, h):  # pragma: no cover - compiled
-    """The two arguments of the transcendental functions for the logits l = out + b (the
-    decoder's last bias add, done here instead of in a pass of its own): -|l| and h l
-    (h = 0.5)."""
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            a = out[i, j] + b[j]
+def bernoulli_split(logits, neg_abs, half, h):  # pragma: no cover - compiled
+    """The two arguments of the transcendental functions of the Bernoulli tail
+    (likelihoods.Bernoulli._nll_fused): -|l| and h l (h = 0.5)."""
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            a = logits[i, j]
             neg_abs[i, j] = -abs(a)
             half[i, j] = h * a
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def bernoulli_combine(x, out, b, t, u, h, scale, db):  # pragma: no cover - compiled
+def bernoulli_combine(x, logits, t, u, h, scale):  # pragma: no cover - compiled
     """In place: t = log1p(exp(-|l|)) becomes term = softplus(l) - x l, and u = tanh(l / 2)
     becomes grad = (sigmoid(l) - x) * scale, operation for operation as ops.softplus,
-    ops.sigmoid and losses.bernoulli_nll (numpy.maximum's NaN propagation included), with
-    l = out + b recomputed (the same addition as in bernoulli_split, so the same bits).
-
-    ``scale`` is VAE.backward's 1 / (S N) (1 gives the plain gradient: an exact multiply),
-    and the scaled gradient is added row by row into ``db``, the decoder's output bias
-    gradient (NumPy's axis-0 sum of a C-ordered array; the caller zeroes ``db`` before the
-    first block of rows). In place rather than into separate outputs that may be the same
-    arrays: LLVM vectorises a loop only after checking that its arrays do not overlap."""
-    zero = out.dtype.type(0)
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            a = out[i, j] + b[j]
+    ops.sigmoid and losses.bernoulli_nll (numpy.maximum's NaN propagation included).
+    ``scale`` is the model's 1 / (S N) (1 gives the plain gradient: an exact multiply).
+    In place rather than into separate outputs that may be the same arrays: LLVM
+    vectorises a loop only after checking that its arrays do not overlap."""
+    zero = logits.dtype.type(0)
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            a = logits[i, j]
             xi = x[i, j]
             positive = a if (a > zero or a != a) else zero  # numpy.maximum(a, 0.0)
             t[i, j] = (positive + t[i, j]) - xi * a
-            g = ((h * u[i, j] + h) - xi) * scale
-            u[i, j] = g
-            db[j] += g
+            u[i, j] = ((h * u[i, j] + h) - xi) * scale
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def reparameterize(mu, std, eps, z):  # pragma: no cover - compiled
+def mu_plus_std_eps(mu, std, eps, z):  # pragma: no cover - compiled
     """z[s] = mu + std * eps[s] (model.reparameterize; std = exp(0.5 logvar) from NumPy)."""
     for s in range(eps.shape[0]):
         for i in range(mu.shape[0]):
@@ -126,30 +123,6 @@ def kl_terms(mu, logvar, vm1, term, h):  # pragma: no cover - compiled
             vm1[i, j] = h * v
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def latent_backward(dz, eps, mu, std, dkl_dlogvar, c, h, g):  # pragma: no cover - compiled
-    """VAE.backward from dz (S, N, d) to the encoder's output gradient g (N, 2d), in one
-    pass and without the concatenate:
-
-        g[:, :d] = sum_s dz[s]         + c mu             (dmu + beta/N dkl_dmu)
-        g[:, d:] = sum_s dz[s] eps[s] * (h std) + c dkl_dlogvar
-
-    c = beta / N, h = 0.5, std = exp(0.5 logvar) (the forward's, same bits as the
-    reference's recomputation). The S-sums run from zero in order s = 0, 1, ..., as
-    NumPy's axis-0 sum of a C-ordered array does."""
-    zero = g.dtype.type(0)
-    d = mu.shape[1]
-    for i in range(mu.shape[0]):
-        for j in range(d):
-            a = zero
-            b = zero
-            for s in range(dz.shape[0]):
-                a += dz[s, i, j]
-                b += dz[s, i, j] * eps[s, i, j]
-            g[i, j] = a + c * mu[i, j]
-            g[i, d + j] = b * (h * std[i, j]) + c * dkl_dlogvar[i, j]
-
-
 # ------------------------------------------------------------------------------------------
 # Adam in float32, guarded against subnormal moments
 #
@@ -163,12 +136,12 @@ def latent_backward(dz, eps, mu, std, dkl_dlogvar, c, h, g):  # pragma: no cover
 # (guarded: about 4 and 8 ms). The same bits, without subnormal arithmetic:
 #
 # - chunks of CHUNK elements run the plain loop until a check (one step in
-#   kernels.WATCH_EVERY, while the data is in registers) sees a moment below 2^-100, some
+#   Adam.WATCH_EVERY, while the data is in registers) sees a moment below 2^-100, some
 #   170 steps before subnormals; from then on the chunk is classified each step, on the
 #   integer bits, until it is ordinary again;
 # - "dead" lanes (g = +-0, 0 < |m| < 2^-100, ordinary v, |p| above a floor): p provably
-#   does not move (its update is below a quarter of its last place: ``adam_dead_p_floor``
-#   in kernels.py), so it is kept; a subnormal m = k 2^-149 becomes k' 2^-149 with
+#   does not move (its update is below a quarter of its last place: ``Adam.dead_p_floor``
+#   in optim.py), so it is kept; a subnormal m = k 2^-149 becomes k' 2^-149 with
 #   k' = rint(b1 k) on the integers (b1 k is exact in float64), a small normal m takes the
 #   plain arithmetic; everything else runs the plain arithmetic with m = 1 on those lanes,
 #   so no subnormal reaches a vector unit;

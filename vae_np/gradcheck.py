@@ -21,11 +21,18 @@ float64, while float32 round-off alone (1e-7 |f| / h) would swamp the signal.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
+
+from .backend import use_fast_paths
+
+#: The code paths :func:`check_vae` can exercise: the readable reference of every op, or
+#: the fused variants that NumPy and CuPy run by default (``vae_np.backend.Backend.fast``).
+PATHS = ("reference", "fast")
 
 DEFAULT_STEP = 1e-6
 # Central differences in float64 reach ~1e-9 relative error on these functions (see the
@@ -67,6 +74,8 @@ class GradCheckReport:
     rows: list[GradCheckRow] = field(default_factory=list)
     tolerance: float = DEFAULT_TOLERANCE
     title: str = "gradient check"
+    #: which code path was checked (``"reference"`` or ``"fast"``), where that applies
+    path: str | None = None
 
     @property
     def max_rel_error(self) -> float:
@@ -110,6 +119,13 @@ def _require_float64(arrays: Mapping[str, object]) -> None:
                              "build the model or inputs with dtype='float64'")
 
 
+def _check_step_and_tolerance(h, tolerance) -> None:
+    for name, value in (("h", h), ("tolerance", tolerance)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
 def numerical_partial(f: Callable[[], float], array, index: tuple, h: float = DEFAULT_STEP) -> float:
     """(f(x + h e_i) - f(x - h e_i)) / 2h for one entry ``index`` of ``array`` (restored after)."""
     old = float(array[index])
@@ -140,6 +156,13 @@ def check_gradients(f: Callable[[], float], arrays: Mapping[str, object],
         a :class:`GradCheckReport`, one row per array.
     """
     _require_float64(arrays)
+    _check_step_and_tolerance(h, tolerance)
+    if max_entries is not None and (not isinstance(max_entries, (int, np.integer))
+                                    or isinstance(max_entries, bool) or max_entries < 1):
+        raise ValueError(f"max_entries: expected an integer >= 1 or None (all entries), "
+                         f"got {max_entries!r}")
+    if not arrays:
+        raise ValueError("arrays: expected at least one array to check, got none")
     rng = np.random.default_rng(seed)
     report = GradCheckReport(tolerance=tolerance, title=title)
     for name, array in arrays.items():
@@ -175,6 +198,8 @@ class DirectionalResult:
     analytic: float
     rel_error: float
     tolerance: float = DEFAULT_TOLERANCE
+    #: which code path was checked (``"reference"`` or ``"fast"``), where that applies
+    path: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -190,6 +215,9 @@ def check_directional(f: Callable[[], float], arrays: Mapping[str, object],
     a wrong gradient anywhere changes <grad, r> for almost every r.
     """
     _require_float64(arrays)
+    _check_step_and_tolerance(h, tolerance)
+    if not arrays:
+        raise ValueError("arrays: expected at least one array to check, got none")
     rng = np.random.default_rng(seed)
     directions = {name: rng.standard_normal(tuple(a.shape)) for name, a in arrays.items()}
     norm = math.sqrt(sum(float(np.sum(r * r)) for r in directions.values()))
@@ -270,31 +298,69 @@ def check_loss(loss_fn: Callable, inputs: Mapping[str, object], *, wrt: tuple[st
                            title=f"{loss_fn.__name__} gradient check")
 
 
-def vae_loss_and_grads(model, x, eps):
-    """f and analytic gradients for the whole model at fixed noise ``eps`` (S, N, d)."""
+def model_path(model, path: str | None = None) -> str:
+    """The code path a check of ``model`` runs: ``path`` if given (``"fast"`` needs a
+    backend with fast variants, NumPy or CuPy), else the one the model runs by default."""
+    backend = model.backend
+    default = "fast" if backend.fast else "reference"
+    if path is None:
+        return default
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {', '.join(PATHS)} or None, got {path!r}")
+    if path == "fast" and default != "fast":
+        raise ValueError(f"path: the {backend.name!r} backend has no fast path here (fast "
+                         f"paths run on numpy and cupy, unless switched off)")
+    return path
+
+
+def _on_path(path: str):
+    return contextlib.nullcontext() if path == "fast" else use_fast_paths(False)
+
+
+def vae_loss_and_grads(model, x, eps, path: str | None = None):
+    """f and analytic gradients for the whole model at fixed noise ``eps`` (S, N, d), both
+    computed on ``path`` (see :func:`model_path`)."""
+    path = model_path(model, path)
 
     def f() -> float:
-        return float(model.loss(x, eps=eps).loss)
+        with _on_path(path):
+            return float(model.loss(x, eps=eps).loss)
 
-    model.loss(x, eps=eps)
-    model.backward()
+    with _on_path(path):
+        model.loss(x, eps=eps)
+        model.backward()
     analytic = {name: _host(g).copy() for name, g in model.parameters.grads.items()}
     return f, analytic
 
 
 def check_vae(model, x, eps, *, max_entries: int | None = 20, h: float = DEFAULT_STEP,
-              tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> GradCheckReport:
+              tolerance: float = DEFAULT_TOLERANCE, seed: int = 0,
+              path: str | None = None) -> GradCheckReport:
     """Check every parameter gradient of a :class:`vae_np.model.VAE` (float64) at fixed
-    noise ``eps``, on ``max_entries`` random entries per parameter array."""
-    f, analytic = vae_loss_and_grads(model, x, eps)
-    return check_gradients(f, model.parameters.values, analytic, h=h, max_entries=max_entries,
-                           seed=seed, tolerance=tolerance,
-                           title=f"VAE ({model.likelihood.name}, S={model.samples}) gradient check")
+    noise ``eps``, on ``max_entries`` random entries per parameter array.
+
+    ``path``: ``"reference"`` (the readable code of every op), ``"fast"`` (the fused
+    variants; NumPy and CuPy) or None (what the model runs by default: fast on NumPy and
+    CuPy). The report's ``path`` and title say which one was checked.
+    """
+    path = model_path(model, path)
+    f, analytic = vae_loss_and_grads(model, x, eps, path)
+    report = check_gradients(f, model.parameters.values, analytic, h=h,
+                             max_entries=max_entries, seed=seed, tolerance=tolerance,
+                             title=f"VAE ({model.likelihood.name}, S={model.samples}, "
+                                   f"{path} path) gradient check")
+    report.path = path
+    return report
 
 
 def check_vae_directional(model, x, eps, *, h: float = DEFAULT_STEP, seed: int = 0,
-                          tolerance: float = DEFAULT_TOLERANCE) -> DirectionalResult:
-    """Directional check over all of a VAE's parameters at once (two forward passes)."""
-    f, analytic = vae_loss_and_grads(model, x, eps)
-    return check_directional(f, model.parameters.values, analytic, h=h, seed=seed,
-                             tolerance=tolerance)
+                          tolerance: float = DEFAULT_TOLERANCE,
+                          path: str | None = None) -> DirectionalResult:
+    """Directional check over all of a VAE's parameters at once (two forward passes), on
+    ``path`` (as in :func:`check_vae`)."""
+    path = model_path(model, path)
+    f, analytic = vae_loss_and_grads(model, x, eps, path)
+    result = check_directional(f, model.parameters.values, analytic, h=h, seed=seed,
+                               tolerance=tolerance)
+    result.path = path
+    return result

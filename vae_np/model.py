@@ -10,8 +10,16 @@ Forward (``VAE.loss``), for a batch x of N examples and S samples per example:
     kl_n = KL(q(z | x_n) || N(0, I))                  (N,)  nats
     loss = 1/N sum_n (recon_n + beta * kl_n)          the negative ELBO, nats per example
 
-Backward (``VAE.backward``) runs the same chain in reverse; docs/derivations.md,
-section "The whole model", derives every line.
+Backward (``VAE.backward``) runs the same chain in reverse; docs/05-whole-model.md
+derives every line.
+
+There is one ``loss`` and one ``backward``. Each op they call chooses its own variant:
+on NumPy and CuPy the MLPs, the Bernoulli likelihood, the KL term, reparameterisation
+and Adam run fused variants that sit beside their reference code and give its results to
+the last bit on NumPy (tests/test_fast_paths.py); ``vae_np.backend.use_fast_paths(False)``
+runs the references. What ``backward`` reads is kept by ``loss`` on the model (and by
+each MLP's ``forward`` in that MLP); the inference methods (``encode``, ``decode``,
+``reconstruct``, ``sample``, ``log_likelihood``) keep nothing and disturb nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +30,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import kernels
-from .backend import RNG, Backend, get_backend, namespace_of
+from .backend import RNG, Backend, backend_of, get_backend, namespace_of
 from .layers import MLP
-from .likelihoods import make_likelihood
+from .likelihoods import DEFAULT_FIXED_VARIANCE, make_likelihood
 from .losses import kl_standard_normal
 from .ops import LOG_2PI
 from .parameters import Parameters
@@ -42,7 +49,24 @@ def reparameterize(mu, logvar, eps):
     Note ``exp(0.5 * logvar)``: the starting example wrote ``exp(0.5 ** logvar)``, a
     power, whose noise scale has nothing to do with the encoder's variance.
     """
-    return mu + namespace_of(mu).exp(0.5 * logvar) * eps
+    backend = backend_of(mu)
+    if backend.fast and (backend.name == "cupy" or backend.numba):
+        return _reparameterize_fused(backend, mu, logvar, eps)
+    return mu + backend.xp.exp(0.5 * logvar) * eps
+
+
+def _reparameterize_fused(backend, mu, logvar, eps):
+    """:func:`reparameterize` in one pass, the same bits on NumPy: one kernel on CuPy;
+    with numba, NumPy's own exp (whose last bits a compiled loop would not reproduce)
+    and one compiled pass for the S samples."""
+    if backend.name == "cupy":
+        return backend.cuda_kernel("reparameterize")(mu, logvar, eps)
+    nx = backend.native
+    std = nx.multiply(logvar, 0.5)
+    nx.exp(std, out=std)
+    z = nx.empty(eps.shape, dtype=mu.dtype)
+    backend.numba.mu_plus_std_eps(mu, std, eps, z)
+    return z
 
 
 def reparameterize_backward(dz, logvar, eps):
@@ -59,6 +83,18 @@ def reparameterize_backward(dz, logvar, eps):
     dmu = xp.sum(dz, axis=0)
     dlogvar = xp.sum(dz * eps, axis=0) * (0.5 * xp.exp(0.5 * logvar))
     return dmu, dlogvar
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What :meth:`VAE.loss` keeps for :meth:`VAE.backward`: shapes (S, N, d) for eps,
+    (N, d) for the latent arrays, (S N, outputs) for the decoder-output gradient."""
+
+    logvar: object
+    eps: object
+    dloss_dout: object      # d loss / d decoder output, already scaled by 1 / (S N)
+    dkl_dmu: object
+    dkl_dlogvar: object
 
 
 @dataclass
@@ -82,7 +118,8 @@ class VAE:
         latent_dim: d.
         decoder: ``"bernoulli"`` (logits), ``"gaussian"`` (mean and log-variance) or
             ``"gaussian-fixed"`` (mean, with fixed ``variance``).
-        variance: lambda for ``gaussian-fixed`` (default 0.098, the starting example's).
+        variance: lambda for ``gaussian-fixed`` (default
+            ``likelihoods.DEFAULT_FIXED_VARIANCE``, the starting example's).
         beta: weight of the KL term (1 gives the ELBO).
         samples: S >= 1, reparameterised samples per example in the training loss.
         activation: hidden activation name (``vae_np.layers.ACTIVATIONS``).
@@ -91,7 +128,8 @@ class VAE:
         backend: a :class:`Backend` or a backend name.
         dtype: ``"float32"`` (default) or ``"float64"``; with a :class:`Backend`, leave it
             out or repeat the backend's own (a contradiction is a ValueError).
-        seed: seeds the weight initialisation (drawn on the host, identical on every backend).
+        seed: seeds the weight initialisation (drawn on the host, identical on every
+            backend); an integer >= 0.
     """
 
     def __init__(self, input_dim: int = 784, hidden: Sequence[int] = (512, 512),
@@ -102,9 +140,14 @@ class VAE:
         _check_positive_int("input_dim", input_dim)
         _check_positive_int("latent_dim", latent_dim)
         _check_positive_int("samples", samples)
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise TypeError(f"hidden: expected a sequence of layer widths such as (512, 512) "
+                            f"(or () for none), got {hidden!r}")
         hidden = tuple(hidden)
         for width in hidden:
             _check_positive_int("hidden", width)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         for name, value in (("beta", beta), ("input_shift", input_shift)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not math.isfinite(value):
@@ -128,7 +171,7 @@ class VAE:
             "beta": self.beta, "samples": self.samples, "activation": activation,
             "input_shift": self.input_shift, "dtype": self.backend.dtype_name, "seed": seed,
         }
-        self._cache = None
+        self._step: _Step | None = None
 
     # ----------------------------------------------------------------------------------
     # Input checks: shapes and dtypes are checked on every call (free); finiteness needs a
@@ -173,10 +216,26 @@ class VAE:
 
     def _check_rng(self, rng) -> None:
         # A NumPy Generator would "work" and silently misread shapes as means.
-        if not isinstance(rng, RNG) or rng.backend.name != self.backend.name \
-                or rng.backend.dtype != self.backend.dtype:
-            raise TypeError(f"rng: expected the model backend's RNG, "
-                            f"model.backend.rng(seed), got {rng!r}")
+        want = f"{self.backend.name}/{self.backend.dtype_name}"
+        if not isinstance(rng, RNG):
+            raise TypeError(f"rng: expected an RNG of the model's backend ({want}), made by "
+                            f"model.backend.rng(seed), got {type(rng).__module__}."
+                            f"{type(rng).__name__}")
+        got = f"{rng.backend.name}/{rng.backend.dtype_name}"
+        if got != want:
+            raise TypeError(f"rng: expected an RNG of the model's backend ({want}), made by "
+                            f"model.backend.rng(seed), got an RNG of {got}")
+
+    def _check_targets(self, x) -> None:
+        """Bernoulli targets must lie in [0, 1]: outside it the "likelihood" is no
+        probability and the reconstruction term can go negative. One reduction, one read."""
+        if self.likelihood.name != "bernoulli":
+            return
+        xp = self.backend.xp
+        low, high = (float(v) for v in self.backend.to_numpy(xp.stack([xp.min(x), xp.max(x)])))
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"x: the bernoulli decoder needs targets in [0, 1], got values "
+                             f"in [{low:g}, {high:g}] (use a gaussian decoder for other data)")
 
     # ----------------------------------------------------------------------------------
     # The pieces
@@ -184,13 +243,16 @@ class VAE:
     def encode(self, x, check_finite: bool = True):
         """q(z | x): (mu, logvar), each (N, d)."""
         x = self._as_batch(x, "x", self.input_dim, check_finite)
-        h = self.encoder.forward(x - self.input_shift)
+        return self._split(self.encoder(x - self.input_shift))
+
+    def _split(self, h):
+        """The encoder output (N, 2d) as (mu, logvar), (N, d) each."""
         d = self.latent_dim
         return h[:, :d], h[:, d:]
 
     def decoder_outputs(self, z):
         """Raw decoder outputs for latents z (M, d): (M, c * outputs_per_pixel)."""
-        return self.decoder.forward(z)
+        return self.decoder(z)
 
     def decode(self, z, check_finite: bool = True):
         """The mean of p(x | z) for z (M, d): (M, c) (pixel probabilities for Bernoulli)."""
@@ -221,9 +283,17 @@ class VAE:
 
         The noise comes from ``eps`` (S, N, d) when given, else from ``rng`` (an
         ``RNG`` from ``backend.rng(seed)``). Keeps what :meth:`backward` needs.
+
+        ``check_finite`` (default True) checks x and eps for NaN and inf, the Bernoulli
+        decoder's targets for the range [0, 1], and the loss itself, raising
+        FloatingPointError when it is not finite (an overflowing logvar, say) rather than
+        letting a step write NaN into every parameter. Each check reads a number back
+        from the device: training loops that checked their data once turn them off.
         """
         xp = self.backend.xp
         x = self._as_batch(x, "x", self.input_dim, check_finite)
+        if check_finite:
+            self._check_targets(x)
         n, d, s = x.shape[0], self.latent_dim, self.samples
         if eps is None:
             if rng is None:
@@ -232,38 +302,49 @@ class VAE:
             eps = rng.normal((s, n, d))
         else:
             eps = self._as_array(eps, "eps", (s, n, d), check_finite)
-        if kernels.enabled(self.backend):
-            # The same operations with in-place tails and fused kernels; the results are
-            # this method's to the last bit on NumPy (tests/test_fast_paths.py).
-            return kernels.vae_loss(self, x, eps)
-        mu, logvar = self.encode(x, check_finite=False)
-        z = reparameterize(mu, logvar, eps)
-        out = self.decoder_outputs(xp.reshape(z, (s * n, d)))
+        self._step = None                          # a failed loss leaves nothing to backward
+        mu, logvar = self._split(self.encoder.forward(x - self.input_shift))
+        z = reparameterize(mu, logvar, eps)                                   # (S, N, d)
+        out = self.decoder.forward(xp.reshape(z, (s * n, d)))
         targets = x if s == 1 else xp.reshape(xp.broadcast_to(x, (s, *x.shape)), (s * n, -1))
-        nll, dnll_dout = self.likelihood.nll(targets, out)
+        # loss = 1/(S N) sum_{s,n} nll_{s,n} + beta/N sum_n kl_n
+        nll, dloss_dout = self.likelihood.nll(targets, out, grad_scale=1.0 / (s * n))
         kl, dkl_dmu, dkl_dlogvar = kl_standard_normal(mu, logvar)
         recon = xp.mean(nll)  # = 1/N sum_n 1/S sum_s nll_{s,n}
         kl_mean = xp.mean(kl)
-        self._cache = (logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n)
-        return ELBOTerms(loss=recon + self.beta * kl_mean, kl=kl_mean, recon=recon)
+        terms = ELBOTerms(loss=recon + self.beta * kl_mean, kl=kl_mean, recon=recon)
+        if check_finite:
+            self._check_loss(terms, logvar)
+        self._step = _Step(logvar, eps, dloss_dout, dkl_dmu, dkl_dlogvar)
+        return terms
+
+    def _check_loss(self, terms: ELBOTerms, logvar) -> None:
+        values = self.backend.to_numpy(self.backend.xp.stack([terms.kl, terms.recon]))
+        kl, recon = (float(v) for v in values)
+        if math.isfinite(kl) and math.isfinite(recon):
+            return
+        largest = float(self.backend.to_numpy(self.backend.xp.max(logvar)))
+        raise FloatingPointError(
+            f"VAE.loss: the loss is not finite (KL {kl}, reconstruction {recon}; the "
+            f"largest encoder logvar is {largest:g}, and exp() overflows above "
+            f"{math.log(np.finfo(self.backend.numpy_dtype).max):.0f}); training has diverged: "
+            f"lower the learning rate or clip the gradient norm")
 
     def backward(self) -> None:
-        """Write d loss / d parameter into ``self.parameters.grads`` (all of them)."""
-        if self._cache is None:
-            raise RuntimeError("VAE.backward called before VAE.loss")
-        if kernels.enabled(self.backend) or kernels.owns_cache(self._cache):
-            return kernels.vae_backward(self)  # same results, fewer passes (see loss)
+        """Write d loss / d parameter into ``self.parameters.grads`` (all of them), from
+        what the last :meth:`loss` kept; once per loss."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("VAE.backward called before VAE.loss (or twice for one loss)")
+        self._step = None
         xp = self.backend.xp
-        logvar, eps, dnll_dout, dkl_dmu, dkl_dlogvar, n = self._cache
-        s, d = self.samples, self.latent_dim
-        # loss = 1/(S N) sum_{s,n} nll_{s,n} + beta/N sum_n kl_n
-        dz = self.decoder.backward(dnll_dout * (1.0 / (s * n)))
-        dmu, dlogvar = reparameterize_backward(xp.reshape(dz, (s, n, d)), logvar, eps)
-        dmu = dmu + (self.beta / n) * dkl_dmu
-        dlogvar = dlogvar + (self.beta / n) * dkl_dlogvar
+        s, n, d = step.eps.shape
+        dz = self.decoder.backward(step.dloss_dout)                           # (S N, d)
+        dmu, dlogvar = reparameterize_backward(xp.reshape(dz, (s, n, d)), step.logvar, step.eps)
+        dmu = dmu + (self.beta / n) * step.dkl_dmu
+        dlogvar = dlogvar + (self.beta / n) * step.dkl_dlogvar
         # x needs no gradient: skip the encoder's first dx, its largest backward product.
         self.encoder.backward(xp.concat([dmu, dlogvar], axis=1), input_grad=False)
-        self._cache = None
 
     # ----------------------------------------------------------------------------------
     # Evaluation: the importance-sampled marginal likelihood
@@ -299,12 +380,16 @@ class VAE:
             z = mu + std * eps
             log_w = self._log_px_given_z(x, z) - 0.5 * xp.sum(z * z, axis=2) \
                 + 0.5 * (sum_logvar + xp.sum(eps * eps, axis=2))
-            # Running logsumexp over chunks: rescale the old sum to the new maximum.
+            # Running logsumexp over chunks: rescale the old sum to the new maximum. A
+            # maximum still at -inf (every weight zero so far) shifts by 0 instead, so
+            # that -inf - -inf never makes a NaN: the sum stays 0 and its log -inf.
             new_max = xp.maximum(running_max, xp.max(log_w, axis=0))
-            running_sum = running_sum * xp.exp(running_max - new_max) \
-                + xp.sum(xp.exp(log_w - new_max), axis=0)
+            shift = xp.where(xp.isfinite(new_max), new_max, 0.0)
+            running_sum = running_sum * xp.exp(running_max - shift) \
+                + xp.sum(xp.exp(log_w - shift), axis=0)
             running_max = new_max
-        return xp.log(running_sum) + running_max - math.log(num_samples)
+        shift = xp.where(xp.isfinite(running_max), running_max, 0.0)
+        return xp.log(running_sum) + shift - math.log(num_samples)
 
     def log_importance_weights(self, x, eps):
         """ln w_k = ln p(x|z_k) + ln p(z_k) - ln q(z_k|x) for given noise eps (K, N, d),

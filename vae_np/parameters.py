@@ -72,13 +72,27 @@ class Parameters:
         if missing or unexpected:
             raise ValueError(f"arrays: parameter names differ (missing {missing}, "
                              f"unexpected {unexpected})")
-        for name, shape in self.shapes.items():
-            value = np.asarray(arrays[name])
-            if tuple(value.shape) != shape:
-                raise ValueError(f"arrays[{name!r}]: expected shape {shape}, got {value.shape}")
-            if not np.issubdtype(value.dtype, np.floating):
-                raise TypeError(f"arrays[{name!r}]: expected a floating dtype, got {value.dtype}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"arrays[{name!r}]: contains NaN or inf")
-        for name in self.shapes:
-            self.values[name][...] = self.backend.asarray(arrays[name])
+        # Every array is checked, in the model's dtype (1e300 is finite in float64 and inf
+        # in float32), before any is copied: a bad file changes nothing.
+        converted = {name: as_finite_host_array(arrays[name], f"arrays[{name!r}]", shape,
+                                                self.backend.numpy_dtype)
+                     for name, shape in self.shapes.items()}
+        for name, value in converted.items():
+            self.values[name][...] = self.backend.asarray(value)
+
+
+def as_finite_host_array(value, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """``value`` (host data) as a NumPy array of ``dtype`` after checking its shape, that
+    it is floating point, and that it is finite *after* the cast."""
+    value = np.asarray(value)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
+    if not np.issubdtype(value.dtype, np.floating):
+        raise TypeError(f"{name}: expected a floating dtype, got {value.dtype}")
+    with np.errstate(over="ignore"):
+        cast = value.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        what = "contains NaN or inf" if not np.all(np.isfinite(value)) else \
+            f"holds values too large for {np.dtype(dtype).name} (they become inf)"
+        raise ValueError(f"{name}: {what}")
+    return cast
