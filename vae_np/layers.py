@@ -16,7 +16,7 @@ MLP's backward takes the variant that its forward took.
 Gradients are *written* (``grads[k][...] = ...``), not rebound, because the model may
 point ``params`` and ``grads`` at views of one flat buffer (see ``vae_np.parameters``).
 Shapes: ``N`` is the batch size, ``D_in``/``D_out`` the feature sizes.
-The derivations are in docs/derivations.md, section "Layers".
+The derivations are in docs/03-layers.md, section "Linear" and the ones after it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Every function returns ``(value, *grads)``:
   example's own gradient, since examples do not interact).
 
 Rows are examples (N) and columns are dimensions (d latent or c pixel dimensions); the
-value sums over columns. Derivations: docs/derivations.md, section "Losses".
+value sums over columns. Derived in docs/04-losses.md, section "KL to the standard normal" on.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def gaussian_fixed_nll(x, mu, variance: float, reduction: str = "none"):
         d/dmu_i = (mu_i - x_i) / lambda
 
     The popular loss 1/2 sum (x - mu)^2 + lambda KL is this likelihood times lambda,
-    constant dropped (docs/derivations.md, "Fixed-variance Gaussian").
+    constant dropped (docs/04-losses.md, "Fixed-variance Gaussian").
 
     Args:
         x, mu: (N, c); variance: lambda > 0.

@@ -1,7 +1,7 @@
 """Optimizers over a model's flat parameter buffer: Adam and SGD with momentum.
 
 Both update ``Parameters.data`` in place from ``Parameters.grad``, optionally after
-clipping the gradient's global L2 norm. Derivations: docs/derivations.md, "Adam".
+clipping the gradient's global L2 norm. Derivations: docs/06-adam.md, "Adam".
 """
 
 from __future__ import annotations
