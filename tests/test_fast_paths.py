@@ -235,8 +235,11 @@ def adam_on_buffer(backend, p, **kwargs):
 
 def reference_adam_step(p, g, m, v, t, lr, betas, eps):
     """optim.Adam._update_reference, written against plain buffers."""
+    tiny = np.finfo(p.dtype).tiny
     m[...] = betas[0] * m + (1.0 - betas[0]) * g
     v[...] = betas[1] * v + (1.0 - betas[1]) * (g * g)
+    m[...] = np.where(np.abs(m) < tiny, 0.0, m)
+    v[...] = np.where(v < tiny, 0.0, v)
     m_hat = m / (1.0 - betas[0] ** t)
     v_hat = v / (1.0 - betas[1] ** t)
     p[...] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
@@ -429,63 +432,83 @@ def test_results_handed_to_the_caller_survive_later_steps(decoder):
 
 
 # ------------------------------------------------------------------------------------------
-# Adam's float32 kernel through subnormal moments
+# Adam's moments never go subnormal
 
 
-def adam_buffers_with_dead_lanes(n, emulated_from, seed=0):
-    """Float32 Adam state where a third of the lanes are 'dead' (g = +-0, a first moment
-    already tiny or subnormal, of either sign, or a small normal heading there), and from
-    index ``emulated_from`` on, a sprinkling of every other small value, which sends those
-    chunks through the emulation: tiny gradients (their square underflows), subnormal v
-    and p, zero p."""
+def adam_buffers_with_dead_lanes(dtype, n, seed=0):
+    """Adam state where a third of the lanes are 'dead' (g = +-0 every step, a first
+    moment already tiny, subnormal, of either sign, or the last normals), plus a sprinkling
+    of other small values: tiny gradients (their square underflows), subnormal v and p,
+    zero p, and NaN in one gradient lane."""
     rng = np.random.default_rng(seed)
-    p = (rng.standard_normal(n) * 0.05).astype("float32")
-    m = (rng.standard_normal(n) * 1e-4).astype("float32")
-    v = (rng.random(n) * 1e-7).astype("float32")
+    info = np.finfo(dtype)
+    p = (rng.standard_normal(n) * 0.05).astype(dtype)
+    m = (rng.standard_normal(n) * 1e-4).astype(dtype)
+    v = (rng.random(n) * 1e-7).astype(dtype)
     dead = rng.random(n) < 0.35
-    m[dead] = (rng.integers(-3000, 3000, dead.sum()) * np.float32(1.4e-45)).astype("float32")
-    late = np.arange(n) >= emulated_from
+    m[dead] = (rng.integers(-3000, 3000, dead.sum()) * info.smallest_subnormal).astype(dtype)
     few = lambda fraction: rng.random(n) < fraction  # noqa: E731
-    m[few(0.01) & dead] = np.float32(-2e-31)                  # small normal, heading down
-    m[few(0.01) & dead] = np.float32(1.3e-38)                 # the last normals
-    p[few(3e-3) & late] = np.float32(1e-40)
-    p[few(3e-3) & late] = -0.0
-    v[few(3e-3) & late] = np.float32(3e-41)
-    tiny_g = few(3e-3) & late & ~dead
+    m[few(0.01) & dead] = info.tiny * 1.05                   # the last normals, heading down
+    m[few(0.01) & dead] = -info.tiny * 3
+    p[few(3e-3)] = info.smallest_subnormal * 7
+    p[few(3e-3)] = -0.0
+    v[few(3e-3)] = info.smallest_subnormal * 3
+    tiny_g = few(3e-3) & ~dead
     return p, m, v, dead, tiny_g
 
 
-def adam_gradients(n, dead, tiny_g, step, seed=1):
+def adam_gradients(dtype, n, dead, tiny_g, step, seed=1):
     rng = np.random.default_rng((seed, step))
-    g = (rng.standard_normal(n) * 1e-3).astype("float32")
-    g[dead] = np.where(rng.random(dead.sum()) < 0.5, np.float32(0.0), np.float32(-0.0))
-    g[tiny_g] = np.float32(3e-21)
+    g = (rng.standard_normal(n) * 1e-3).astype(dtype)
+    g[dead] = np.where(rng.random(dead.sum()) < 0.5, 0.0, -0.0).astype(dtype)
+    g[tiny_g] = np.sqrt(np.finfo(dtype).tiny) / 8        # its square is subnormal
     return g
 
 
-@pytest.mark.parametrize("lr, eps", [(1e-3, 1e-8), (1.0, 1e-30)])
-@pytest.mark.parametrize("watch_every", (1, 16))
-def test_float32_adam_is_bit_identical_through_subnormal_moments(lr, eps, watch_every,
-                                                                monkeypatch):
-    """The guarded float32 kernel (dead lanes, emulated chunks, chunks switching between
-    the plain and the guarded loop) against the reference's NumPy arithmetic, bit for bit,
-    signed zeros and subnormals included. lr = 1, eps = 1e-30 puts the floor above which a
-    dead lane's p provably stays so high that every chunk is emulated instead."""
-    compiled = pytest.importorskip("numba") and get_backend("numpy", "float32").numba
-    monkeypatch.setattr(Adam, "WATCH_EVERY", watch_every)
-    n = 3 * compiled.CHUNK + 123
-    backend = get_backend("numpy", "float32")
-    p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(n, emulated_from=2 * compiled.CHUNK)
+def subnormal_count(a) -> int:
+    return int(np.count_nonzero((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)))
+
+
+@pytest.mark.parametrize("path", ("numba", "numpy", "reference-object"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_flushes_subnormal_moments_on_every_path(dtype, path, monkeypatch):
+    """Through dead lanes, tiny gradients and subnormal inputs, every path gives the
+    reference's bits (signed zeros included) and no moment is subnormal after a step."""
+    if path == "numba":
+        pytest.importorskip("numba")
+    elif path == "numpy":
+        without_numba(monkeypatch)
+    n = 3 * Adam.CHUNK // 2 + 123 if path == "numpy" else 5000
+    backend = get_backend("numpy", dtype)
+    p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(dtype, n)
+    assert subnormal_count(m) > n // 10                       # the start is subnormal
     ref = [p.copy(), m.copy(), v.copy()]
-    betas = (0.9, 0.999)
+    betas, lr, eps = (0.9, 0.999), 1e-3, 1e-8
     params, opt = adam_on_buffer(backend, p, lr=lr, betas=betas, eps=eps)
     opt.m[...], opt.v[...] = m, v
-    for t in range(1, 41):
-        g = adam_gradients(n, dead, tiny_g, t)
+    for t in range(1, 31):
+        g = adam_gradients(dtype, n, dead, tiny_g, t)
         params.grad[...] = g
-        opt.step()
-        reference_adam_step(*ref[:1], g, *ref[1:], t, lr, betas, eps)
+        if path == "reference-object":
+            with use_fast_paths(False):
+                opt.step()
+        else:
+            opt.step()
+        reference_adam_step(ref[0], g, ref[1], ref[2], t, lr, betas, eps)
+        bits = f"u{np.dtype(dtype).itemsize}"
         for fast, reference in zip((params.data, opt.m, opt.v), ref):
-            assert np.array_equal(fast.view("u4"), reference.view("u4")), f"step {t}"
-    assert opt._subnormal_guard.any()               # the guarded loop did run
-    assert np.count_nonzero((opt.m != 0) & (np.abs(opt.m) < np.finfo("float32").tiny)) > n // 10
+            assert np.array_equal(fast.view(bits), reference.view(bits)), f"step {t}"
+        assert subnormal_count(opt.m) == 0 and subnormal_count(opt.v) == 0, f"step {t}"
+    assert np.count_nonzero(opt.m[dead] == 0) == dead.sum()  # the dead lanes' moments are 0
+
+
+def test_adam_keeps_nan_moments_visible():
+    """The flush compares |m| < tiny, which is false for NaN: a NaN gradient still shows up
+    as NaN (and the trainer's divergence check sees it) instead of being zeroed."""
+    backend = get_backend("numpy", "float64")
+    for fast in (True, False):
+        params, opt = adam_on_buffer(backend, np.zeros(4))
+        params.grad[...] = [np.nan, 1.0, 0.0, -1.0]
+        with use_fast_paths(fast):
+            opt.step()
+        assert np.isnan(opt.m[0]) and np.isnan(opt.v[0]) and np.isnan(params.data[0])

@@ -19,9 +19,12 @@ OPTIONS = ("--fmad=false",)
 #: them; ``T`` is the floating type of the arrays (float or double).
 SOURCES = {
     # Adam, the reference's expression order (optim.Adam._update_reference).
-    "adam": ("T g, T b1, T c1, T b2, T c2, T d1, T d2, T lr, T eps", "T p, T m, T v", """
+    # Moments below tiny (the smallest normal number) become +0; NaN compares false and stays.
+    "adam": ("T g, T b1, T c1, T b2, T c2, T d1, T d2, T lr, T eps, T tiny", "T p, T m, T v", """
         T mi = b1 * m + c1 * g;
         T vi = b2 * v + c2 * (g * g);
+        if (fabs(mi) < tiny) mi = (T)0;
+        if (vi < tiny) vi = (T)0;
         m = mi;
         v = vi;
         p = p - lr * (mi / d1) / (sqrt(vi / d2) + eps);
@@ -49,6 +52,14 @@ SOURCES = {
         term = (var_minus_one - logvar) + mu * mu;
         dlogvar = (T)0.5 * var_minus_one;
     """),
+}
+
+#: name -> the inputs its caller passes as scalars (NumPy scalars of the array dtype),
+#: which CuPy hands the kernel by value (``const T b1``) rather than as an array element
+#: (``const T &g``). Only tests/test_cuda_sources.py reads it, to compile each kernel as
+#: it is called; a kernel not listed takes arrays only.
+SCALAR_INPUTS = {
+    "adam": ("b1", "c1", "b2", "c2", "d1", "d2", "lr", "eps"),
 }
 
 _compiled: dict = {}

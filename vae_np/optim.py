@@ -7,7 +7,6 @@ clipping the gradient's global L2 norm. Derivations: docs/06-adam.md, "Adam".
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 
@@ -103,8 +102,20 @@ class Adam(Optimizer):
 
         m_t = beta1 m_{t-1} + (1 - beta1) g_t
         v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
+        m_t, v_t = 0 where below the dtype's smallest normal number in magnitude
         m_hat = m_t / (1 - beta1^t),   v_hat = v_t / (1 - beta2^t)
         theta_t = theta_{t-1} - lr m_hat / (sqrt(v_hat) + eps)
+
+    The third line is ours, not the paper's. A weight whose gradient is exactly 0 step
+    after step (a ReLU unit that no example activates) has its first moment multiplied by
+    beta1 each step; in float32 it reaches the subnormal range (below 2^-126) after some
+    700 steps and would stay there, and arithmetic on subnormal numbers takes a microcode
+    assist of about a hundred cycles on x86: every later step pays several times over
+    (benchmarks/README.md measures it). Flushing such moments to zero changes each affected
+    update by less than lr 2^-126 / eps (about 1e-33 with the defaults), far below a
+    float32 parameter's last place, so training is unchanged, and it is part of the
+    algorithm on every path and backend, reference included, so all paths give the same
+    bits.
     """
 
     _buffers = ("m", "v")
@@ -123,7 +134,8 @@ class Adam(Optimizer):
         backend = parameters.backend
         self.m = backend.zeros((parameters.size,))
         self.v = backend.zeros((parameters.size,))
-        self._subnormal_guard = None    # the float32 kernel's per-chunk flags (see below)
+        # the smallest normal number of the parameters' dtype: moments below it are flushed
+        self.tiny = float(np.finfo(backend.numpy_dtype).tiny)
 
     def _update(self) -> None:
         if self.parameters.backend.fast:
@@ -137,26 +149,22 @@ class Adam(Optimizer):
         g = self.parameters.grad
         self.m[...] = self.beta1 * self.m + (1.0 - self.beta1) * g
         self.v[...] = self.beta2 * self.v + (1.0 - self.beta2) * (g * g)
+        self.m[...] = xp.where(xp.abs(self.m) < self.tiny, 0.0, self.m)
+        self.v[...] = xp.where(self.v < self.tiny, 0.0, self.v)
         m_hat = self.m / (1.0 - self.beta1 ** self.t)
         v_hat = self.v / (1.0 - self.beta2 ** self.t)
         self.parameters.data[...] = self.parameters.data - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
     # ----------------------------------------------------------------------------------
-    # The fast variant: the reference's fourteen operations in one pass over the flat
-    # buffers, without temporaries (the reference makes some fourteen passes and five
-    # temporaries over 1.4 M parameters): one ElementwiseKernel on CuPy, a compiled loop
-    # with numba, else cache-sized chunks with two scratch buffers. The same bits on
-    # NumPy (tests/test_fast_paths.py).
+    # The fast variant: the reference's operations in one pass over the flat buffers,
+    # without temporaries (the reference makes some sixteen passes and five temporaries
+    # over 1.4 M parameters): one ElementwiseKernel on CuPy, a compiled loop with numba,
+    # else cache-sized chunks with a few scratch buffers. The same bits on NumPy
+    # (tests/test_fast_paths.py).
 
-    # Elements per chunk of the NumPy loop: six chunk-sized arrays (four operands, two
-    # scratch) stay in a 2 MiB L2 cache in float64 (1.5 MiB), so the fourteen passes read
-    # main memory once instead of fourteen times.
+    # Elements per chunk of the NumPy loop: the chunk-sized operands and scratch stay in a
+    # 2 MiB L2 cache in float64, so the passes read main memory once instead of each time.
     CHUNK = 1 << 15
-
-    # Steps between the float32 kernel's looks for moments heading to subnormals (they take
-    # some 170 steps from 2^-100, where it looks, to 2^-126); looking costs about 20 % of
-    # the kernel, so it looks one step in WATCH_EVERY.
-    WATCH_EVERY = 16
 
     def _update_fused(self) -> None:
         params = self.parameters
@@ -166,35 +174,26 @@ class Adam(Optimizer):
         # Round each Python-float constant to the array dtype once, as NumPy does when a
         # Python float meets an array (c1 = 1 - beta1 is formed in double first, as there).
         consts = (dt(self.beta1), dt(1.0 - self.beta1), dt(self.beta2), dt(1.0 - self.beta2),
-                  dt(1.0 - self.beta1 ** t), dt(1.0 - self.beta2 ** t), dt(self.lr), dt(self.eps))
-        compiled = backend.numba
+                  dt(1.0 - self.beta1 ** t), dt(1.0 - self.beta2 ** t), dt(self.lr), dt(self.eps),
+                  dt(self.tiny))
         if backend.name == "cupy":
             backend.cuda_kernel("adam")(g, *consts, p, m, v)
-        elif compiled is not None and p.dtype == backend.native.float32:
-            # float32 moments of dead units reach subnormals; this kernel gives the same
-            # bits without subnormal arithmetic (_numba_kernels, "guarded against
-            # subnormal moments"), keeping one flag per chunk between steps
-            chunks = -(-p.shape[0] // compiled.CHUNK)
-            if self._subnormal_guard is None or self._subnormal_guard.shape != (chunks,):
-                self._subnormal_guard = backend.native.zeros(chunks, dtype=bool)
-            floor = self.dead_p_floor(consts[6], consts[4], consts[7])
-            compiled.adam_guarded(p, g, m, v, *consts, floor, self._subnormal_guard,
-                                  (t - 1) % self.WATCH_EVERY == 0)
-        elif compiled is not None:
-            compiled.adam(p, g, m, v, *consts)
+        elif backend.numba is not None:
+            backend.numba.adam(p, g, m, v, *consts)
         else:
             self._update_chunked(backend.native, p, g, m, v, *consts)
 
     @classmethod
-    def _update_chunked(cls, nx, p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps):
-        """The reference's fourteen operations, chunk by chunk, into two scratch buffers."""
+    def _update_chunked(cls, nx, p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps, tiny):
+        """The reference's operations, chunk by chunk, into scratch buffers."""
         n = p.shape[0]
         size = min(n, cls.CHUNK)
         s1, s2 = nx.empty(size, dtype=p.dtype), nx.empty(size, dtype=p.dtype)
+        small = nx.empty(size, dtype=bool)
         for lo in range(0, n, size):
             hi = min(lo + size, n)
             pc, gc, mc, vc = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
-            t1, t2 = s1[:hi - lo], s2[:hi - lo]
+            t1, t2, flush = s1[:hi - lo], s2[:hi - lo], small[:hi - lo]
             nx.multiply(mc, b1, out=mc)           # m = beta1 m + (1 - beta1) g
             nx.multiply(gc, c1, out=t1)
             nx.add(mc, t1, out=mc)
@@ -202,6 +201,11 @@ class Adam(Optimizer):
             nx.multiply(t1, c2, out=t1)
             nx.multiply(vc, b2, out=vc)
             nx.add(vc, t1, out=vc)
+            nx.abs(mc, out=t1)                    # moments below tiny become +0
+            nx.less(t1, tiny, out=flush)
+            nx.copyto(mc, 0.0, where=flush)
+            nx.less(vc, tiny, out=flush)
+            nx.copyto(vc, 0.0, where=flush)
             nx.divide(vc, d2, out=t1)             # sqrt(v_hat) + eps
             nx.sqrt(t1, out=t1)
             nx.add(t1, eps, out=t1)
@@ -209,21 +213,6 @@ class Adam(Optimizer):
             nx.multiply(t2, lr, out=t2)
             nx.divide(t2, t1, out=t2)
             nx.subtract(pc, t2, out=pc)
-
-    @staticmethod
-    def dead_p_floor(lr, d1, eps) -> int:
-        """The bits of the smallest float32 |p| that a dead lane of the guarded kernel
-        keeps unchanged: with g = +-0 and |m| < 2^-100, |m_new| < 2^-100, so the update
-        lr (m_new / d1) / (sqrt(v_hat) + eps) is below u = (lr (2^-100 / d1 + 2^-149) +
-        2^-149) / eps (the 2^-149 terms bound the roundings on the subnormal grid, the
-        factor the relative ones), and |p| >= 2^26 u puts it below a quarter of p's last
-        place: p - update rounds back to p. The bits of +inf when no lane qualifies."""
-        lr, d1, eps = float(lr), float(d1), float(eps)
-        u = (lr * (2.0 ** -100 / d1 + 2.0 ** -149) + 2.0 ** -149) / eps * (1.0 + 2.0 ** -20)
-        floor = u * 2.0 ** 26
-        if not floor < 2.0 ** 127:
-            return 0x7F800000
-        return struct.unpack("<I", struct.pack("<f", floor))[0] + 1   # one float32 step above
 
 
 class SGD(Optimizer):
