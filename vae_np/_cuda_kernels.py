@@ -59,7 +59,7 @@ SOURCES = {
 #: (``const T &g``). Only tests/test_cuda_sources.py reads it, to compile each kernel as
 #: it is called; a kernel not listed takes arrays only.
 SCALAR_INPUTS = {
-    "adam": ("b1", "c1", "b2", "c2", "d1", "d2", "lr", "eps"),
+    "adam": ("b1", "c1", "b2", "c2", "d1", "d2", "lr", "eps", "tiny"),
 }
 
 _compiled: dict = {}
