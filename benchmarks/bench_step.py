@@ -155,11 +155,41 @@ def subnormal_moments(backend, opt) -> int:
     some 700 steps and stays there (0.9 times the smallest subnormal rounds back to it).
     Arithmetic on subnormals takes a microcode assist on x86: once a third of the moments
     are subnormal, PyTorch's step at batch 32 is 1.6 times slower and vae_np's twice as
-    slow (four times before its float32 Adam learned to step around them). The timed rows
-    mostly stay below that point; this counts them."""
+    slow (four times before vae_np's Adam learned to step around them). vae_np's Adam now
+    flushes such moments to zero (optim.Adam), so this count stays 0; PyTorch's does not."""
     tiny = np.finfo(backend.numpy_dtype).tiny
     return sum(int(np.count_nonzero((buf != 0) & (np.abs(buf) < tiny)))
                for buf in (backend.to_numpy(opt.m), backend.to_numpy(opt.v)))
+
+
+def bordered_batch(batch: int, border: int = 4, seed: int = 0) -> np.ndarray:
+    """Binary 'images' whose outer ``border`` pixels are always 0, as MNIST's are: the
+    encoder's first-layer weights of those pixels get exactly zero gradient, step after
+    step, which is what ages Adam's moments towards the subnormal range in a real run."""
+    x = binary_batch(batch, seed).reshape(batch, 28, 28)
+    x[:, :border, :] = x[:, -border:, :] = 0.0
+    x[:, :, :border] = x[:, :, -border:] = 0.0
+    return x.reshape(batch, INPUT_DIM)
+
+
+def make_aged_vae_np(backend, config, batch, steps: int):
+    """:func:`make_vae_np` after ``steps`` untimed steps on :func:`bordered_batch` data:
+    the state a real run reaches (moments of dead weights aged by beta1^steps)."""
+    model, opt, _ = make_vae_np(backend, config, batch)
+    rng = backend.rng(2)
+    batches = [backend.asarray(bordered_batch(batch, seed=i)) for i in range(8)]
+    for i in range(steps):
+        model.loss(batches[i % len(batches)], rng=rng, check_finite=False)
+        model.backward()
+        opt.step()
+    x = batches[0]
+
+    def step():
+        model.loss(x, rng=rng, check_finite=False)
+        model.backward()
+        opt.step()
+
+    return model, opt, step
 
 
 def make_torch(torch, device, dtype_name, config, batch, fused_adam: bool, init_from=None):
@@ -311,6 +341,7 @@ class Report:
     machine: dict = field(default_factory=dict)
     peaks_gflops: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
+    steady_state: list = field(default_factory=list)
     evaluation: list = field(default_factory=list)
 
 
@@ -355,6 +386,10 @@ def main(argv=None) -> int:
                    help="time the readable reference code (every op's fast variant off)")
     p.add_argument("--eval-images", type=int, default=None,
                    help=f"images in the K={EVAL_SAMPLES} evaluation (default 100; 10 quick; 0 skips)")
+    p.add_argument("--aged-steps", type=int, default=None,
+                   help="steady-state rows: the starting configuration at batch 32 after this "
+                        "many untimed steps on MNIST-like data with an empty border, timed "
+                        "beside a fresh model (default 2000; 0 skips; 300 quick)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
@@ -451,6 +486,31 @@ def main(argv=None) -> int:
                         print(f"    note: {subnormal} subnormal Adam moments after the timed "
                               "steps; the step slows down as they accumulate (see "
                               "subnormal_moments)", flush=True)
+
+    aged_steps = args.aged_steps if args.aged_steps is not None else (300 if args.quick else 2000)
+    if aged_steps > 0:
+        print(f"\nsteady state: starting configuration, batch 32, after {aged_steps} steps "
+              "(float32 moments of dead weights reach subnormals after ~700 steps unless "
+              "flushed) beside a fresh model, interleaved:")
+        for backend_name in backends:
+            for dtype in dtypes:
+                backend = get_backend(backend_name, dtype)
+                _, fresh_opt, fresh = make_vae_np(backend, CONFIGS["starting"], 32)
+                _, aged_opt, aged = make_aged_vae_np(backend, CONFIGS["starting"], 32, aged_steps)
+                ms = time_interleaved({"fresh": fresh, "aged": aged},
+                                      {"fresh": backend.synchronize, "aged": backend.synchronize},
+                                      rounds, block, args.settle_seconds)
+                zeros = int(np.count_nonzero(backend.to_numpy(aged_opt.m) == 0))
+                entry = {"backend": backend_name, "dtype": dtype, "aged_steps": aged_steps,
+                         "fresh_ms": ms["fresh"], "aged_ms": ms["aged"],
+                         "ratio": ms["aged"] / ms["fresh"],
+                         "subnormal_moments": subnormal_moments(backend, aged_opt),
+                         "zero_first_moments": zeros}
+                report.steady_state.append(entry)
+                print(f"  {backend_name} {dtype}: fresh {ms['fresh']:.2f} ms, after "
+                      f"{aged_steps} steps {ms['aged']:.2f} ms (x{entry['ratio']:.2f}); "
+                      f"{entry['subnormal_moments']} subnormal moments, {zeros:,} first "
+                      f"moments flushed to 0 or never moved", flush=True)
 
     print()
     print_table(report.rows)
