@@ -1,8 +1,13 @@
-"""The CuPy backend on a GPU: the step against NumPy float64, the fused kernels against the
-CuPy reference, and no host-device synchronisation inside a step.
+"""The CuPy backend on a GPU: each fused kernel against NumPy within a few ulps, the whole
+step against NumPy for every decoder and dtype, the fused kernels against CuPy's reference
+path, no host synchronisation inside a step, the RNG's bits, resume bit for bit, a GPU
+checkpoint on the CPU, and GPU memory given back after training.
 
-Skipped as a whole where CuPy is missing or sees no GPU (``importorskip`` plus a device
-check), so the CPU suite stays green; run ``pytest -m gpu`` on a machine with one.
+Skipped as a whole where CuPy is missing or cannot use a GPU (the reason is the backend's
+own one-line message), so the CPU suite stays green; on a machine with one, run
+``pytest -m gpu`` (``benchmarks/gpu_check.sh`` does, with everything else to check there).
+Only public entry points are used: ``VAE.loss``/``backward``, ``Adam``, ``Trainer``, the
+backend (``get_backend``, ``cuda_kernel``, ``use_fast_paths``, ``rng``).
 
 Tolerances. CuPy float64 against NumPy float64: cuBLAS sums in another order than OpenBLAS
 and CUDA's exp/tanh/log1p differ from NumPy's by an ulp or two, so values agree to about
@@ -10,26 +15,176 @@ and CUDA's exp/tanh/log1p differ from NumPy's by an ulp or two, so values agree 
 1e-9 and an absolute floor of 1e-12 times the largest gradient. The fused kernels against
 CuPy's own ufuncs: the same operations in the same order (compiled without FMA
 contraction), differing only where CUDA's inlined math functions round differently, so
-rtol 1e-10 in float64. float32 against float64: rtol 1e-3. Adam's kernel alone uses only
-correctly rounded operations and matches NumPy bit for bit.
+rtol 1e-10 in float64. float32 against float64: rtol 1e-3. Kernels made only of correctly
+rounded operations (+, -, *, /, sqrt, comparisons: Adam, bias+ReLU, ReLU backward) match
+NumPy bit for bit; those calling exp, expm1, log1p or tanh within 8 ulps of the operands'
+scale (CUDA's and NumPy's functions are each within 1-2 ulps, and a few roundings follow).
 """
 
 from __future__ import annotations
+
+import gc
+import time
 
 import numpy as np
 import pytest
 
 cupy = pytest.importorskip("cupy")
 
-from vae_np import VAE, Adam, kernels  # noqa: E402
-from vae_np.backend import cuda_available, get_backend  # noqa: E402
+from vae_np import VAE, Adam, use_fast_paths  # noqa: E402
+from vae_np._cuda_kernels import SOURCES  # noqa: E402
+from vae_np.backend import cuda_available, cuda_unavailable_reason, get_backend  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 if not cuda_available():
-    pytest.skip("CuPy is installed but no usable GPU was found", allow_module_level=True)
+    pytest.skip(f"no usable GPU: {cuda_unavailable_reason()}", allow_module_level=True)
 
 DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
+DTYPES = ("float32", "float64")
+
+
+# ------------------------------------------------------------------------------------------
+# Each fused kernel against NumPy
+
+
+def _ulps(got, want, ulps, scale=None, what=""):
+    """|got - want| <= ulps * spacing(max(|want|, scale)), elementwise; NaN where NaN."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan), f"{what}: NaN in different places"
+    magnitude = np.abs(want) if scale is None else np.maximum(np.abs(want), scale)
+    tolerance = ulps * np.spacing(magnitude.astype(want.dtype))
+    err = np.where(nan, 0, np.abs(got.astype(np.float64) - want.astype(np.float64)))
+    worst = np.unravel_index(np.argmax(err - tolerance), err.shape)
+    assert np.all(err <= tolerance), (
+        f"{what}: {int(np.sum(err > tolerance))} entries beyond {ulps} ulps; worst at "
+        f"{worst}: got {got[worst]!r}, want {want[worst]!r}")
+
+
+def _adam_case(rng, dt):
+    n = 4099
+    g = rng.standard_normal(n).astype(dt)
+    g[:4] = [0, np.finfo(dt).tiny / 4, np.nan, -np.finfo(dt).tiny / 2]
+    c = {k: dt(v) for k, v in dict(b1=0.9, c1=1 - 0.9, b2=0.999, c2=1 - 0.999,
+                                   d1=1 - 0.9 ** 3, d2=1 - 0.999 ** 3, lr=1e-3, eps=1e-8,
+                                   tiny=np.finfo(dt).tiny).items()}
+    values = dict(g=g, **c, p=rng.standard_normal(n).astype(dt),
+                  m=(rng.standard_normal(n) * 1e-3).astype(dt),
+                  v=(rng.random(n) * 1e-6).astype(dt))
+
+    def reference(a):
+        mi = a["b1"] * a["m"] + a["c1"] * a["g"]
+        vi = a["b2"] * a["v"] + a["c2"] * (a["g"] * a["g"])
+        mi = np.where(np.abs(mi) < a["tiny"], dt(0), mi)
+        vi = np.where(vi < a["tiny"], dt(0), vi)
+        p = a["p"] - a["lr"] * (mi / a["d1"]) / (np.sqrt(vi / a["d2"]) + a["eps"])
+        return {"p": p, "m": mi, "v": vi}, {}
+
+    return values, reference, 0
+
+
+def _bias_relu_case(rng, dt):
+    y = rng.standard_normal((33, 65)).astype(dt)
+    y[0, :3] = [np.nan, -0.0, 0.0]
+    values = dict(b=rng.standard_normal(65).astype(dt), y=y)
+
+    def reference(a):
+        s = a["y"] + a["b"]
+        return {"y": np.where((s > 0) | np.isnan(s), s, dt(0))}, {}
+
+    return values, reference, 0
+
+
+def _relu_backward_case(rng, dt):
+    out = np.maximum(rng.standard_normal((31, 17)), 0).astype(dt)
+    values = dict(out=out, dout=rng.standard_normal((31, 17)).astype(dt))
+    return values, lambda a: ({"dout": np.where(a["out"] > 0, a["dout"], dt(0))}, {}), 0
+
+
+def _reparameterize_case(rng, dt):
+    mu, logvar = (rng.standard_normal((16, 8)) * s for s in (1.0, 2.0))
+    eps = rng.standard_normal((3, 16, 8))
+    values = dict(mu=mu.astype(dt), logvar=logvar.astype(dt), eps=eps.astype(dt),
+                  z=np.zeros((3, 16, 8), dt))
+
+    def reference(a):
+        std_eps = np.exp(dt(0.5) * a["logvar"]) * a["eps"]
+        return {"z": a["mu"] + std_eps}, {"z": np.abs(a["mu"]) + np.abs(std_eps)}
+
+    return values, reference, 8
+
+
+def _bernoulli_case(rng, dt):
+    l = (rng.standard_normal((8, 257)) * 6).astype(dt)
+    l[0, :4] = [0, 40, -40, 1e-30]
+    values = dict(x=(rng.random((8, 257)) < 0.3).astype(dt), l=l,
+                  term=np.zeros((8, 257), dt), grad=np.zeros((8, 257), dt))
+
+    def reference(a):
+        x, l = a["x"], a["l"]
+        sp = np.maximum(l, dt(0)) + np.log1p(np.exp(-np.abs(l)))
+        grad = (dt(0.5) + dt(0.5) * np.tanh(dt(0.5) * l)) - x
+        return ({"term": sp - x * l, "grad": grad},
+                {"term": np.maximum(sp, np.abs(x * l)), "grad": np.ones_like(l)})
+
+    return values, reference, 8
+
+
+def _kl_case(rng, dt):
+    values = dict(mu=rng.standard_normal((16, 8)).astype(dt),
+                  logvar=(rng.standard_normal((16, 8)) * 3).astype(dt),
+                  term=np.zeros((16, 8), dt), dlogvar=np.zeros((16, 8), dt))
+
+    def reference(a):
+        vm1 = np.expm1(a["logvar"])
+        return ({"term": (vm1 - a["logvar"]) + a["mu"] * a["mu"], "dlogvar": dt(0.5) * vm1},
+                {"term": np.abs(vm1) + np.abs(a["logvar"]) + a["mu"] * a["mu"]})
+
+    return values, reference, 8
+
+
+#: kernel -> (inputs and outputs as host arrays / scalars, NumPy reference, ulps)
+KERNEL_CASES = {"adam": _adam_case, "bias_relu": _bias_relu_case,
+                "relu_backward": _relu_backward_case, "reparameterize": _reparameterize_case,
+                "bernoulli": _bernoulli_case, "kl": _kl_case}
+
+
+def _names(spec):
+    return [part.split()[-1] for part in spec.split(",") if part.strip()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_each_fused_kernel_matches_numpy(name, dtype):
+    if name not in KERNEL_CASES:
+        pytest.fail(f"kernel {name!r} of _cuda_kernels.SOURCES has no NumPy reference in "
+                    f"tests/test_gpu.py (KERNEL_CASES): add one")
+    dt = np.dtype(dtype).type
+    values, reference, ulps = KERNEL_CASES[name](np.random.default_rng(0), dt)
+    ins, outs = _names(SOURCES[name][0]), _names(SOURCES[name][1])
+    assert sorted(values) == sorted(ins + outs), (
+        f"SOURCES[{name!r}] now takes {ins} -> {outs}: update its case in KERNEL_CASES")
+    want, scales = reference({k: np.copy(v) for k, v in values.items()})
+    backend = get_backend("cupy", dtype)
+    device = {k: (v if np.ndim(v) == 0 else backend.asarray(v)) for k, v in values.items()}
+    backend.cuda_kernel(name)(*[device[k] for k in ins + outs])
+    for out in outs:
+        got = backend.to_numpy(device[out])
+        expected = np.asarray(want[out]).astype(dtype)
+        if ulps == 0:
+            bits = np.uint32 if dtype == "float32" else np.uint64
+            same = np.array_equal(got.view(bits), expected.view(bits))
+            assert same or np.array_equal(got, expected, equal_nan=True), (
+                f"{name}.{out}: not bit-identical to NumPy "
+                f"({int(np.sum(got != expected))} entries differ)")
+        else:
+            _ulps(got, expected, ulps, scales.get(out), what=f"{name}.{out}")
+
+
+# ------------------------------------------------------------------------------------------
+# The whole step against NumPy, and the fused kernels against CuPy's reference path
 
 
 def run(backend_name, dtype, decoder="bernoulli", samples=1, steps=3, fast=True,
@@ -38,7 +193,7 @@ def run(backend_name, dtype, decoder="bernoulli", samples=1, steps=3, fast=True,
     fixed data and noise drawn on the host, identical for every backend."""
     backend = get_backend(backend_name, dtype)
     data = np.random.default_rng(0)
-    with kernels.use_fast_paths(fast):
+    with use_fast_paths(fast):
         model = VAE(input_dim, hidden, latent_dim, decoder=decoder, samples=samples,
                     backend=backend, seed=1)
         opt = Adam(model.parameters, lr=1e-3)
@@ -91,33 +246,67 @@ def test_fused_kernels_match_the_cupy_reference(decoder, samples):
                  rtol=1e-10, grad_floor=1e-13, param_atol=1e-12)
 
 
-def test_fused_adam_is_bit_identical_to_numpy():
-    """Adam's kernel is compiled without FMA contraction and uses only +, -, *, / and sqrt,
-    which CUDA rounds correctly: the same bits as NumPy's reference."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_on_the_gpu_is_bit_identical_to_numpy(dtype):
+    """Adam's kernel uses only correctly rounded operations, compiled without FMA
+    contraction: the same bits as NumPy's reference update, step after step, through the
+    public optimizer (gradients set by hand)."""
     rng = np.random.default_rng(0)
-    for dtype in ("float32", "float64"):
-        gpu, cpu = get_backend("cupy", dtype), get_backend("numpy", dtype)
-        host = [rng.standard_normal(10_007).astype(dtype) for _ in range(2)]
-        state = {}
-        for backend in (gpu, cpu):
-            p, g = backend.asarray(host[0]), backend.asarray(host[1])
-            m, v = backend.zeros((p.shape[0],)), backend.zeros((p.shape[0],))
-            for t in range(1, 4):
-                if backend is gpu:
-                    assert kernels.adam_update(gpu, p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, t)
-                else:
-                    with kernels.use_fast_paths(False):  # NumPy's readable reference
-                        m[...] = 0.9 * m + (1.0 - 0.9) * g
-                        v[...] = 0.999 * v + (1.0 - 0.999) * (g * g)
-                        p[...] = p - 1e-3 * (m / (1.0 - 0.9 ** t)) / (
-                            np.sqrt(v / (1.0 - 0.999 ** t)) + 1e-8)
-            state[backend.name] = [backend.to_numpy(a) for a in (p, m, v)]
-        for a, b in zip(state["cupy"], state["numpy"]):
-            assert np.array_equal(a, b)
+    grads = [rng.standard_normal(10_007).astype(dtype) for _ in range(3)]
+    state = {}
+    for name, fast in (("cupy", True), ("numpy", False)):
+        backend = get_backend(name, dtype)
+        with use_fast_paths(fast):
+            model = VAE(100, (50,), 2, backend=backend, seed=3)  # 10,504 parameters
+            size = model.parameters.grad.shape[0]
+            opt = Adam(model.parameters, lr=1e-3)
+            for g in grads:
+                model.parameters.grad[...] = backend.asarray(np.resize(g, size))
+                opt.step()
+        state[name] = [backend.to_numpy(model.parameters.data)] + [
+            np.asarray(v) for _, v in sorted(opt.state_dict().items())]
+    for a, b in zip(state["cupy"], state["numpy"]):
+        assert np.array_equal(a, b)
 
 
-def _model_and_step(decoder="bernoulli"):
-    backend = get_backend("cupy", "float32")
+# ------------------------------------------------------------------------------------------
+# Random numbers
+
+
+def test_one_reseeded_philox_generator_gives_the_bits_of_fresh_ones():
+    """RNG keeps one cuRAND generator and re-seeds it per draw; the bits must be those of
+    a new generator per draw (the design before), so runs and checkpoints are unchanged."""
+    philox = cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
+    for dtype in DTYPES:
+        backend = get_backend("cupy", dtype)
+        rng = backend.rng(123)
+        seq = np.random.SeedSequence(123)
+        for call, (kind, shape) in enumerate([("normal", (7, 3)), ("uniform", (5,)),
+                                              ("normal", (1, 32, 64)), ("normal", (3,)),
+                                              ("uniform", (1000,)), ("normal", (2, 2))]):
+            got = getattr(rng, kind)(shape)
+            key = int(np.random.SeedSequence(seq.entropy, spawn_key=(call,))
+                      .generate_state(1, np.uint64)[0])
+            fresh = cupy.random.RandomState(key, method=philox)
+            want = (fresh.standard_normal(shape, dtype=dtype) if kind == "normal"
+                    else fresh.random_sample(shape, dtype=dtype))
+            assert np.array_equal(cupy.asnumpy(got), cupy.asnumpy(want)), (dtype, call, kind)
+
+
+# ------------------------------------------------------------------------------------------
+# No host synchronisation inside a step
+
+_SPIN = r"""
+extern "C" __global__ void vae_np_spin(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < ns);
+}
+"""
+
+
+def _model_and_step(decoder="bernoulli", dtype="float32"):
+    backend = get_backend("cupy", dtype)
     model = VAE(784, (256, 256), 16, decoder=decoder, backend=backend, seed=0)
     opt = Adam(model.parameters, lr=1e-3)
     rng = backend.rng(0)
@@ -128,17 +317,23 @@ def _model_and_step(decoder="bernoulli"):
         model.backward()
         opt.step()
 
-    step()  # compile the kernels, fill the memory pool
+    for _ in range(2):  # compile the kernels, fill the memory pool, make the handles
+        step()
     cupy.cuda.Device().synchronize()
     return backend, model, step
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_step_does_not_synchronise_with_the_host(decoder, monkeypatch):
-    """Inside ``loss(check_finite=False)``, ``backward`` and ``step`` nothing is read back
-    to the host: CuPy's synchronisation detector stays silent, and the host-transfer entry
-    points of CuPy and of the backend are never called."""
-    backend, model, step = _model_and_step(decoder)
+def test_step_does_not_synchronise_with_the_host(decoder, dtype, monkeypatch):
+    """A kernel that spins for two seconds goes first on the stream; then three whole
+    steps (noise drawn with cuRAND, matrix products with cuBLAS, the fused kernels, Adam)
+    are queued. Any synchronisation or device-to-host copy inside them, in our code, CuPy,
+    cuRAND or cuBLAS, would wait for the spinning kernel: the host must get through the
+    steps long before it ends, and the stream must still be busy afterwards. The host
+    transfer entry points of CuPy and of the backend must not even be called."""
+    backend, model, step = _model_and_step(decoder, dtype)
+    spin = cupy.RawKernel(_SPIN, "vae_np_spin")
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host read inside a training step")
@@ -146,21 +341,25 @@ def test_step_does_not_synchronise_with_the_host(decoder, monkeypatch):
     monkeypatch.setattr(cupy, "asnumpy", forbidden)
     monkeypatch.setattr(type(backend), "to_numpy", forbidden)
     monkeypatch.setattr(type(backend), "to_float", forbidden)
-    allow_synchronize = getattr(__import__("cupyx"), "allow_synchronize", None)
-    if allow_synchronize is None:
-        for _ in range(3):
-            step()
-    else:
-        with allow_synchronize(False):
-            for _ in range(3):
-                step()
-    cupy.cuda.Device().synchronize()
+    stream = cupy.cuda.get_current_stream()
+    spin_seconds = 2.0
+    spin((1,), (1,), (np.uint64(int(spin_seconds * 1e9)),))
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    host_seconds = time.perf_counter() - start
+    busy = not stream.done
+    stream.synchronize()
+    assert busy and host_seconds < spin_seconds / 2, (
+        f"the host waited for the GPU inside a step (3 steps took {host_seconds:.2f} s on the "
+        f"host behind a {spin_seconds:.0f} s kernel; stream still busy: {busy})")
 
 
 def test_step_without_noise_draws_captures_into_a_cuda_graph():
-    """The strongest check: a stream that is capturing a CUDA graph refuses any
-    synchronisation or device-to-host copy, so if loss (with given noise), backward and the
-    Adam step capture, they contain none."""
+    """The strongest check for what it covers: a stream capturing a CUDA graph refuses
+    any synchronisation or device-to-host copy, so if loss (with given noise), backward
+    and the Adam step capture, they contain none. (cuRAND refuses capture, hence the
+    given noise; the spinning-kernel test above covers the draws.)"""
     backend, model, _ = _model_and_step()
     opt = Adam(model.parameters, lr=1e-3)
     x = backend.asarray((np.random.default_rng(1).random((32, 784)) < 0.3).astype(np.float32))
@@ -183,3 +382,99 @@ def test_step_without_noise_draws_captures_into_a_cuda_graph():
             graph = stream.end_capture()
         graph.launch()
         stream.synchronize()
+
+
+# ------------------------------------------------------------------------------------------
+# Training on the GPU: resume bit for bit, the checkpoint on the CPU, memory given back
+
+
+def _dataset(n_train=96, n_test=32):
+    from vae_np.data import Dataset
+
+    rng = np.random.default_rng(0)
+    prototypes = (rng.random((4, 784)) < 0.25).astype(np.float32)
+    labels = rng.integers(0, 4, n_train + n_test)
+    x = np.clip(0.85 * prototypes[labels] + 0.15 * rng.random((len(labels), 784)), 0, 1)
+    return Dataset(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:],
+                   source="synthetic", description="synthetic prototypes (GPU test data)")
+
+
+def _trainer(out_dir, epochs, dtype="float32", **changes):
+    from vae_np.train import TrainConfig, Trainer
+
+    config = TrainConfig(hidden=(32,), latent_dim=4, batch_size=16, epochs=epochs,
+                         eval_samples=8, eval_batch_size=16, log_every=2, lr=3e-3,
+                         backend="cupy", dtype=dtype, **changes)
+    return Trainer(config, _dataset(), out_dir, log=None, progress=False, pictures=False)
+
+
+def _state(trainer):
+    return ({k: np.asarray(v) for k, v in trainer.model.state_dict().items()},
+            {k: np.asarray(v) for k, v in trainer.optimizer.state_dict().items()})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_resume_on_the_gpu_is_bit_for_bit(tmp_path, dtype):
+    from vae_np.train import Trainer
+
+    straight = _trainer(tmp_path / "straight", 3, dtype)
+    straight.fit()
+    first = _trainer(tmp_path / "resumed", 1, dtype)
+    first.fit()
+    resumed = Trainer.resume(tmp_path / "resumed", _dataset(), overrides={"epochs": 3},
+                             log=None, progress=False, pictures=False)
+    resumed.fit()
+    (pa, oa), (pb, ob) = _state(straight), _state(resumed)
+    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
+    for name in pa:
+        assert np.array_equal(pa[name], pb[name]), name
+    for name in oa:
+        assert np.array_equal(oa[name], ob[name]), name
+    keys = ("train_loss", "train_kl", "train_recon", "test_loss", "test_kl", "test_recon")
+    assert [[e[k] for k in keys] for e in straight.history] == \
+        [[e[k] for k in keys] for e in resumed.history]
+
+
+def test_a_gpu_checkpoint_loads_on_the_cpu(tmp_path):
+    """The checkpoint holds host arrays: a NumPy model built from its config loads them
+    bit for bit and computes the same loss (to float32 round-off) on the same batch."""
+    from vae_np.checkpoint import load_checkpoint
+
+    trainer = _trainer(tmp_path, 1, "float32")
+    trainer.fit()
+    arrays, meta = load_checkpoint(trainer.checkpoint_path)
+    params = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("model/")}
+    config = meta["config"]
+    cpu = VAE(784, tuple(config["hidden"]), config["latent_dim"], decoder=config["decoder"],
+              backend=get_backend("numpy", config["dtype"]), seed=99)
+    cpu.load_state_dict(params)
+    gpu_state = trainer.model.state_dict()
+    for name, value in cpu.state_dict().items():
+        assert np.array_equal(np.asarray(value), np.asarray(gpu_state[name])), name
+    rng = np.random.default_rng(5)
+    x = (rng.random((16, 784)) < 0.3).astype(np.float32)
+    eps = rng.standard_normal((1, 16, config["latent_dim"])).astype(np.float32)
+    gpu, host = trainer.backend, cpu.backend
+    want = gpu.to_float(trainer.model.loss(gpu.asarray(x), eps=gpu.asarray(eps)).loss)
+    got = host.to_float(cpu.loss(host.asarray(x), eps=host.asarray(eps)).loss)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_training_gives_its_gpu_memory_back(tmp_path):
+    """After a run and its trainer are gone, the memory pool holds no more than before:
+    nothing of the run (data, model, optimizer, caches of per-batch terms) stays alive."""
+    pool = cupy.get_default_memory_pool()
+    _trainer(tmp_path / "warm", 1).fit()  # kernels, handles, one-time allocations
+    gc.collect()
+    before = pool.used_bytes()
+    for run in range(2):
+        trainer = _trainer(tmp_path / f"run{run}", 2)
+        trainer.fit()
+        assert pool.used_bytes() > before
+        del trainer
+        gc.collect()
+        assert pool.used_bytes() <= before + (1 << 16), (
+            f"run {run}: {pool.used_bytes() - before} bytes still in use after the trainer "
+            f"is gone")
+    pool.free_all_blocks()
+    assert pool.total_bytes() <= before + (1 << 20)
