@@ -7,18 +7,20 @@ The public API, by module (each named for the concept it implements):
 - ``losses``: KL terms and the Gaussian / Bernoulli negative log-likelihoods;
 - ``model``: :class:`VAE`;
 - ``optim``: :class:`Adam`, :class:`SGD`, :func:`clip_grad_norm`;
-- ``gradcheck``: finite-difference checks of any layer, loss or the whole model.
+- ``gradcheck``: finite-difference checks of any layer, loss or the whole model;
+- ``saving``: :func:`save_model` / :func:`load_model` (a model-only file or a trainer checkpoint).
 """
 
 from . import gradcheck, layers, losses
 from .backend import Backend, BackendUnavailableError, get_backend, use_fast_paths
 from .model import VAE, ELBOTerms, reparameterize, reparameterize_backward
 from .optim import SGD, Adam, clip_grad_norm
+from .saving import load_model, save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adam", "Backend", "BackendUnavailableError", "ELBOTerms", "SGD", "VAE",
-    "clip_grad_norm", "get_backend", "gradcheck", "layers", "losses",
+    "clip_grad_norm", "get_backend", "load_model", "save_model", "gradcheck", "layers", "losses",
     "reparameterize", "reparameterize_backward", "use_fast_paths", "__version__",
 ]

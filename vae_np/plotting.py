@@ -10,8 +10,11 @@ directory, then :func:`os.replace`) and returns the output path.
 matplotlib is imported lazily, so ``import vae_np.plotting`` works without it;
 install it with ``pip install -e ".[train]"``.  :func:`image_grid` is pure NumPy.
 
-Images are greyscale intensities in ``[0, 1]`` (e.g. Bernoulli means from the
-decoder), given flat as ``(N, H*W)`` or as ``(N, H, W)``; 0 is drawn black.
+Images are intensities in ``[0, 1]`` (e.g. Bernoulli means from the decoder), greyscale
+given flat as ``(N, H*W)`` or as ``(N, H, W)`` with ``image_shape=(H, W)``, or RGB given as
+``(N, H*W*3)`` or ``(N, H, W, 3)`` with ``image_shape=(H, W, 3)``; 0 is drawn black.
+Examples that are not images (feature vectors) are drawn as line plots by
+:func:`plot_feature_vectors`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "image_grid",
     "plot_latent_scatter",
     "plot_loss_curves",
+    "plot_feature_vectors",
     "plot_manifold",
     "require_matplotlib",
     "save_image_grid",
@@ -88,28 +92,35 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _image_shape(image_shape: Any) -> tuple[int, int]:
+def _image_shape(image_shape: Any) -> tuple[int, ...]:
+    """(H, W) for greyscale, (H, W, 3) for RGB; (H, W, 1) is greyscale, (H, W)."""
     try:
-        h, w = image_shape
-    except (TypeError, ValueError):
-        raise ValueError(f"image_shape must be (height, width), got {image_shape!r}") from None
-    return _positive_int(h, "image_shape[0]"), _positive_int(w, "image_shape[1]")
+        dims = tuple(image_shape)
+    except TypeError:
+        dims = ()
+    if len(dims) not in (2, 3) or (len(dims) == 3 and dims[2] not in (1, 3)):
+        raise ValueError(f"image_shape must be (height, width) or (height, width, 3), "
+                         f"got {image_shape!r}")
+    h, w = _positive_int(dims[0], "image_shape[0]"), _positive_int(dims[1], "image_shape[1]")
+    return (h, w, 3) if len(dims) == 3 and dims[2] == 3 else (h, w)
 
 
-def _as_images(images: Any, image_shape: tuple[int, int], name: str) -> np.ndarray:
-    """Validate and return *images* as float64 of shape (N, H, W), clipped to [0, 1]."""
-    h, w = image_shape
+def _as_images(images: Any, image_shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Validate and return *images* as float64 of shape (N, *image_shape), clipped to
+    [0, 1]."""
+    size = math.prod(image_shape)
     try:
         arr = np.asarray(images)
     except TypeError as exc:  # e.g. CuPy refuses implicit device->host copies
         raise TypeError(f"{name} must be a host numpy array ({exc})") from exc
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim == 2 and arr.shape[1] == h * w:
-        arr = arr.reshape(arr.shape[0], h, w)
-    elif not (arr.ndim == 3 and arr.shape[1:] == (h, w)):
+    if arr.ndim == 2 and arr.shape[1] == size:
+        arr = arr.reshape(arr.shape[0], *image_shape)
+    elif not (arr.ndim == 1 + len(image_shape) and arr.shape[1:] == tuple(image_shape)):
+        dims = ", ".join(map(str, image_shape))
         raise ValueError(
-            f"{name} must have shape (N, {h * w}) or (N, {h}, {w}), got {arr.shape}"
+            f"{name} must have shape (N, {size}) or (N, {dims}), got {arr.shape}"
         )
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is empty (N == 0)")
@@ -126,14 +137,18 @@ def _as_images(images: Any, image_shape: tuple[int, int], name: str) -> np.ndarr
 
 
 def _show_gray(ax, grid: np.ndarray) -> None:
-    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    """Greyscale (2-D) or RGB (H, W, 3) intensities in [0, 1]."""
+    if grid.ndim == 3:
+        ax.imshow(grid, interpolation="nearest")
+    else:
+        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _grid_figsize(grid_shape: tuple[int, int], extra_height_in: float = 0.0) -> tuple[float, float]:
+def _grid_figsize(grid_shape: tuple[int, ...], extra_height_in: float = 0.0) -> tuple[float, float]:
     # Two screen pixels per image pixel (three for tiny grids), so digits stay crisp.
-    gh, gw = grid_shape
+    gh, gw = grid_shape[:2]
     scale = 3 if max(gh, gw) < 150 else 2
     return max(gw * scale / _DPI, 1.0), max(gh * scale / _DPI, 1.0) + extra_height_in
 
@@ -162,7 +177,7 @@ def image_grid(
         convention); the grid has ``ceil(N / nrow)`` rows, filled row by row,
         and unused cells in the last row are left as *pad_value*.
     image_shape:
-        ``(H, W)`` of one image.
+        ``(H, W)`` of one greyscale image, ``(H, W, 3)`` of one RGB image.
     padding:
         Pixels of *pad_value* between images and around the border.
     pad_value:
@@ -172,7 +187,8 @@ def image_grid(
     Returns
     -------
     numpy.ndarray
-        float64 array of shape ``(rows*(H+p) + p, cols*(W+p) + p)`` with
+        float64 array of shape ``(rows*(H+p) + p, cols*(W+p) + p)`` (``+ (3,)`` for
+        RGB) with
         ``cols = min(nrow, N)``, ``rows = ceil(N / nrow)``, ``p = padding``.
         Image ``i`` occupies rows ``p + r*(H+p) : p + r*(H+p) + H`` and columns
         ``p + c*(W+p) : p + c*(W+p) + W`` where ``r, c = divmod(i, nrow)``.
@@ -191,10 +207,10 @@ def image_grid(
         raise ValueError(f"pad_value must be in [0, 1], got {pad_value!r}")
     imgs = _as_images(images, shape, "images")
 
-    n, (h, w), p = imgs.shape[0], shape, int(padding)
+    n, (h, w), p = imgs.shape[0], shape[:2], int(padding)
     cols = min(nrow, n)
     rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + p) + p, cols * (w + p) + p), float(pad_value))
+    grid = np.full((rows * (h + p) + p, cols * (w + p) + p, *shape[2:]), float(pad_value))
     for i in range(n):
         r, c = divmod(i, nrow)
         top, left = p + r * (h + p), p + c * (w + p)
@@ -276,12 +292,12 @@ def save_reconstructions(
         for label, imgs in (("original", orig), ("reconstruction", recon)):
             strip = image_grid(imgs[chunk], ncol, shape, padding=1)
             if strip.shape[1] < ncol * (shape[1] + 1) + 1:  # short last band: keep columns aligned
-                full = np.full((strip.shape[0], ncol * (shape[1] + 1) + 1), 0.5)
+                full = np.full((strip.shape[0], ncol * (shape[1] + 1) + 1, *shape[2:]), 0.5)
                 full[:, : strip.shape[1]] = strip
                 strip = full
             strips.append((label, strip))
 
-    strip_h, strip_w = strips[0][1].shape
+    strip_h, strip_w = strips[0][1].shape[:2]
     label_in, title_in = 1.1, (0.4 if title else 0.0)
     img_w, img_h = _grid_figsize((strip_h * len(strips), strip_w))
     fig = _new_figure((img_w + label_in, img_h + title_in))
@@ -495,14 +511,15 @@ def plot_manifold(
     if decoded.shape[0] != n * n:
         raise ValueError(f"decode returned {decoded.shape[0]} images for {n * n} latent points")
 
-    h, w = shape
+    h, w = shape[:2]
     # Flip the rows so the largest z[1] is at the top, as on a y axis.
-    tiles = decoded.reshape(n, n, h, w)[::-1]
-    grid = tiles.transpose(0, 2, 1, 3).reshape(n * h, n * w)
+    tiles = decoded.reshape(n, n, h, w, -1)[::-1]
+    grid = tiles.transpose(0, 2, 1, 3, 4).reshape(n * h, n * w, -1)
+    grid = grid[:, :, 0] if grid.shape[2] == 1 else grid
 
     fig = _new_figure((max(6.0, n * w * 2 / _DPI) + 0.8, max(6.0, n * h * 2 / _DPI) + 0.8))
     ax = fig.add_subplot()
-    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    _show_gray(ax, grid)
     step = max(1, math.ceil(n / 10))  # at most ~10 tick labels per axis
     ticks = np.arange(0, n, step)
     ax.set_xticks(ticks * w + (w - 1) / 2, [f"{g[j]:.2f}" for j in ticks])
@@ -511,5 +528,78 @@ def plot_manifold(
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     ax.set_title(title or f"decoded latent grid ({n}x{n}, prior quantiles {lo:g}..{hi:g})")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+# --------------------------------------------------------------------------
+# Feature vectors (examples that are not images)
+# --------------------------------------------------------------------------
+
+
+def plot_feature_vectors(
+    path: str | os.PathLike,
+    panels: Sequence[np.ndarray],
+    ncol: int = 4,
+    title: str | None = None,
+    panel_titles: Sequence[str] | None = None,
+    legend: Sequence[str] | None = None,
+) -> Path:
+    """Small multiples of feature vectors: one panel per entry of *panels*, each a
+    ``(k, D)`` array drawn as k lines over the feature index 0..D-1, and write a PNG.
+
+    The examples of a data set that is not images (a user's ``.npz`` of D features)
+    are drawn this way: one vector per panel for samples, an original and its
+    reconstruction per panel (``legend=("original", "reconstruction")``), or the steps of
+    an interpolation per panel (k > 2 lines coloured from the first to the last step, no
+    legend needed). Values may be any finite numbers. Returns the written path.
+    """
+    ncol = _positive_int(ncol, "ncol")
+    if isinstance(panels, np.ndarray):
+        panels = list(panels) if panels.ndim == 3 else [panels]
+    if len(panels) == 0:
+        raise ValueError("panels is empty")
+    arrays = []
+    for i, panel in enumerate(panels):
+        arr = np.asarray(panel, dtype=np.float64)
+        arr = arr[None, :] if arr.ndim == 1 else arr
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"panels[{i}] must be a (k, D) array with k, D >= 1, "
+                             f"got shape {np.shape(panel)}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"panels[{i}] contains NaN or infinite values")
+        arrays.append(arr)
+    if panel_titles is not None and len(panel_titles) != len(arrays):
+        raise ValueError(f"panel_titles must have {len(arrays)} entries, got {len(panel_titles)}")
+    ncol = min(ncol, len(arrays))
+    nrows = math.ceil(len(arrays) / ncol)
+    fig = _new_figure((3.0 * ncol, 2.2 * nrows + (0.4 if title else 0.0)))
+    axes = np.atleast_1d(fig.subplots(nrows, ncol, squeeze=False)).ravel()
+    low = min(float(a.min()) for a in arrays)
+    high = max(float(a.max()) for a in arrays)
+    margin = 0.05 * (high - low) if high > low else 0.5
+    from matplotlib import colormaps
+
+    for i, ax in enumerate(axes):
+        if i >= len(arrays):
+            ax.set_axis_off()
+            continue
+        arr = arrays[i]
+        index = np.arange(arr.shape[1])
+        for k, row in enumerate(arr):
+            if legend is not None and k < len(legend):
+                ax.plot(index, row, lw=1.0, label=legend[k], marker="." if arr.shape[1] <= 32 else None)
+            else:
+                color = colormaps["viridis"](k / max(arr.shape[0] - 1, 1)) if arr.shape[0] > 2 else None
+                ax.plot(index, row, lw=1.0, color=color, marker="." if arr.shape[1] <= 32 else None)
+        ax.set_ylim(low - margin, high + margin)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        if panel_titles is not None:
+            ax.set_title(panel_titles[i], fontsize=8)
+        if legend is not None and i == 0:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save_png(fig, path)

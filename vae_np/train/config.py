@@ -1,0 +1,167 @@
+"""What defines a training run: :class:`TrainConfig`, its checks, and what a resume may change."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..backend import BACKEND_NAMES, DTYPE_NAMES, get_backend
+from ..data import BINARIZE_MODES
+from ..likelihoods import make_likelihood
+
+__all__ = ["TrainConfig", "check_choice", "check_int"]
+
+
+def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer >= ``minimum`` (bools are
+    not integers here), or None when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; JSON-able (``to_dict`` / ``from_dict``).
+
+    The defaults are the starting configuration (784-512-512-64 encoder, Adam with
+    lr 1e-3, batch 32, 10 epochs) with the Bernoulli decoder.
+
+    Model (passed to :class:`vae_np.VAE`, which checks them):
+        hidden: encoder hidden widths; the decoder mirrors them.
+        latent_dim: d. decoder: ``bernoulli``, ``gaussian`` or ``gaussian-fixed``.
+        variance: lambda of ``gaussian-fixed`` (None: the VAE's default).
+        samples: S, reparameterised samples per image in the training loss.
+        beta: weight of the KL term (1: the ELBO).
+    Optimisation:
+        lr, clip_norm: Adam's step size; clip the gradient's global L2 norm (None: off).
+        batch_size, epochs.
+    Data:
+        binarize: ``none`` (grey levels are the targets), ``static`` (one fixed random
+            binarization), ``dynamic`` (a fresh one each epoch: the standard for
+            likelihood numbers comparable with published ones) or ``auto``: dynamic for
+            the Bernoulli decoder, none for the Gaussian ones. ``static`` and ``dynamic``
+            need the Bernoulli decoder: a Gaussian density on 0/1 pixels is no likelihood
+            of binary data (with a learned variance it grows without bound), so that
+            combination is refused.
+        limit_train, limit_test: keep only this many images (a seeded random choice),
+            for quick runs; None keeps all.
+    Run:
+        backend: ``numpy``, ``cupy``, ``auto`` (or ``array_api_strict``, for tests).
+        dtype: ``float32`` or ``float64``. seed: the root of every random stream.
+    Evaluation and logging:
+        eval_samples: K of the final importance-sampled test ln p(x) (0: skip it). The
+            papers use 5000; 1000 is within a nat of it for the default model
+            (docs/results.md), at a fifth of the time.
+        eval_batch_size: test images per evaluation batch.
+        log_every: read the losses back from the device (progress bar, NaN check)
+            every this many batches.
+    """
+
+    hidden: tuple[int, ...] = (512, 512)
+    latent_dim: int = 64
+    decoder: str = "bernoulli"
+    variance: float | None = None
+    samples: int = 1
+    beta: float = 1.0
+    lr: float = 1e-3
+    clip_norm: float | None = None
+    batch_size: int = 32
+    epochs: int = 10
+    binarize: str = "auto"
+    limit_train: int | None = None
+    limit_test: int | None = None
+    backend: str = "numpy"
+    dtype: str = "float32"
+    seed: int = 0
+    eval_samples: int = 1000
+    eval_batch_size: int = 500
+    log_every: int = 25
+
+    #: Fields a resumed run may change; every other field defines the run.
+    CONTINUATION_FIELDS = ("epochs", "eval_samples", "eval_batch_size", "log_every")
+
+    def __post_init__(self):
+        if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
+            raise TypeError(f"hidden: expected a sequence of layer widths, got {self.hidden!r}")
+        self.hidden = tuple(self.hidden)
+        for name in ("latent_dim", "samples", "batch_size", "epochs", "eval_batch_size",
+                     "log_every"):
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        check_int("eval_samples", self.eval_samples, 0)
+        check_int("limit_train", self.limit_train, 1, allow_none=True)
+        check_int("limit_test", self.limit_test, 1, allow_none=True)
+        check_choice("binarize", self.binarize, ("auto", *BINARIZE_MODES))
+        check_choice("backend", self.backend, BACKEND_NAMES + ("array_api_strict",))
+        check_choice("dtype", self.dtype, DTYPE_NAMES)
+        make_likelihood(self.decoder, self.variance)  # checks decoder and variance now
+        if self.decoder != "bernoulli" and self.binarize in ("static", "dynamic"):
+            raise ValueError(
+                f"binarize={self.binarize!r} with decoder={self.decoder!r}: a Gaussian density "
+                f"on 0/1 pixels is no likelihood of binary data (with a learned variance it "
+                f"grows without bound); use binarize='none' (--binarize none) or "
+                f"decoder='bernoulli' (--decoder bernoulli)")
+
+    @property
+    def binarize_mode(self) -> str:
+        """``binarize`` with ``auto`` resolved for the decoder."""
+        if self.binarize != "auto":
+            return self.binarize
+        return "dynamic" if self.decoder == "bernoulli" else "none"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`vae_np.VAE` this config sets."""
+        return {"hidden": self.hidden, "latent_dim": self.latent_dim, "decoder": self.decoder,
+                "variance": self.variance, "beta": self.beta, "samples": self.samples,
+                "seed": self.seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["hidden"] = list(self.hidden)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"values: unknown TrainConfig fields {unknown}")
+        return cls(**values)
+
+    def continued(self, overrides: Mapping[str, Any], out_dir: str | Path) -> "TrainConfig":
+        """This (saved) config with ``overrides`` for a resumed run in ``out_dir``.
+
+        Overrides equal to the saved value are fine whatever the field (``backend``:
+        compared by what ``auto`` resolves to here); a different value only for
+        ``CONTINUATION_FIELDS``, else ValueError naming the field.
+        """
+        changes = {}
+        for name, value in dict(overrides).items():
+            if name not in self.to_dict():
+                raise ValueError(f"overrides: unknown TrainConfig field {name!r}")
+            if name == "backend":  # compare what "auto" resolves to here
+                value = get_backend(value, self.dtype).name
+            if isinstance(value, list):
+                value = tuple(value)
+            if value == getattr(self, name):
+                continue
+            if name not in self.CONTINUATION_FIELDS:
+                raise ValueError(
+                    f"{name}: the run in {out_dir} was trained with {name}={getattr(self, name)!r}"
+                    f" and cannot continue with {value!r} (a resumed run may change only "
+                    f"{', '.join(self.CONTINUATION_FIELDS)}); use a new out_dir instead")
+            changes[name] = value
+        return dataclasses.replace(self, **changes)

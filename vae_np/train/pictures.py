@@ -1,0 +1,75 @@
+"""The PNGs a run redraws after every epoch, from fixed test digits and prior latents.
+
+    reconstructions.png, samples.png, loss_curves.png   every run
+    manifold.png, latent_scatter.png                    also, when latent_dim == 2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .. import plotting
+from .rundata import RunData
+from .streams import Stream
+
+__all__ = ["PICTURE_DIGITS", "PICTURE_FILES", "PICTURE_SAMPLES", "RunPictures"]
+
+# How many test digits the reconstruction picture shows and how many prior samples the
+# sample picture shows (8 per row).
+PICTURE_DIGITS = 32
+PICTURE_SAMPLES = 64
+PICTURE_FILES = ("reconstructions.png", "samples.png", "loss_curves.png", "manifold.png",
+                 "latent_scatter.png")
+
+
+class RunPictures:
+    """Draws a run's pictures; the digits shown and the prior latents decoded are drawn
+    once (stream ``PICTURES``), so every epoch's pictures show the same ones."""
+
+    def __init__(self, data: RunData, latent_dim: int):
+        self.data, self.backend, self.latent_dim = data, data.backend, latent_dim
+        picture_rng = np.random.default_rng(data.key(Stream.PICTURES))
+        self.digits = np.sort(
+            picture_rng.permutation(data.n_test)[:PICTURE_DIGITS]).astype(np.int64)
+        self.prior_latents = self.backend.rng(data.key(Stream.PICTURES)).normal(
+            (PICTURE_SAMPLES, latent_dim))
+
+    def _images(self, device_images) -> np.ndarray:
+        """Decoder means as host pictures; Gaussian means may stray outside [0, 1]."""
+        return np.clip(self.backend.to_numpy(device_images), 0.0, 1.0)
+
+    def save(self, out_dir: Path, model, epoch: int, history: Sequence[Mapping[str, Any]],
+             batch_size: int, check: Callable[[], None] | None = None) -> list[Path]:
+        """Draw the PNGs of ``model`` after ``epoch`` into ``out_dir``; their paths.
+        ``history``: the per-epoch metrics so far; ``batch_size``: test images per
+        encoder call for the latent scatter, with ``check()`` (Ctrl-C) before each."""
+        xp, data = self.backend.xp, self.data
+        digits = xp.take(data.x_test, self.backend.asarray(self.digits, dtype=xp.int64), axis=0)
+        paths = [
+            plotting.save_reconstructions(
+                out_dir / "reconstructions.png", self._images(digits),
+                self._images(model.reconstruct(digits, check_finite=False)),
+                n=PICTURE_DIGITS, ncol=8,
+                title=f"test digits and their reconstructions, epoch {epoch}"),
+            plotting.save_image_grid(
+                out_dir / "samples.png",
+                self._images(model.decode(self.prior_latents, check_finite=False)), nrow=8,
+                title=f"decoder means of z ~ N(0, I), epoch {epoch}"),
+            plotting.plot_loss_curves(out_dir / "loss_curves.png", history,
+                                      title=f"{data.dataset.source}, "
+                                            f"{data.config.binarize_mode} binarization"),
+        ]
+        if self.latent_dim == 2:
+            paths.append(plotting.plot_manifold(
+                out_dir / "manifold.png",
+                lambda z: self._images(model.decode(z, check_finite=False)),
+                title=f"decoded latent grid, epoch {epoch}"))
+            means = [self.backend.to_numpy(model.encode(batch, check_finite=False)[0])
+                     for batch in data.test_batches(batch_size, check)]
+            paths.append(plotting.plot_latent_scatter(
+                out_dir / "latent_scatter.png", np.concatenate(means), data.y_test,
+                title=f"test set latent means by digit, epoch {epoch}"))
+        return paths

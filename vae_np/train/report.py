@@ -1,0 +1,65 @@
+"""What a run prints: messages that do not tear progress bars apart, the bars, the lines."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+__all__ = ["NoProgressBar", "default_log", "epoch_line", "log_likelihood_line", "progress_bar"]
+
+
+def default_log(message: str) -> None:
+    """Print without tearing a progress bar apart (tqdm.write when tqdm is installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(message, flush=True)
+    else:
+        tqdm.write(message)
+
+
+class NoProgressBar:
+    """Stands in for a tqdm bar when bars are off or tqdm is not installed."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A tqdm bar over ``total`` batches starting at ``initial``, or a NoProgressBar when
+    bars are off, tqdm is missing or the output is not a terminal (logs, pipes, CI)."""
+    if not enabled:
+        return NoProgressBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return NoProgressBar()
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
+                dynamic_ncols=True, disable=None)
+
+
+def epoch_line(entry: Mapping[str, Any], epochs: int) -> str:
+    """One line for a finished epoch's metrics (keys ``EPOCH_METRICS``) of ``epochs``."""
+    speed = entry["images_per_second"]
+    return (f"epoch {entry['epoch']:>3}/{epochs}  "
+            f"train -ELBO {entry['train_loss']:8.2f} (KL {entry['train_kl']:6.2f}, "
+            f"recon {entry['train_recon']:7.2f})  "
+            f"test -ELBO {entry['test_loss']:8.2f} (KL {entry['test_kl']:6.2f}, "
+            f"recon {entry['test_recon']:7.2f}) nats/image  "
+            f"{entry['train_seconds']:6.1f} s  "
+            + (f"{speed:,.0f} images/s" if speed is not None else "-"))
+
+
+def log_likelihood_line(log_likelihood: Mapping[str, Any]) -> str:
+    """The line for ``Trainer.test_log_likelihood``'s result: mean +- standard error."""
+    spread = (f" +- {log_likelihood['stderr']:.2f}"
+              if log_likelihood["stderr"] is not None else "")
+    return (f"test ln p(x) = {log_likelihood['mean']:.2f}{spread} nats/image "
+            f"(importance sampling, K = {log_likelihood['num_samples']}, "
+            f"{log_likelihood['n_images']:,} test images, "
+            f"{log_likelihood['seconds']:.0f} s)")

@@ -1,0 +1,103 @@
+"""The images a run trains and tests on, on the backend: selected, binarized, batched.
+
+The test set is binarized once (dynamic training included): every epoch, and the final
+ln p(x), score the same fixed test images. The training images are binarized once
+(``static``) or afresh each epoch (``dynamic``), on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..data import Dataset, binarize, iterate_minibatches
+from .config import TrainConfig
+from .streams import Stream, stream_key
+
+__all__ = ["RunData"]
+
+
+class RunData:
+    """A :class:`vae_np.data.Dataset` prepared for one run, moved to the backend once.
+
+    Attributes:
+        dataset: the data set as given. n_train, n_test: images kept (``limit_*``).
+        x_train: (n_train, 784) backend array; binarized already for ``static``.
+        x_test: (n_test, 784) backend array, binarized once unless ``binarize`` is none.
+        y_test: (n_test,) host int64 labels.
+    """
+
+    def __init__(self, dataset: Dataset, config: TrainConfig, backend):
+        self.dataset, self.config, self.backend = dataset, config, backend
+        subset_rng = np.random.default_rng(self.key(Stream.SUBSET))
+        x_train, _ = _limit(dataset.x_train, dataset.y_train, config.limit_train,
+                            "limit_train", subset_rng)
+        x_test, y_test = _limit(dataset.x_test, dataset.y_test, config.limit_test,
+                                "limit_test", subset_rng)
+        if len(x_train) == 0 or len(x_test) == 0:
+            raise ValueError(f"dataset: needs at least one train and one test image, got "
+                             f"{len(x_train)} and {len(x_test)}")
+        self.n_train, self.n_test = len(x_train), len(x_test)
+        mode = config.binarize_mode
+        self.x_train = backend.asarray(x_train)
+        if mode == "static":
+            self.x_train = binarize(self.x_train, "static",
+                                    backend.rng(self.key(Stream.STATIC_BINARIZE)))
+        self.x_test = backend.asarray(x_test)
+        if mode != "none":
+            self.x_test = binarize(self.x_test, mode, backend.rng(self.key(Stream.TEST_BINARIZE)))
+        self.y_test = y_test
+
+    def key(self, stream: Stream, *more: int) -> tuple[int, ...]:
+        """The seed of ``stream`` in this run (see :mod:`vae_np.train.streams`)."""
+        return stream_key(self.config.seed, stream, *more)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.config.batch_size)
+
+    def summary(self) -> dict[str, Any]:
+        """What results.json and the checkpoint record about the data."""
+        return {"source": self.dataset.source, "description": self.dataset.description,
+                "n_train": self.n_train, "n_test": self.n_test,
+                "binarize": self.config.binarize_mode}
+
+    def epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order (n_train,), bounds (B + 1,)): epoch ``epoch``'s shuffled image order and
+        the offsets of its B minibatches in it."""
+        batches = list(iterate_minibatches(self.n_train, self.config.batch_size,
+                                           np.random.default_rng(self.key(Stream.SHUFFLE, epoch))))
+        bounds = np.cumsum([0] + [len(b) for b in batches])
+        return np.concatenate(batches), bounds
+
+    def epoch_train_data(self, epoch: int, order: np.ndarray):
+        """The training images of epoch ``epoch`` on the device, (n_train, 784), in
+        minibatch order (so batch b is the contiguous slice bounds[b]:bounds[b+1])."""
+        xp, backend = self.backend.xp, self.backend
+        x = xp.take(self.x_train, backend.asarray(order, dtype=xp.int64), axis=0)
+        if self.config.binarize_mode == "dynamic":
+            x = binarize(x, "dynamic", backend.rng(self.key(Stream.BINARIZE, epoch)))
+        return x
+
+    def test_batches(self, batch_size: int, check: Callable[[], None] | None = None,
+                     x=None) -> Iterator:
+        """The test images (or ``x``) in batches of ``batch_size``; ``check()`` runs before
+        each batch (the trainer's Ctrl-C check)."""
+        x = self.x_test if x is None else x
+        for start in range(0, x.shape[0], batch_size):
+            if check is not None:
+                check()
+            yield x[start:start + batch_size, :]
+
+
+def _limit(x: np.ndarray, y: np.ndarray, limit: int | None, name: str,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``limit`` rows of (x, y) chosen by ``rng``, in their original order (None: all)."""
+    if limit is None:
+        return x, y
+    if limit > len(x):
+        raise ValueError(f"{name}: asked for {limit} images, the data set has {len(x)}")
+    keep = np.sort(rng.permutation(len(x))[:limit])
+    return x[keep], y[keep]
