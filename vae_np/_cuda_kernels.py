@@ -52,6 +52,25 @@ SOURCES = {
         term = (var_minus_one - logvar) + mu * mu;
         dlogvar = (T)0.5 * var_minus_one;
     """),
+    # The importance-weighted bound (model.iwae_bound, after ops.logsumexp_and_softmax):
+    # log_w (S, N) against its column maxima peak (1, N), broadcast; an all -inf column
+    # is shifted by 0, so that exp gives 0 there instead of the NaN of -inf - -inf.
+    "iwae_shifted_exp": ("T log_w, T peak", "T e", """
+        e = exp(log_w - (isfinite(peak) ? peak : (T)0));
+    """),
+    # ln sum_s e_s + shift (1, N): logsumexp of each column (-inf where the sum is 0).
+    "iwae_log_total": ("T total, T peak", "T lse", """
+        lse = log(total) + (isfinite(peak) ? peak : (T)0);
+    """),
+    # The normalised weights e / total (S, N); a zero (or NaN) total divides by 1 instead.
+    "iwae_normalize": ("T e, T total", "T w", """
+        w = e / (total > (T)0 ? total : (T)1);
+    """),
+    # d loss / d z of the IWAE loss (model.iwae_latent_backward): the decoder's dz plus
+    # the prior's a z, a = w~ / N (S, N, 1) broadcast over the latent dimensions.
+    "iwae_prior_grad": ("T dz, T a, T z", "T out", """
+        out = dz + a * z;
+    """),
 }
 
 #: name -> the inputs its caller passes as scalars (NumPy scalars of the array dtype),

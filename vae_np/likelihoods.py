@@ -7,7 +7,11 @@ Shapes: M rows (examples times samples), c pixels; decoder outputs are (M, c * o
 
 ``nll(x, out, grad_scale)`` returns the gradient of ``grad_scale * sum(nll)``: the model
 passes its 1 / (S N) so that the gradient comes back as d loss / d out, with the scaling
-done while the array is being written rather than in a pass of its own.
+done while the array is being written rather than in a pass of its own. ``grad_scale`` may
+also be an (M,) array, one factor per row (the gradient of ``sum_r grad_scale_r nll_r``):
+the importance-weighted objective weights each sample's row by its normalised importance
+weight. :func:`scale_rows` applies such factors to a gradient already computed (the IWAE
+weights depend on the nll values, so they are known only after ``nll`` has returned).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ class Bernoulli:
     name = "bernoulli"
     outputs_per_pixel = 1
 
-    def nll(self, x, out, grad_scale: float | None = None):
-        """(nll (M,), grad_scale * d nll / d out (M, c))."""
+    def nll(self, x, out, grad_scale=None):
+        """(nll (M,), grad_scale * d nll / d out (M, c)); ``grad_scale``: None, a number,
+        or an (M,) array (one factor per row)."""
         backend = backend_of(out)
         if backend.fast:
             return self._nll_fused(backend, x, out, grad_scale)
@@ -49,12 +54,15 @@ class Bernoulli:
         if backend.name == "cupy":
             term, grad = backend.cuda_kernel("bernoulli")(x, logits)
             return nx.sum(term, axis=1), _scaled(grad, grad_scale)
+        grad_scale = _broadcastable_scale(logits, grad_scale)
         if backend.numba is None:
             return _bernoulli_nll_in_place(nx, x, logits, grad_scale)
         dt = backend.numpy_dtype.type
         h = dt(0.5)
-        # a scale of 1 multiplies exactly: the plain gradient
-        scale = dt(1.0 if grad_scale is None else grad_scale)
+        # a scale of 1 multiplies exactly: the plain gradient. Per-row factors multiply
+        # each block right after it is written, while it is in cache: (g * 1) * s_r = g s_r.
+        rows_scale = grad_scale if getattr(grad_scale, "ndim", 0) == 2 else None
+        scale = dt(1.0 if grad_scale is None or rows_scale is not None else grad_scale)
         m, c = logits.shape
         grad = nx.empty_like(logits)
         nll = nx.empty(m, dtype=logits.dtype)
@@ -69,6 +77,8 @@ class Bernoulli:
             nx.log1p(t, out=t)                                 # t = log1p(exp(-|l|))
             nx.tanh(u, out=u)                                  # u = tanh(l / 2)
             backend.numba.bernoulli_combine(x[block], lb, t, u, h, scale)
+            if rows_scale is not None:
+                u *= rows_scale[block]
             nx.sum(t, axis=1, out=nll[block])                  # t = term, u = scaled grad
         return nll, grad
 
@@ -90,9 +100,9 @@ class Gaussian:
         c = out.shape[1] // 2
         return out[:, :c], out[:, c:]
 
-    def nll(self, x, out, grad_scale: float | None = None):
+    def nll(self, x, out, grad_scale=None):
         """(nll (M,), grad_scale * d nll / d out (M, 2c)): the mu and logvar gradients
-        side by side."""
+        side by side; ``grad_scale``: None, a number, or an (M,) array (one per row)."""
         mu, logvar = self._split(out)
         value, dmu, dlogvar = gaussian_nll(x, mu, logvar)
         return value, _scaled(namespace_of(out).concat([dmu, dlogvar], axis=1), grad_scale)
@@ -117,8 +127,9 @@ class FixedGaussian:
             raise ValueError(f"variance: expected a finite number > 0, got {variance!r}")
         self.variance = float(variance)
 
-    def nll(self, x, out, grad_scale: float | None = None):
-        """(nll (M,), grad_scale * d nll / d out (M, c))."""
+    def nll(self, x, out, grad_scale=None):
+        """(nll (M,), grad_scale * d nll / d out (M, c)); ``grad_scale``: None, a number,
+        or an (M,) array (one factor per row)."""
         value, grad = gaussian_fixed_nll(x, out, self.variance)
         return value, _scaled(grad, grad_scale)
 
@@ -131,13 +142,44 @@ class FixedGaussian:
 
 def _scaled(grad, grad_scale):
     """``grad * grad_scale`` (a fresh array the caller owns: scaled in place where the
-    backend allows it, the same bits), or ``grad`` itself for None."""
+    backend allows it, the same bits), or ``grad`` itself for None. An (M,) ``grad_scale``
+    multiplies row r by grad_scale[r]."""
     if grad_scale is None:
         return grad
+    grad_scale = _broadcastable_scale(grad, grad_scale)
     if backend_of(grad).fast:
         grad *= grad_scale
         return grad
     return grad * grad_scale
+
+
+def scale_rows(grad, scale):
+    """Row r of an (M, width) gradient times ``scale[r]``, ``scale`` (M,): the gradient of
+    ``sum_r scale_r nll_r`` from that of ``sum_r nll_r``. In place on fast backends (``grad``
+    must be a fresh array the caller owns, as ``nll`` returns), the same bits as the
+    reference's ``grad * scale[:, None]``."""
+    if getattr(scale, "ndim", None) != 1:
+        raise ValueError(f"scale: expected an array of shape ({grad.shape[0]},), one factor "
+                         f"per row, got {type(scale).__name__} of shape "
+                         f"{getattr(scale, 'shape', None)}")
+    return _scaled(grad, scale)
+
+
+def _broadcastable_scale(grad, grad_scale):
+    """``grad_scale`` in a form ``grad`` (M, width) multiplies by: None or a number as it
+    is, an (M,) array as an (M, 1) column of grad's dtype (one factor per row)."""
+    if grad_scale is None or getattr(grad_scale, "ndim", 0) == 0:
+        return grad_scale
+    shape = tuple(grad_scale.shape)
+    if shape == (grad.shape[0], 1):
+        return grad_scale                     # already a column (the fused Bernoulli passes one on)
+    if shape != (grad.shape[0],):
+        raise ValueError(f"grad_scale: expected a number or an array of shape "
+                         f"({grad.shape[0]},), one factor per row, got shape {shape}")
+    xp = namespace_of(grad)
+    if grad_scale.dtype != grad.dtype:
+        grad_scale = xp.astype(grad_scale, grad.dtype)
+    return xp.reshape(grad_scale, (grad.shape[0], 1))
 
 
 def _bernoulli_nll_in_place(nx, x, logits, grad_scale):

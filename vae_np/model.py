@@ -13,6 +13,17 @@ Forward (``VAE.loss``), for a batch x of N examples and S samples per example:
 Backward (``VAE.backward``) runs the same chain in reverse; docs/05-whole-model.md
 derives every line.
 
+With ``objective="iwae"`` the loss is instead the negative importance-weighted bound of
+Burda, Grosse & Salakhutdinov (2015), k = S samples per example:
+
+    ln w_{s,n} = ln p(x_n | z_{s,n}) + ln p(z_{s,n}) - ln q(z_{s,n} | x_n)     (S, N)
+    loss = -1/N sum_n [ logsumexp_s ln w_{s,n} - ln S ]                     nats per example
+
+and backward sends the softmax weight w~_{s,n} / N (held constant) into each ln w_{s,n}:
+into the decoder (the likelihood's gradient, row by row), into z through ln p(z), and
+into logvar through ln q; docs/09-iwae.md derives every term. k = 1 gives the ELBO with
+a sampled KL term, ln q(z|x) - ln p(z) at the drawn z, instead of the closed form.
+
 There is one ``loss`` and one ``backward``. Each op they call chooses its own variant:
 on NumPy and CuPy the MLPs, the Bernoulli likelihood, the KL term, reparameterisation
 and Adam run fused variants that sit beside their reference code and give its results to
@@ -32,10 +43,14 @@ import numpy as np
 
 from .backend import RNG, Backend, backend_of, get_backend, namespace_of
 from .layers import MLP
-from .likelihoods import DEFAULT_FIXED_VARIANCE, make_likelihood
+from .likelihoods import DEFAULT_FIXED_VARIANCE, make_likelihood, scale_rows
 from .losses import kl_standard_normal
-from .ops import LOG_2PI
+from .ops import LOG_2PI, logsumexp_and_softmax
 from .parameters import Parameters
+
+#: The training objectives: the negative ELBO with the closed-form KL ("vae"), and the
+#: negative importance-weighted bound of Burda et al. (2015) ("iwae").
+OBJECTIVES = ("vae", "iwae")
 
 
 def reparameterize(mu, logvar, eps):
@@ -85,6 +100,125 @@ def reparameterize_backward(dz, logvar, eps):
     return dmu, dlogvar
 
 
+# ------------------------------------------------------------------------------------------
+# The importance-weighted bound (objective="iwae"); docs/09-iwae.md derives each line.
+
+
+def iwae_log_weights(nll, z, logvar, eps):
+    """ln w_{s,n} = ln p(x_n | z_{s,n}) + ln p(z_{s,n}) - ln q(z_{s,n} | x_n), in nats, at
+    the reparameterised z = mu + exp(logvar / 2) eps:
+
+        ln p(x | z) = -nll
+        ln p(z)     = -1/2 sum_i z_i^2 - d/2 ln 2 pi
+        ln q(z | x) = -1/2 sum_i (eps_i^2 + logvar_i + ln 2 pi)    ((z - mu)^2 / sigma^2 = eps^2)
+
+    The two d/2 ln 2 pi cancel and are left out; the rest is the expression
+    :meth:`VAE.log_likelihood` evaluates, operation for operation.
+
+    Args:
+        nll: (S, N) -ln p(x_n | z_{s,n}); z, eps: (S, N, d); logvar: (N, d).
+    Returns:
+        (S, N).
+    """
+    xp = namespace_of(z)
+    return -nll - 0.5 * xp.sum(z * z, axis=2) \
+        + 0.5 * (xp.sum(logvar, axis=1) + xp.sum(eps * eps, axis=2))
+
+
+def iwae_bound(log_w):
+    """The importance-weighted bound of each example and its normalised weights.
+
+        bound_n = ln (1/S) sum_s w_{s,n} = logsumexp_s ln w_{s,n} - ln S          (N,) nats
+        w~_{s,n} = w_{s,n} / sum_j w_{j,n} = softmax_s ln w_{s,n}               (S, N)
+
+    Stable for any finite ln w (-1e4 included: the shift by the largest makes it e^0 = 1).
+    An example whose weights all vanish (every ln w = -inf) gets bound -inf and weights 0,
+    not NaN (``ops.logsumexp_and_softmax``); NaN stays NaN.
+
+    Args:
+        log_w: (S, N) from :func:`iwae_log_weights`.
+    """
+    backend = backend_of(log_w)
+    if backend.fast:
+        return _iwae_bound_fused(backend, log_w)
+    lse, weights = logsumexp_and_softmax(backend.xp, log_w, axis=0)
+    return lse - math.log(log_w.shape[0]), weights
+
+
+def _iwae_bound_fused(backend, log_w):
+    """:func:`iwae_bound` with one (S, N) array instead of four, the same bits on NumPy
+    (the reference's operations in place; the arrays are a few thousand numbers, so a
+    compiled loop, which could not reproduce NumPy's exp anyway, would gain nothing); on
+    CuPy three small kernels around CuPy's max and sum over the samples, no host read."""
+    nx = backend.native
+    s = log_w.shape[0]
+    peak = nx.max(log_w, axis=0, keepdims=True)                    # (1, N)
+    if backend.name == "cupy":
+        weights = backend.cuda_kernel("iwae_shifted_exp")(log_w, peak)
+        total = nx.sum(weights, axis=0, keepdims=True)
+        bound = backend.cuda_kernel("iwae_log_total")(total, peak)
+        bound -= math.log(s)
+        weights = backend.cuda_kernel("iwae_normalize")(weights, total)
+        return nx.reshape(bound, (-1,)), weights
+    peak[~nx.isfinite(peak)] = 0.0       # an all -inf example: shift by 0, not -inf
+    weights = nx.subtract(log_w, peak)
+    nx.exp(weights, out=weights)
+    total = nx.sum(weights, axis=0, keepdims=True)
+    bound = nx.log(total)
+    bound += peak
+    bound -= math.log(s)
+    total[~(total > 0)] = 1.0            # its weights are 0 / 1 = 0
+    weights /= total
+    return nx.reshape(bound, (-1,)), weights
+
+
+def iwae_latent_backward(dz, dloss_dnll, z, logvar, eps):
+    """d loss / d (mu, logvar) of the IWAE loss, from the decoder's d loss / d z.
+
+    With a_{s,n} = w~_{s,n} / N = d loss / d nll_{s,n} = -d loss / d ln w_{s,n} (the
+    weights held constant) and ln w as in :func:`iwae_log_weights`:
+
+        d loss / d z_{s,n}       = dz_{s,n} + a_{s,n} z_{s,n}          ln p(z): d/dz = -z
+        then through z = mu + exp(logvar / 2) eps (:func:`reparameterize_backward`), and
+        d loss / d logvar_n     += -1/2 sum_s a_{s,n}                  ln q: d/dlogvar = -1/2
+
+    ln q(z | x) at the reparameterised z, -1/2 sum (eps^2 + logvar + ln 2 pi), does not
+    depend on mu at all, and on logvar only through the -1/2 logvar: its path through z
+    (-(z - mu) / sigma^2) and its direct partials at fixed z cancel exactly, for mu and
+    for the eps^2 part of logvar (docs/09-iwae.md works it out).
+
+    Args:
+        dz: (S, N, d) d loss / d z through the decoder (ln p(x | z));
+        dloss_dnll: (S, N) the weights a; z, eps: (S, N, d); logvar: (N, d).
+    Returns:
+        (dmu, dlogvar): (N, d) each.
+    """
+    backend = backend_of(dz)
+    if backend.fast:
+        return _iwae_latent_backward_fused(backend, dz, dloss_dnll, z, logvar, eps)
+    xp = backend.xp
+    dz = dz + xp.expand_dims(dloss_dnll, axis=2) * z
+    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+    dlogvar = dlogvar - 0.5 * xp.expand_dims(xp.sum(dloss_dnll, axis=0), axis=1)
+    return dmu, dlogvar
+
+
+def _iwae_latent_backward_fused(backend, dz, dloss_dnll, z, logvar, eps):
+    """:func:`iwae_latent_backward` with the prior's term added in one pass (one kernel on
+    CuPy, in place on NumPy: a z + dz is dz + a z to the bit), the same bits on NumPy."""
+    nx = backend.native
+    if backend.name == "cupy":
+        total = backend.cuda_kernel("iwae_prior_grad")(dz, dloss_dnll[:, :, None], z)
+    else:
+        total = nx.multiply(dloss_dnll[:, :, None], z)
+        total += dz
+    dmu, dlogvar = reparameterize_backward(total, logvar, eps)
+    half = nx.sum(dloss_dnll, axis=0)
+    half *= 0.5
+    dlogvar -= half[:, None]
+    return dmu, dlogvar
+
+
 @dataclass(frozen=True)
 class _Step:
     """What :meth:`VAE.loss` keeps for :meth:`VAE.backward`: shapes (S, N, d) for eps,
@@ -97,11 +231,35 @@ class _Step:
     dkl_dlogvar: object
 
 
+@dataclass(frozen=True)
+class _IWAEStep:
+    """What :meth:`VAE.loss` keeps for :meth:`VAE.backward` with ``objective="iwae"``:
+    (S, N, d) for eps and z, (N, d) for logvar, (S N, outputs) for the decoder-output
+    gradient (already weighted row by row), (S, N) for the weights w~ / N."""
+
+    logvar: object
+    eps: object
+    dloss_dout: object      # d loss / d decoder output: w~_{s,n} / N times d nll / d out
+    z: object
+    dloss_dnll: object      # w~_{s,n} / N
+
+
 @dataclass
 class ELBOTerms:
     """The loss of one batch, each a 0-d backend array in nats per example (batch mean).
 
-    ``loss = recon + beta * kl`` is the negative ELBO when beta = 1.
+    ``objective="vae"``: ``loss = recon + beta * kl`` is the negative ELBO when beta = 1,
+    with ``recon`` the average of the S sampled -ln p(x|z) and ``kl`` the closed-form KL.
+
+    ``objective="iwae"``: ``loss`` is the negative importance-weighted bound, and
+    ``loss = recon + kl`` with the weighted terms (w~ the normalised importance weights)
+
+        recon = 1/N sum_n sum_s w~_{s,n} (-ln p(x_n | z_{s,n}))
+        kl    = 1/N sum_n sum_s w~_{s,n} (ln q(z_{s,n} | x_n) - ln p(z_{s,n}) + ln(S w~_{s,n}))
+
+    i.e. ``kl`` is the weighted sampled KL plus KL(w~ || uniform) >= 0, what the bound
+    charges beyond the weighted reconstruction. For S = 1 (w~ = 1) they are the sampled
+    reconstruction and the sampled KL, ln q(z|x) - ln p(z) at the drawn z.
     """
 
     loss: object
@@ -120,8 +278,9 @@ class VAE:
             ``"gaussian-fixed"`` (mean, with fixed ``variance``).
         variance: lambda for ``gaussian-fixed`` (default
             ``likelihoods.DEFAULT_FIXED_VARIANCE``, the starting example's).
-        beta: weight of the KL term (1 gives the ELBO).
-        samples: S >= 1, reparameterised samples per example in the training loss.
+        beta: weight of the KL term (1 gives the ELBO); must stay 1 for ``"iwae"``.
+        samples: S >= 1, reparameterised samples per example in the training loss (the
+            k of the importance-weighted bound with ``objective="iwae"``).
         activation: hidden activation name (``vae_np.layers.ACTIVATIONS``).
         input_shift: subtracted from x before the encoder (0.5 centres [0, 1] pixels);
             the likelihood always scores the unshifted x.
@@ -130,13 +289,17 @@ class VAE:
             out or repeat the backend's own (a contradiction is a ValueError).
         seed: seeds the weight initialisation (drawn on the host, identical on every
             backend); an integer >= 0.
+        objective: ``"vae"`` (default): the negative ELBO, closed-form KL, S samples
+            averaged; ``"iwae"``: the negative importance-weighted bound with k = S samples
+            (Burda et al. 2015; docs/09-iwae.md).
     """
 
     def __init__(self, input_dim: int = 784, hidden: Sequence[int] = (512, 512),
                  latent_dim: int = 64, decoder: str = "bernoulli",
                  variance: float | None = None, beta: float = 1.0, samples: int = 1,
                  activation: str = "relu", input_shift: float = 0.5,
-                 backend: Backend | str = "numpy", dtype: str | None = None, seed: int = 0):
+                 backend: Backend | str = "numpy", dtype: str | None = None, seed: int = 0,
+                 objective: str = "vae"):
         _check_positive_int("input_dim", input_dim)
         _check_positive_int("latent_dim", latent_dim)
         _check_positive_int("samples", samples)
@@ -154,10 +317,19 @@ class VAE:
                 raise ValueError(f"{name}: expected a finite number, got {value!r}")
         if beta < 0:
             raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
+        if not isinstance(objective, str) or objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, "
+                             f"got {objective!r}")
+        if objective == "iwae" and beta != 1:
+            # The bound is ln of an average of p(x|z) p(z) / q(z|x): there is no KL term
+            # to weight, and any way of inserting beta would be a different objective.
+            raise ValueError(f"beta: the iwae objective has no KL term to weight; leave "
+                             f"beta at 1 (got beta={beta!r} with objective='iwae')")
         self.backend = get_backend(backend, dtype)
         self.likelihood = make_likelihood(decoder, variance)
         self.input_dim, self.latent_dim, self.hidden = int(input_dim), int(latent_dim), hidden
         self.beta, self.samples, self.input_shift = float(beta), int(samples), float(input_shift)
+        self.objective = objective
         init_rng = np.random.default_rng(seed)
         self.encoder = MLP((input_dim, *hidden, 2 * latent_dim), self.backend, init_rng, activation)
         self.decoder = MLP((latent_dim, *reversed(hidden),
@@ -170,6 +342,7 @@ class VAE:
             "decoder": decoder, "variance": getattr(self.likelihood, "variance", None),
             "beta": self.beta, "samples": self.samples, "activation": activation,
             "input_shift": self.input_shift, "dtype": self.backend.dtype_name, "seed": seed,
+            "objective": objective,
         }
         self._step: _Step | None = None
 
@@ -279,7 +452,8 @@ class VAE:
     # Training: negative ELBO and its gradient
 
     def loss(self, x, rng=None, eps=None, check_finite: bool = True) -> ELBOTerms:
-        """The negative ELBO of batch x (N, c), averaged over the N examples (nats).
+        """The negative ELBO of batch x (N, c), averaged over the N examples (nats); with
+        ``objective="iwae"`` the negative importance-weighted bound (k = S samples).
 
         The noise comes from ``eps`` (S, N, d) when given, else from ``rng`` (an
         ``RNG`` from ``backend.rng(seed)``). Keeps what :meth:`backward` needs.
@@ -307,16 +481,40 @@ class VAE:
         z = reparameterize(mu, logvar, eps)                                   # (S, N, d)
         out = self.decoder.forward(xp.reshape(z, (s * n, d)))
         targets = x if s == 1 else xp.reshape(xp.broadcast_to(x, (s, *x.shape)), (s * n, -1))
-        # loss = 1/(S N) sum_{s,n} nll_{s,n} + beta/N sum_n kl_n
-        nll, dloss_dout = self.likelihood.nll(targets, out, grad_scale=1.0 / (s * n))
-        kl, dkl_dmu, dkl_dlogvar = kl_standard_normal(mu, logvar)
-        recon = xp.mean(nll)  # = 1/N sum_n 1/S sum_s nll_{s,n}
-        kl_mean = xp.mean(kl)
-        terms = ELBOTerms(loss=recon + self.beta * kl_mean, kl=kl_mean, recon=recon)
+        if self.objective == "iwae":
+            terms, step = self._iwae_loss(targets, out, logvar, z, eps)
+        else:
+            # loss = 1/(S N) sum_{s,n} nll_{s,n} + beta/N sum_n kl_n
+            nll, dloss_dout = self.likelihood.nll(targets, out, grad_scale=1.0 / (s * n))
+            kl, dkl_dmu, dkl_dlogvar = kl_standard_normal(mu, logvar)
+            recon = xp.mean(nll)  # = 1/N sum_n 1/S sum_s nll_{s,n}
+            kl_mean = xp.mean(kl)
+            terms = ELBOTerms(loss=recon + self.beta * kl_mean, kl=kl_mean, recon=recon)
+            step = _Step(logvar, eps, dloss_dout, dkl_dmu, dkl_dlogvar)
         if check_finite:
             self._check_loss(terms, logvar)
-        self._step = _Step(logvar, eps, dloss_dout, dkl_dmu, dkl_dlogvar)
+        self._step = step
         return terms
+
+    def _iwae_loss(self, targets, out, logvar, z, eps):
+        """The negative importance-weighted bound and what backward needs (docs/09-iwae.md).
+
+        loss = -1/N sum_n bound_n, so d loss / d ln w_{s,n} = -w~_{s,n} / N, and since
+        ln p(x | z) = -nll, d loss / d nll_{s,n} = +w~_{s,n} / N: the row weight of the
+        likelihood's gradient. The weights need every nll first, so the likelihood
+        returns its gradient unscaled and the rows are weighted after (one pass).
+        """
+        xp = self.backend.xp
+        s, n, _ = eps.shape
+        nll, dnll_dout = self.likelihood.nll(targets, out)
+        nll = xp.reshape(nll, (s, n))
+        bound, weights = iwae_bound(iwae_log_weights(nll, z, logvar, eps))   # (N,), (S, N)
+        dloss_dnll = weights * (1.0 / n)
+        dloss_dout = scale_rows(dnll_dout, xp.reshape(dloss_dnll, (s * n,)))
+        loss = -xp.mean(bound)
+        recon = xp.sum(dloss_dnll * nll)          # 1/N sum_n sum_s w~_{s,n} nll_{s,n}
+        terms = ELBOTerms(loss=loss, kl=loss - recon, recon=recon)
+        return terms, _IWAEStep(logvar, eps, dloss_dout, z, dloss_dnll)
 
     def _check_loss(self, terms: ELBOTerms, logvar) -> None:
         values = self.backend.to_numpy(self.backend.xp.stack([terms.kl, terms.recon]))
@@ -340,9 +538,15 @@ class VAE:
         xp = self.backend.xp
         s, n, d = step.eps.shape
         dz = self.decoder.backward(step.dloss_dout)                           # (S N, d)
-        dmu, dlogvar = reparameterize_backward(xp.reshape(dz, (s, n, d)), step.logvar, step.eps)
-        dmu = dmu + (self.beta / n) * step.dkl_dmu
-        dlogvar = dlogvar + (self.beta / n) * step.dkl_dlogvar
+        if isinstance(step, _IWAEStep):
+            # + the prior's path into z, + ln q's -1/2 logvar (docs/09-iwae.md)
+            dmu, dlogvar = iwae_latent_backward(xp.reshape(dz, (s, n, d)), step.dloss_dnll,
+                                                step.z, step.logvar, step.eps)
+        else:
+            dmu, dlogvar = reparameterize_backward(xp.reshape(dz, (s, n, d)), step.logvar,
+                                                   step.eps)
+            dmu = dmu + (self.beta / n) * step.dkl_dmu
+            dlogvar = dlogvar + (self.beta / n) * step.dkl_dlogvar
         # x needs no gradient: skip the encoder's first dx, its largest backward product.
         self.encoder.backward(xp.concat([dmu, dlogvar], axis=1), input_grad=False)
 

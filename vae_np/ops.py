@@ -37,3 +37,24 @@ def logsumexp(xp, a, axis: int):
     peak = xp.where(xp.isfinite(peak), peak, 0.0)
     total = xp.sum(xp.exp(a - peak), axis=axis, keepdims=True)
     return xp.squeeze(xp.log(total) + peak, axis=axis)
+
+
+def logsumexp_and_softmax(xp, a, axis: int):
+    """(logsumexp along ``axis`` (removed), softmax weights along ``axis`` (a's shape)), from
+    one shifted exp: the importance-weighted bound and its normalised weights.
+
+        m = max_i a_i,   e_i = exp(a_i - m),   lse = ln sum_i e_i + m,   w_i = e_i / sum_j e_j
+
+    The largest e_i is exactly 1, so nothing overflows and the sum is at least 1: values
+    like -1e4 (an importance weight e^-10000) are fine in float32. A slice of all -inf (every
+    weight zero) gives lse = -inf and weights 0, not NaN: the shift is 0 there (as in
+    :func:`logsumexp`) and the division by a zero sum is replaced by one by 1 (the e_i are
+    all 0). NaN in a slice stays NaN.
+    """
+    peak = xp.max(a, axis=axis, keepdims=True)
+    peak = xp.where(xp.isfinite(peak), peak, 0.0)
+    shifted = xp.exp(a - peak)
+    total = xp.sum(shifted, axis=axis, keepdims=True)
+    lse = xp.squeeze(xp.log(total) + peak, axis=axis)
+    weights = shifted / xp.where(total > 0, total, 1.0)
+    return lse, weights
