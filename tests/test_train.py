@@ -6,19 +6,25 @@ Every test trains a tiny model (784-16-2) on a tiny synthetic data set: 64 train
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from vae_np import get_backend
+from vae_np.backend import Backend
 from vae_np.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_np.data import Dataset, binarize
 from vae_np.train import (
-    CHECKPOINT_FILE, EPOCH_METRICS, METRICS_FILE, RESULTS_FILE, TrainConfig, Trainer,
-    TrainingDiverged, TrainingInterrupted,
+    CHECKPOINT_FILE, EPOCH_METRICS, LOCK_FILE, METRICS_FILE, RESULTS_FILE, OutDirInUse,
+    OutDirLock, Stream, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
+    check_out_dir,
 )
 
 N_TRAIN, N_TEST, BATCH = 64, 32, 16
@@ -349,7 +355,20 @@ def test_config_defaults_round_trip_through_json():
 def test_auto_binarization_follows_the_decoder():
     assert TrainConfig().binarize_mode == "dynamic"
     assert TrainConfig(decoder="gaussian").binarize_mode == "none"
-    assert TrainConfig(decoder="gaussian-fixed", binarize="static").binarize_mode == "static"
+    assert TrainConfig(decoder="gaussian-fixed", binarize="none").binarize_mode == "none"
+    assert TrainConfig(binarize="static").binarize_mode == "static"
+
+
+@pytest.mark.parametrize("decoder", ["gaussian", "gaussian-fixed"])
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_gaussian_decoders_refuse_binarized_pixels(decoder, mode):
+    """A Gaussian density on {0, 1} pixels is no likelihood of binary data (unbounded with
+    a learned variance): refused, naming both settings and the ways out."""
+    with pytest.raises(ValueError) as info:
+        TrainConfig(decoder=decoder, binarize=mode)
+    message = str(info.value)
+    assert f"binarize={mode!r}" in message and f"decoder={decoder!r}" in message
+    assert "--binarize none" in message and "--decoder bernoulli" in message
 
 
 def test_trainer_rejects_bad_arguments(dataset, tmp_path):
@@ -374,9 +393,9 @@ def test_limits_pick_a_seeded_subset(dataset, tmp_path):
 def test_binarization_modes_of_the_training_data(mode, dataset, tmp_path):
     trainer = make_trainer(tiny_config(binarize=mode), dataset, tmp_path)
     order = np.arange(N_TRAIN)
-    epoch1 = trainer.backend.to_numpy(trainer._epoch_train_data(1, order))
-    epoch2 = trainer.backend.to_numpy(trainer._epoch_train_data(2, order))
-    test = trainer.backend.to_numpy(trainer._x_test)
+    epoch1 = trainer.backend.to_numpy(trainer.data.epoch_train_data(1, order))
+    epoch2 = trainer.backend.to_numpy(trainer.data.epoch_train_data(2, order))
+    test = trainer.backend.to_numpy(trainer.data.x_test)
     if mode == "none":
         np.testing.assert_array_equal(epoch1, dataset.x_train)
         np.testing.assert_array_equal(test, dataset.x_test)
@@ -414,3 +433,244 @@ def test_evaluate_and_log_likelihood_are_deterministic(reference_run):
     assert first["mean"] == second["mean"] and first["n_images"] == N_TEST
     with pytest.raises(ValueError, match="num_samples"):
         reference_run.test_log_likelihood(num_samples=0)
+
+
+# --------------------------------------------------------------------------------------
+# The output directory: checked before any work, held by one run at a time
+
+
+def test_out_dir_under_a_regular_file_fails_at_once_naming_it(dataset, tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a directory")
+    for out in (blocker / "run", blocker):
+        with pytest.raises(NotADirectoryError, match=r"out_dir: .*notes\.txt.*not a directory"):
+            make_trainer(tiny_config(), dataset, out)
+    assert check_out_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+@pytest.mark.parametrize("name", [CHECKPOINT_FILE, METRICS_FILE, "samples.png"])
+def test_a_run_file_name_taken_by_a_directory_fails_at_once(name, dataset, tmp_path):
+    (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"out_dir: .*{name}.* not a regular file"):
+        make_trainer(tiny_config(), dataset, tmp_path, overwrite=True)
+
+
+def test_resume_with_a_checkpoint_directory_fails_naming_it(dataset, tmp_path):
+    (tmp_path / CHECKPOINT_FILE).mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"out_dir: .*{CHECKPOINT_FILE}"):
+        resume(tmp_path, dataset)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def write_lock(out_dir, pid: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+
+
+def test_fit_holds_a_lock_with_its_pid_and_removes_it(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(epochs=1, eval_samples=0), dataset, tmp_path)
+    seen = []
+    backward = trainer.model.backward
+
+    def looking_backward():
+        backward()
+        seen.append(json.loads((tmp_path / LOCK_FILE).read_text()))
+
+    trainer.model.backward = looking_backward
+    trainer.fit()
+    assert seen and all(lock == {**seen[0], "pid": os.getpid(),
+                                 "host": socket.gethostname()} for lock in seen)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_second_run_on_a_held_out_dir_is_refused_and_writes_nothing(dataset, tmp_path):
+    write_lock(tmp_path, os.getppid())  # a live process: the one that started pytest
+    trainer = make_trainer(tiny_config(epochs=1), dataset, tmp_path)
+    with pytest.raises(OutDirInUse, match=rf"in use by process {os.getppid()} on") as info:
+        trainer.fit()
+    assert str(tmp_path / LOCK_FILE) in str(info.value)
+    assert info.value.pid == os.getppid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # nothing of ours
+    assert trainer.optimizer.t == 0
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(dataset, tmp_path):
+    pid = dead_pid()
+    write_lock(tmp_path, pid)
+    messages = []
+    make_trainer(tiny_config(epochs=1, eval_samples=0), dataset, tmp_path,
+                 log=messages.append).fit()
+    assert any(f"left by process {pid}" in m and "taking the lock over" in m for m in messages)
+    assert (tmp_path / CHECKPOINT_FILE).is_file() and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_training_fails(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(), dataset, tmp_path)
+    poison_after_update(trainer, 1)
+    with pytest.raises(TrainingDiverged):
+        trainer.fit()
+    assert not (tmp_path / LOCK_FILE).exists()
+    trainer = make_trainer(tiny_config(), dataset, tmp_path / "b")
+    interrupt_at(trainer, 2, "raise")
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    assert not (tmp_path / "b" / LOCK_FILE).exists()
+
+
+def test_the_lock_is_reentrant_within_one_process(dataset, tmp_path):
+    """The command line holds out_dir from before loading the data; fit takes it again."""
+    with OutDirLock(tmp_path):
+        make_trainer(tiny_config(epochs=1, eval_samples=0), dataset, tmp_path).fit()
+        assert (tmp_path / LOCK_FILE).is_file()  # still the outer holder's
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------
+# Malformed trainer metadata: a CheckpointError naming the field, before anything trains
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_checkpoint(dataset, tmp_path_factory):
+    """(arrays, metadata) of a run stopped after epoch 1 and one batch of epoch 2."""
+    out = tmp_path_factory.mktemp("mid_epoch")
+    trainer = make_trainer(tiny_config(), dataset, out)
+    interrupt_at(trainer, BATCHES_PER_EPOCH + 2, "raise")
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    arrays, meta = load_checkpoint(out / CHECKPOINT_FILE)
+    assert meta["position"] == {"epochs_done": 1, "batches_done": 1}
+    return arrays, meta
+
+
+def _set(path: str, value):
+    def change(arrays, meta):
+        *parents, last = path.split(".")
+        target = meta
+        for key in parents:
+            target = target[int(key) if isinstance(target, list) else key]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+    return change
+
+
+def _drop_array(name):
+    return lambda arrays, meta: arrays.pop(name)
+
+
+def _resize_array(name, rows):
+    def change(arrays, meta):
+        arrays[name] = np.zeros((rows, 3), dtype=arrays[name].dtype)
+    return change
+
+
+def _shrink_model_array(arrays, meta):
+    name = next(n for n in arrays if n.startswith("model/"))
+    arrays[name] = arrays[name][..., :1]
+
+
+@pytest.mark.parametrize("change, field", [
+    (_set("position.batches_done", KeyError), "lacks position.batches_done"),
+    (_set("position.epochs_done", -1), "position.epochs_done: expected an integer in 0..3"),
+    (_set("position.epochs_done", "1"), "position.epochs_done: expected int, got '1'"),
+    (_set("position.epochs_done", True), "position.epochs_done"),
+    (_set("position.batches_done", 9), "position.batches_done: expected an integer in 0..4"),
+    (_set("position.batches_done", 3), r"partial_epoch/terms: expected .* shape \(3, 3\)"),
+    (_resize_array("partial_epoch/terms", 2), "partial_epoch/terms"),
+    (_drop_array("partial_epoch/terms"), "partial_epoch/terms"),
+    (_set("partial_epoch.noise_state", None), "partial_epoch.noise_state"),
+    (_set("partial_epoch.noise_state", "pcg64"), "partial_epoch.noise_state"),
+    (_set("partial_epoch.noise_state", {"kind": "pcg64", "state": {"bit_generator": "MT"}}),
+     "partial_epoch.noise_state"),
+    (_set("partial_epoch.noise_state", {"kind": "pcg64"}), "partial_epoch.noise_state"),
+    (_set("partial_epoch.seconds", -1.0), "partial_epoch.seconds"),
+    (_set("partial_epoch.images", 3), "partial_epoch.images: expected an integer 16"),
+    (_set("partial_epoch", KeyError), "lacks partial_epoch"),
+    (_set("history", KeyError), "lacks history"),
+    (_set("history", []), "history: expected 1 entries"),
+    (_set("history.0.test_loss", KeyError), r"history\[0\] lacks \['test_loss'\]"),
+    (_set("history.0.train_loss", "low"), r"history\[0\].train_loss: expected a number"),
+    (_set("config.hidden", KeyError), r"config lacks \['hidden'\]"),
+    (_set("config.epochs", 0), "config: epochs"),
+    (_set("config.colour", "blue"), "config: .*unknown TrainConfig fields"),
+    (_set("data.n_train", "64"), "data.n_train"),
+    (_set("data", KeyError), "lacks data"),
+    (_set("vae_np_version", 1), "vae_np_version"),
+    (_shrink_model_array, "model/"),
+    (_drop_array("optimizer/t"), "optimizer/"),
+])
+def test_malformed_trainer_metadata_is_a_checkpoint_error_naming_the_field(
+        change, field, mid_epoch_checkpoint, dataset, tmp_path):
+    arrays, meta = copy.deepcopy(mid_epoch_checkpoint)
+    change(arrays, meta)
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, arrays, meta)
+    with pytest.raises(CheckpointError, match=field) as info:
+        resume(tmp_path, dataset)
+    assert str(tmp_path / CHECKPOINT_FILE) in str(info.value)
+
+
+def test_the_unchanged_mid_epoch_checkpoint_resumes(mid_epoch_checkpoint, dataset, tmp_path):
+    """The control for the test above: the same file, unchanged, is accepted."""
+    arrays, meta = copy.deepcopy(mid_epoch_checkpoint)
+    save_checkpoint(tmp_path / CHECKPOINT_FILE, arrays, meta)
+    resumed = resume(tmp_path, dataset)
+    assert (resumed.epochs_done, resumed.batches_done) == (1, 1)
+
+
+# --------------------------------------------------------------------------------------
+# The numbers printed at the end, and what crosses from the device
+
+
+def test_log_likelihood_standard_error_is_the_spread_over_sqrt_n(reference_run):
+    """stderr = std(ddof=1) / sqrt(n) of the per-image estimates, recomputed here from the
+    model with the run's stream; the printed '+-' shows that number."""
+    trainer, k = reference_run, 8
+    rng = trainer.backend.rng((trainer.config.seed, int(Stream.LOG_LIKELIHOOD)))
+    x, size = trainer.data.x_test, trainer.config.eval_batch_size
+    values = np.concatenate([
+        trainer.backend.to_numpy(trainer.model.log_likelihood(
+            x[start:start + size, :], num_samples=k, rng=rng, check_finite=False))
+        for start in range(0, N_TEST, size)]).astype(np.float64)
+    assert size < len(values) == N_TEST  # several batches
+    result = trainer.test_log_likelihood(num_samples=k)
+    np.testing.assert_allclose(result["mean"], values.mean(), rtol=1e-6)
+    expected = values.std(ddof=1) / np.sqrt(len(values))
+    assert result["stderr"] == pytest.approx(expected, rel=1e-6)
+    assert expected < values.std(ddof=1) / 4  # n = 32: dividing and multiplying differ
+    printed = json.loads((trainer.out_dir / RESULTS_FILE).read_text())["test_log_likelihood"]
+    assert printed["stderr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_printed_line_shows_mean_and_standard_error(dataset, tmp_path):
+    messages = []
+    trainer = make_trainer(tiny_config(epochs=1), dataset, tmp_path, log=messages.append)
+    result = trainer.fit()["test_log_likelihood"]
+    line = next(m for m in messages if m.startswith("test ln p(x) ="))
+    assert f"= {result['mean']:.2f} +- {result['stderr']:.2f} nats/image" in line
+
+
+def test_each_batch_loss_is_read_back_from_the_device_once(dataset, tmp_path, monkeypatch):
+    """The per-batch (loss, KL, recon) rows cross to the host once each, not the whole
+    epoch so far at every log step (quadratic in the batches per epoch)."""
+    rows = []
+    to_numpy = Backend.to_numpy
+
+    def counting_to_numpy(self, array):
+        host = to_numpy(self, array)
+        if host.ndim == 2 and host.shape[1] == 3:  # per-batch terms
+            rows.append(host.shape[0])
+        return host
+
+    monkeypatch.setattr(Backend, "to_numpy", counting_to_numpy)
+    trainer = make_trainer(tiny_config(epochs=2, log_every=1, eval_samples=0), dataset,
+                           tmp_path)
+    trainer.fit()
+    assert sum(rows) == 2 * BATCHES_PER_EPOCH and max(rows) == 1
