@@ -12,14 +12,19 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vae_np.backend import cuda_available
+from vae_np.checkpoint import load_checkpoint, save_checkpoint
+from vae_np.data import Dataset
+from vae_np.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_mnist.py"
@@ -89,6 +94,9 @@ def test_help_lists_every_flag_with_its_default(cli, capsys):
     (["--beta", "nan"], "argument --beta: expected a finite number >= 0"),
     (["--variance", "0.1"], "variance: only used by the 'gaussian-fixed' decoder"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--decoder", "gaussian", "--binarize", "dynamic"],
+     "binarize='dynamic' with decoder='gaussian'"),
+    (["--decoder", "gaussian-fixed", "--binarize", "static"], "use binarize='none' (--binarize none)"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_bad_flags_exit_2_with_one_line(cli, capsys, argv, message):
@@ -105,7 +113,8 @@ def test_cupy_without_a_gpu_is_one_line_naming_the_gpu_extra():
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert "backend 'cupy' is unavailable" in proc.stderr
-    assert 'pip install -e ".[gpu]"' in proc.stderr
+    if importlib.util.find_spec("cupy") is None:  # installed without a GPU: no pip hint
+        assert 'pip install -e ".[gpu]"' in proc.stderr
 
 
 def test_a_bad_flag_prints_no_traceback_from_the_shell():
@@ -114,6 +123,81 @@ def test_a_bad_flag_prints_no_traceback_from_the_shell():
     assert proc.stderr.strip().splitlines() == [
         "train_mnist.py: error: argument --latent-dim: expected an integer >= 1, got -3 "
         "(see --help)"]
+
+
+# --------------------------------------------------------------------------------------
+# What is checked before the data is loaded: --out, the lock, the run to resume, its backend
+
+
+@pytest.fixture
+def no_data(cli, monkeypatch):
+    """Make loading the data fail loudly: these errors must come before it."""
+    def load_mnist(*args, **kwargs):
+        raise AssertionError("the data was loaded before the error")
+
+    monkeypatch.setattr(cli, "load_mnist", load_mnist)
+
+
+def make_run(out: Path, **config) -> None:
+    """A finished one-epoch run of a tiny model on synthetic digits, checkpointed in out."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((48, 784)).astype(np.float32), rng.integers(0, 10, 48)
+    dataset = Dataset(x[:32], y[:32], x[32:], y[32:], "synthetic", "synthetic digits")
+    values = dict(hidden=(8,), latent_dim=2, batch_size=16, epochs=1, eval_samples=0,
+                  **config)
+    Trainer(TrainConfig(**values), dataset, out, log=None, progress=False,
+            pictures=False).fit()
+
+
+def one_line_error(cli, argv, capsys) -> str:
+    status, err = exit_status(cli, argv, capsys)
+    assert status == 1 and err.count("\n") == 1 and err.startswith("train_mnist.py: error: ")
+    return err
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_out_under_a_regular_file_is_one_line_before_the_data(cli, capsys, tmp_path, no_data,
+                                                             resume):
+    (tmp_path / "file").write_text("")
+    err = one_line_error(cli, ["--out", str(tmp_path / "file" / "run"), *TINY]
+                         + (["--resume"] if resume else []), capsys)
+    assert "out_dir:" in err and "file" in err and "not a directory" in err
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], ["--resume"], []])
+def test_a_checkpoint_that_is_a_directory_is_one_line_before_the_data(cli, capsys, tmp_path,
+                                                                      no_data, flags):
+    (tmp_path / "checkpoint.npz").mkdir()
+    err = one_line_error(cli, ["--out", str(tmp_path), *TINY, *flags], capsys)
+    assert "checkpoint.npz is not a regular file" in err
+
+
+@pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are available here")
+def test_resume_checks_the_checkpoints_backend_before_the_data(cli, capsys, tmp_path, no_data):
+    make_run(tmp_path)
+    arrays, meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    meta["config"]["backend"] = "cupy"  # as if trained on a GPU machine
+    save_checkpoint(tmp_path / "checkpoint.npz", arrays, meta)
+    err = one_line_error(cli, ["--resume", "--out", str(tmp_path), "--epochs", "2"], capsys)
+    assert "backend 'cupy' is unavailable" in err
+
+
+def test_resume_of_a_malformed_checkpoint_is_one_line_before_the_data(cli, capsys, tmp_path,
+                                                                     no_data):
+    make_run(tmp_path)
+    arrays, meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    meta["position"]["epochs_done"] = -1
+    save_checkpoint(tmp_path / "checkpoint.npz", arrays, meta)
+    err = one_line_error(cli, ["--resume", "--out", str(tmp_path), "--epochs", "2"], capsys)
+    assert "position.epochs_done" in err
+
+
+def test_a_run_on_a_locked_out_dir_is_one_line_before_the_data(cli, capsys, tmp_path, no_data):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getppid(),
+                                                "host": socket.gethostname()}))
+    err = one_line_error(cli, ["--out", str(tmp_path), *TINY], capsys)
+    assert f"in use by process {os.getppid()}" in err and ".lock" in err
+    assert (tmp_path / ".lock").exists()  # not ours to remove
 
 
 # --------------------------------------------------------------------------------------
@@ -177,11 +261,18 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
         while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (out / "metrics.jsonl").exists(), "no epoch finished within 60 s"
+        # A second run on the same --out, started while the first trains, is refused.
+        second = run_script(*TINY, "--no-pictures", "--overwrite", "--data-dir",
+                            str(tmp_path / "none"), "--out", str(out), timeout=60)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert second.stderr.count("\n") == 1
+    assert f"is in use by process {proc.pid} on {socket.gethostname()}" in second.stderr
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "training interrupted: saved" in stdout and "--resume" in stdout
     assert (out / "checkpoint.npz").is_file()
+    assert not (out / ".lock").exists()  # released on Ctrl-C
