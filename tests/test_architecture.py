@@ -9,7 +9,7 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     2  layers, losses, parameters         the math with its fast variants beside it
     3  likelihoods, optim
     4  model
-    5  gradcheck                          checks any of the above
+    5  gradcheck, distributed             checks any of the above; data parallelism over MPI
     6  everything else (training, self-check, command line)
 
 ``data``, ``checkpoint`` and ``plotting`` sit apart: they import nothing from the package
@@ -32,7 +32,7 @@ LAYERS = {
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
     "model": 4,
-    "gradcheck": 5,
+    "gradcheck": 5, "distributed": 5,
 }
 TOP = 6
 # Modules that import nothing from the package but the backend and each other.

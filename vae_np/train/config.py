@@ -68,6 +68,11 @@ class TrainConfig:
         eval_batch_size: test images per evaluation batch.
         log_every: read the losses back from the device (progress bar, NaN check)
             every this many batches.
+    Data parallelism:
+        distributed: train under ``mpiexec -n N`` (:mod:`vae_np.distributed`): each rank
+            trains on its shard of every global batch of ``batch_size`` images (which must
+            divide by N), the gradients are summed with one allreduce, and every rank takes
+            the same Adam step; only rank 0 writes. Needs mpi4py (the ``mpi`` extra).
     """
 
     hidden: tuple[int, ...] = (512, 512)
@@ -89,9 +94,12 @@ class TrainConfig:
     eval_samples: int = 1000
     eval_batch_size: int = 500
     log_every: int = 25
+    distributed: bool = False
 
-    #: Fields a resumed run may change; every other field defines the run.
-    CONTINUATION_FIELDS = ("epochs", "eval_samples", "eval_batch_size", "log_every")
+    #: Fields a resumed run may change; every other field defines the run. (A resumed
+    #: run must still have the number of ranks the checkpoint records.)
+    CONTINUATION_FIELDS = ("epochs", "eval_samples", "eval_batch_size", "log_every",
+                           "distributed")
 
     def __post_init__(self):
         if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
@@ -102,6 +110,9 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)
         check_int("eval_samples", self.eval_samples, 0)
+        if not isinstance(self.distributed, (bool, np.bool_)):
+            raise ValueError(f"distributed: expected True or False, got {self.distributed!r}")
+        self.distributed = bool(self.distributed)
         check_int("limit_train", self.limit_train, 1, allow_none=True)
         check_int("limit_test", self.limit_test, 1, allow_none=True)
         check_choice("binarize", self.binarize, ("auto", *BINARIZE_MODES))

@@ -18,6 +18,7 @@ On disk (``out_dir/checkpoint.npz``, pickle-free and written atomically by
               partial_epoch {noise_state, seconds, images},
               history (one dict per finished epoch, keys ``EPOCH_METRICS``),
               data {source, description, n_train, n_test, binarize}
+              ranks (the number of MPI ranks that trained it; 1 when absent)
 
 :func:`read_run` checks every field against the others before anything is restored, so
 a damaged or hand-edited file is a :class:`vae_np.checkpoint.CheckpointError` naming the
@@ -68,6 +69,7 @@ class SavedRun:
     data: dict[str, Any]
     version: str
     path: Path | None = None  # the file it was read from
+    ranks: int = 1            # MPI ranks of a --distributed run (1 otherwise)
 
 
 def write_run(path: Path, run: SavedRun) -> Path:
@@ -87,6 +89,7 @@ def write_run(path: Path, run: SavedRun) -> Path:
                           "images": int(run.partial_images)},
         "history": run.history,
         "data": run.data,
+        "ranks": int(run.ranks),
     }
     save_checkpoint(path, arrays, metadata)
     return path
@@ -165,8 +168,9 @@ def read_run(out_dir: str | Path) -> SavedRun:
     for prefix, state in (("model", model_state), ("optimizer", optimizer_state)):
         if not state:
             raise CheckpointError(f"{path}: no {prefix}/* arrays: the {prefix} state is missing")
+    ranks = check.integer(meta.get("ranks", 1), "ranks", 1)
     return SavedRun(
-        config=config, model_state=model_state, optimizer_state=optimizer_state,
+        ranks=ranks, config=config, model_state=model_state, optimizer_state=optimizer_state,
         model_config=check.get(meta, "model_config", dict),
         epochs_done=epochs_done, batches_done=batches_done, history=history,
         partial_terms=terms, noise_state=noise_state, partial_seconds=float(seconds),
@@ -205,6 +209,8 @@ class _Fields:
         return value
 
     def config(self, values: dict) -> TrainConfig:
+        # Fields added later default for checkpoints written before them.
+        values = {"distributed": False, **values}
         missing = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(values))
         if missing:
             raise CheckpointError(f"{self.path}: trainer metadata config lacks {missing}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -13,7 +14,9 @@ import numpy as np
 from ..backend import get_backend
 from ..checkpoint import CheckpointError
 from ..data import N_PIXELS, Dataset
-from ..model import VAE
+from ..distributed import (Communicator, check_same_everywhere, shard_bounds,
+                           sharded_log_likelihood, sharded_test_elbo, world)
+from ..model import VAE, ELBOTerms
 from ..optim import Adam
 from ..plotting import require_matplotlib
 from .config import TrainConfig, check_int
@@ -46,6 +49,9 @@ class Trainer:
         log: called with each message (default: print, bar-safe); None is silent.
         progress: show a progress bar per epoch (needs tqdm; on a terminal only).
         pictures: draw the PNGs each epoch (needs matplotlib).
+        comm: the :class:`vae_np.distributed.Communicator` of a ``config.distributed``
+            run (default: ``vae_np.distributed.world()``, the ``mpiexec`` job); ignored
+            otherwise. Only rank 0 logs, writes files and draws.
 
     Attributes: ``model``, ``optimizer``, ``backend``, ``data`` (the run's images on the
     backend, :class:`RunData`), ``history`` (one dict per finished epoch, keys
@@ -55,18 +61,31 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset: Dataset, out_dir: str | Path = "results",
                  *, overwrite: bool = False, log: Callable[[str], object] | None = default_log,
-                 progress: bool = True, pictures: bool = True):
+                 progress: bool = True, pictures: bool = True,
+                 comm: Communicator | None = None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         if not isinstance(dataset, Dataset):
             raise TypeError(f"dataset: expected a vae_np.data.Dataset, "
                             f"got {type(dataset).__name__}")
-        self.out_dir = check_out_dir(out_dir, new_run=True, overwrite=overwrite)
+        # Data parallelism (vae_np.distributed): None when not config.distributed.
+        self.comm = (comm or world(config.backend)) if config.distributed else None
+        self.is_root = self.comm is None or self.comm.is_root
+        if self.comm is not None and config.batch_size % self.comm.size:
+            raise ValueError(f"batch_size: {config.batch_size} images per global batch do not "
+                             f"divide by the {self.comm.size} ranks; use a multiple of "
+                             f"{self.comm.size}")
+        self.out_dir = (check_out_dir(out_dir, new_run=True, overwrite=overwrite)
+                        if self.is_root else Path(out_dir))
+        if not self.is_root:  # rank 0 alone logs, shows progress and draws
+            log, progress, pictures = None, False, False
         self._log_fn, self.progress, self.pictures = log, bool(progress), bool(pictures)
         if self.pictures:
             require_matplotlib()  # fail now, not after the first epoch
 
         self.backend = get_backend(config.backend, config.dtype)
+        if self.comm is not None:
+            self.comm.attach(self.backend)
         # Record the backend that "auto" chose: a resume must run on the same one.
         self.config = dataclasses.replace(config, backend=self.backend.name)
         self.model = VAE(input_dim=N_PIXELS, backend=self.backend, **config.model_kwargs())
@@ -88,6 +107,9 @@ class Trainer:
         self._stop = StopOnCtrlC()
         self._updating = False
         self._saved_position: tuple[int, int] | None = None
+        if self.comm is not None:
+            check_same_everywhere(self.comm, "the run's config", self.config.to_dict())
+            self._broadcast_state()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -100,6 +122,54 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self._log_fn is not None:
             self._log_fn(message)
+
+    # ----------------------------------------------------------------------------------
+    # Data parallelism (vae_np.distributed; config.distributed)
+
+    def _loss_and_gradient(self, batch, noise) -> ELBOTerms:
+        """The batch's loss terms (nats per image, batch means), with d loss / d
+        parameter in ``model.parameters.grad``.
+
+        Distributed: this rank draws the whole global batch's noise (the draws of one
+        process, whatever the number of ranks) and takes its rows, scores its shard, and
+        weights the shard's mean gradient by shard / global batch size; one allreduce sums
+        the flat buffers, so every rank holds the global batch's mean gradient (the sum
+        over its examples divided by the global batch size). The three loss terms are
+        summed the same way."""
+        if self.comm is None:
+            terms = self.model.loss(batch, rng=noise, check_finite=False)
+            self.model.backward()
+            return terms
+        xp, params = self.backend.xp, self.model.parameters
+        n = batch.shape[0]
+        lo, hi = shard_bounds(n, self.comm.size, self.comm.rank)
+        eps = noise.normal((self.model.samples, n, self.model.latent_dim))
+        if hi > lo:
+            t = self.model.loss(batch[lo:hi, :], eps=eps[:, lo:hi, :], check_finite=False)
+            self.model.backward()
+            share = (hi - lo) / n
+            if share != 1.0:
+                params.grad *= share
+            local = xp.stack([t.loss, t.kl, t.recon]) * share
+        else:  # the short last batch of an epoch may leave a rank without rows
+            params.zero_grad()
+            local = self.backend.zeros((3,))
+        self.comm.allreduce_sum(params.grad)
+        self.comm.allreduce_sum(local)
+        return ELBOTerms(loss=local[0], kl=local[1], recon=local[2])
+
+    def _check_stop(self) -> None:
+        """Ctrl-C at a batch boundary; distributed, every rank stops at the same one
+        (a Ctrl-C seen by any rank stops all)."""
+        if self.comm is None:
+            self._stop.check()
+        elif self.comm.any(self._stop.requested):
+            raise KeyboardInterrupt
+
+    def _broadcast_state(self) -> None:
+        """Rank 0's parameters and optimizer state on every rank."""
+        self.comm.broadcast(self.model.parameters.data)
+        self.optimizer.load_state_dict(self.comm.broadcast_state(self.optimizer.state_dict()))
 
     # ----------------------------------------------------------------------------------
     # The loop
@@ -115,8 +185,12 @@ class Trainer:
         a checkpoint to resume from is on disk) and TrainingDiverged (NaN/inf; the last
         good checkpoint is kept).
         """
-        with OutDirLock(self.out_dir, log=self._log):
-            if self.epochs_done == 0 and self.batches_done == 0:
+        lock = OutDirLock(self.out_dir, log=self._log) if self.is_root \
+            else contextlib.nullcontext()
+        with lock:
+            if not self.is_root:
+                pass
+            elif self.epochs_done == 0 and self.batches_done == 0:
                 # A fresh run: the files of an earlier run in out_dir no longer apply.
                 for name in (RESULTS_FILE, METRICS_FILE):
                     (self.out_dir / name).unlink(missing_ok=True)
@@ -149,8 +223,7 @@ class Trainer:
         try:
             for b in range(first, len(sizes)):
                 batch = x_epoch[int(bounds[b]):int(bounds[b + 1]), :]
-                loss_terms = self.model.loss(batch, rng=noise, check_finite=False)
-                self.model.backward()
+                loss_terms = self._loss_and_gradient(batch, noise)
                 # From the update until the batch is counted, a hard interrupt would leave
                 # parameters and position out of step; _interrupted() then saves nothing.
                 self._updating = True
@@ -165,7 +238,7 @@ class Trainer:
                     bar.set_postfix_str(f"loss {running[0]:.2f}", refresh=False)
                     bar.update(self.batches_done - shown)
                     shown = self.batches_done
-                self._stop.check()
+                self._check_stop()
         finally:
             bar.close()
             self._partial_seconds += time.perf_counter() - started
@@ -197,7 +270,8 @@ class Trainer:
         self._partial_terms = np.zeros((0, 3), dtype=self.backend.numpy_dtype)
         self._noise_state, self._partial_seconds, self._partial_images = None, 0.0, 0
         self.save_checkpoint()
-        write_metrics(self.out_dir, self.history)
+        if self.is_root:
+            write_metrics(self.out_dir, self.history)
         self._log(epoch_line(entry, self.config.epochs))
         if self.pictures:
             self.save_pictures()
@@ -230,6 +304,8 @@ class Trainer:
             position = (self.epochs_done, self.batches_done)
             if self._saved_position != position:
                 self.save_checkpoint()
+            if self.comm is not None:  # every rank stops here; rank 0's file is complete
+                self.comm.barrier()
             error = interrupted(position, self.checkpoint_path, in_update=False)
         self._log(str(error))
         return error
@@ -256,6 +332,9 @@ class Trainer:
         :mod:`vae_np.train.state`). Raises TrainingDiverged instead of saving non-finite
         numbers."""
         self._check_finite()
+        if not self.is_root:  # rank 0 alone writes; the others keep the same position
+            self._saved_position = (self.epochs_done, self.batches_done)
+            return self.checkpoint_path
         write_run(self.checkpoint_path, SavedRun(
             config=self.config, model_state=self.model.state_dict(),
             optimizer_state=self.optimizer.state_dict(), model_config=self.model.config,
@@ -263,7 +342,7 @@ class Trainer:
             history=self.history, partial_terms=self._partial_terms,
             noise_state=self._noise_state, partial_seconds=self._partial_seconds,
             partial_images=self._partial_images, data=self.data.summary(),
-            version=_package_version()))
+            version=_package_version(), ranks=self.comm.size if self.comm else 1))
         self._saved_position = (self.epochs_done, self.batches_done)
         return self.checkpoint_path
 
@@ -271,7 +350,7 @@ class Trainer:
     def resume(cls, out_dir: str | Path, dataset: Dataset, *,
                overrides: dict[str, Any] | None = None,
                log: Callable[[str], object] | None = default_log, progress: bool = True,
-               pictures: bool = True) -> "Trainer":
+               pictures: bool = True, comm: Communicator | None = None) -> "Trainer":
         """The trainer of the run checkpointed in ``out_dir``, ready to continue.
 
         ``overrides`` may change the fields in ``TrainConfig.CONTINUATION_FIELDS`` (e.g.
@@ -290,7 +369,7 @@ class Trainer:
             raise ValueError(f"epochs: the run in {out_dir} has already finished "
                              f"{saved.epochs_done} epochs; ask for at least that")
         trainer = cls(config, dataset, out_dir, overwrite=True, log=log, progress=progress,
-                      pictures=pictures)
+                      pictures=pictures, comm=comm)
         trainer.restore(saved)
         return trainer
 
@@ -301,6 +380,12 @@ class Trainer:
         Raises ValueError when this trainer's data differ from the run's, CheckpointError
         when the model, optimizer or noise state does not fit this trainer.
         """
+        ranks = self.comm.size if self.comm is not None else 1
+        if saved.ranks != ranks:
+            raise ValueError(f"the run in {self.out_dir} was trained on {saved.ranks} MPI "
+                             f"rank(s) and resumes only on as many (mpiexec -n {saved.ranks}"
+                             f"{' ... --distributed' if saved.ranks > 1 else ''}); "
+                             f"this job has {ranks}")
         summary, data = self.data.summary(), saved.data
         for key in ("source", "n_train", "n_test"):
             if summary[key] != data[key]:
@@ -330,6 +415,8 @@ class Trainer:
         self._partial_seconds = saved.partial_seconds
         self._partial_images = saved.partial_images
         self._saved_position = (self.epochs_done, self.batches_done)
+        if self.comm is not None:
+            self._broadcast_state()
 
     # ----------------------------------------------------------------------------------
     # Evaluation (vae_np.train.evaluation) and pictures (vae_np.train.pictures)
@@ -343,7 +430,9 @@ class Trainer:
         Batches of ``eval_batch_size``; the sums stay on the device until the end.
         """
         rng = self.backend.rng(self.data.key(Stream.TEST_NOISE, 0)) if rng is None else rng
-        batches = self.data.test_batches(self.config.eval_batch_size, self._stop.check, x)
+        batches = self.data.test_batches(self.config.eval_batch_size, self._check_stop, x)
+        if self.comm is not None:  # each batch split over the ranks
+            return sharded_test_elbo(self.model, self.backend, self.comm, batches, rng)
         return test_elbo(self.model, self.backend, batches, rng)
 
     def test_log_likelihood(self, num_samples: int | None = None) -> dict[str, float]:
@@ -360,9 +449,13 @@ class Trainer:
         bar = progress_bar(self.progress, math.ceil(self.n_test / size), 0, f"test ln p(x), K={k}")
         started = time.perf_counter()
         try:
-            values = per_image_log_likelihood(
-                self.model, self.backend, self.data.test_batches(size, self._stop.check), k, rng,
-                on_batch=bar.update)
+            batches = self.data.test_batches(size, self._check_stop)
+            if self.comm is not None:  # each batch split over the ranks
+                values = sharded_log_likelihood(self.model, self.backend, self.comm, batches,
+                                                k, rng, on_batch=bar.update)
+            else:
+                values = per_image_log_likelihood(self.model, self.backend, batches, k, rng,
+                                                  on_batch=bar.update)
         finally:
             bar.close()
         return {**log_likelihood_summary(values), "num_samples": k,
@@ -383,7 +476,8 @@ class Trainer:
             "test_log_likelihood": log_likelihood,
             "train_seconds_total": sum(e["train_seconds"] for e in self.history),
         }
-        write_results(self.out_dir, results)
+        if self.is_root:
+            write_results(self.out_dir, results)
         self._log(f"test -ELBO after {self.epochs_done} epochs: {last['test_loss']:.2f} "
                   f"nats/image (an upper bound on -ln p(x))")
         if log_likelihood is not None:
