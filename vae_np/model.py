@@ -292,6 +292,11 @@ class VAE:
         objective: ``"vae"`` (default): the negative ELBO, closed-form KL, S samples
             averaged; ``"iwae"``: the negative importance-weighted bound with k = S samples
             (Burda et al. 2015; docs/09-iwae.md).
+        num_classes: K for a conditional VAE, None (default) for an unconditional one.
+            The one-hot label (K,) of each example is appended to the encoder's input and
+            to the decoder's latent input, so the model is q(z | x, y) and p(x | z, y);
+            ``loss``, ``encode``, ``decode``, ``reconstruct``, ``sample`` and
+            ``log_likelihood`` then take labels ``y``, (N,) integers in 0..K-1.
     """
 
     def __init__(self, input_dim: int = 784, hidden: Sequence[int] = (512, 512),
@@ -299,8 +304,10 @@ class VAE:
                  variance: float | None = None, beta: float = 1.0, samples: int = 1,
                  activation: str = "relu", input_shift: float = 0.5,
                  backend: Backend | str = "numpy", dtype: str | None = None, seed: int = 0,
-                 objective: str = "vae"):
+                 objective: str = "vae", num_classes: int | None = None):
         _check_positive_int("input_dim", input_dim)
+        if num_classes is not None:
+            _check_positive_int("num_classes", num_classes)
         _check_positive_int("latent_dim", latent_dim)
         _check_positive_int("samples", samples)
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
@@ -330,9 +337,12 @@ class VAE:
         self.input_dim, self.latent_dim, self.hidden = int(input_dim), int(latent_dim), hidden
         self.beta, self.samples, self.input_shift = float(beta), int(samples), float(input_shift)
         self.objective = objective
+        self.num_classes = None if num_classes is None else int(num_classes)
+        k = self.num_classes or 0                  # one-hot width appended to each input
         init_rng = np.random.default_rng(seed)
-        self.encoder = MLP((input_dim, *hidden, 2 * latent_dim), self.backend, init_rng, activation)
-        self.decoder = MLP((latent_dim, *reversed(hidden),
+        self.encoder = MLP((input_dim + k, *hidden, 2 * latent_dim), self.backend, init_rng,
+                           activation)
+        self.decoder = MLP((latent_dim + k, *reversed(hidden),
                             input_dim * self.likelihood.outputs_per_pixel),
                            self.backend, init_rng, activation)
         self.parameters = Parameters(self.backend, [*self.encoder.named_parameters("encoder."),
@@ -342,7 +352,7 @@ class VAE:
             "decoder": decoder, "variance": getattr(self.likelihood, "variance", None),
             "beta": self.beta, "samples": self.samples, "activation": activation,
             "input_shift": self.input_shift, "dtype": self.backend.dtype_name, "seed": seed,
-            "objective": objective,
+            "objective": objective, "num_classes": self.num_classes,
         }
         self._step: _Step | None = None
 
@@ -410,40 +420,77 @@ class VAE:
             raise ValueError(f"x: the bernoulli decoder needs targets in [0, 1], got values "
                              f"in [{low:g}, {high:g}] (use a gaussian decoder for other data)")
 
+    def _one_hot(self, y, n: int):
+        """Labels y (n,) as one-hot rows (n, K) of the model dtype; None for an
+        unconditional model (which refuses labels, as a conditional one needs them)."""
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("y: this VAE is unconditional (num_classes=None); labels "
+                                 "are for a VAE(num_classes=K)")
+            return None
+        if y is None:
+            raise ValueError(f"y: this conditional VAE (num_classes={self.num_classes}) needs "
+                             f"labels, (N,) integers in 0..{self.num_classes - 1}")
+        labels = np.asarray(self.backend.to_numpy(y) if not isinstance(y, np.ndarray) else y)
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise ValueError(f"y: expected ({n},) integer labels, got shape {labels.shape} "
+                             f"and dtype {labels.dtype}")
+        if n and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"y: expected labels in 0..{self.num_classes - 1}, got "
+                             f"{labels.min()}..{labels.max()}")
+        one_hot = np.zeros((n, self.num_classes), dtype=self.backend.numpy_dtype)
+        one_hot[np.arange(n), labels] = 1.0
+        return self.backend.asarray(one_hot)
+
+    def _with_labels(self, h, one_hot):
+        """[h, one_hot] along the features (h unchanged for an unconditional model); h is
+        (M, w), one_hot (N, K) with M = S N: repeated over the S sample blocks."""
+        if one_hot is None:
+            return h
+        xp = self.backend.xp
+        if h.shape[0] != one_hot.shape[0]:
+            reps = h.shape[0] // one_hot.shape[0]
+            one_hot = xp.reshape(xp.broadcast_to(one_hot, (reps, *one_hot.shape)),
+                                 (h.shape[0], -1))
+        return xp.concat([h, one_hot], axis=1)
+
     # ----------------------------------------------------------------------------------
     # The pieces
 
-    def encode(self, x, check_finite: bool = True):
-        """q(z | x): (mu, logvar), each (N, d)."""
+    def encode(self, x, check_finite: bool = True, y=None):
+        """q(z | x) (q(z | x, y) for a conditional model): (mu, logvar), each (N, d)."""
         x = self._as_batch(x, "x", self.input_dim, check_finite)
-        return self._split(self.encoder(x - self.input_shift))
+        one_hot = self._one_hot(y, x.shape[0])
+        return self._split(self.encoder(self._with_labels(x - self.input_shift, one_hot)))
 
     def _split(self, h):
         """The encoder output (N, 2d) as (mu, logvar), (N, d) each."""
         d = self.latent_dim
         return h[:, :d], h[:, d:]
 
-    def decoder_outputs(self, z):
-        """Raw decoder outputs for latents z (M, d): (M, c * outputs_per_pixel)."""
-        return self.decoder(z)
+    def decoder_outputs(self, z, y=None):
+        """Raw decoder outputs for latents z (M, d) (and labels y (M,) for a conditional
+        model): (M, c * outputs_per_pixel)."""
+        return self.decoder(self._with_labels(z, self._one_hot(y, z.shape[0])))
 
-    def decode(self, z, check_finite: bool = True):
-        """The mean of p(x | z) for z (M, d): (M, c) (pixel probabilities for Bernoulli)."""
+    def decode(self, z, check_finite: bool = True, y=None):
+        """The mean of p(x | z) (p(x | z, y)) for z (M, d): (M, c) (pixel probabilities for
+        Bernoulli)."""
         z = self._as_batch(z, "z", self.latent_dim, check_finite)
-        return self.likelihood.mean(self.backend.xp, self.decoder_outputs(z))
+        return self.likelihood.mean(self.backend.xp, self.decoder_outputs(z, y))
 
-    def reconstruct(self, x, check_finite: bool = True):
+    def reconstruct(self, x, check_finite: bool = True, y=None):
         """Decoder mean at the posterior mean, z = mu(x): (N, c). Deterministic."""
-        mu, _ = self.encode(x, check_finite)
-        return self.decode(mu, check_finite=False)
+        mu, _ = self.encode(x, check_finite, y=y)
+        return self.decode(mu, check_finite=False, y=y)
 
-    def sample(self, n: int, rng, mean: bool = True):
+    def sample(self, n: int, rng, mean: bool = True, y=None):
         """n draws z ~ N(0, I) decoded: the decoder mean, or (mean=False) a true sample of
         p(x | z) (Gaussian noise for Gaussian decoders, Bernoulli pixels for Bernoulli).
-        Returns (n, c)."""
+        A conditional model decodes with labels y (n,). Returns (n, c)."""
         _check_positive_int("n", n)
         self._check_rng(rng)
-        out = self.decoder_outputs(rng.normal((n, self.latent_dim)))
+        out = self.decoder_outputs(rng.normal((n, self.latent_dim)), y)
         if mean:
             return self.likelihood.mean(self.backend.xp, out)
         return self.likelihood.sample(self.backend.xp, out, rng)
@@ -451,7 +498,7 @@ class VAE:
     # ----------------------------------------------------------------------------------
     # Training: negative ELBO and its gradient
 
-    def loss(self, x, rng=None, eps=None, check_finite: bool = True) -> ELBOTerms:
+    def loss(self, x, rng=None, eps=None, check_finite: bool = True, y=None) -> ELBOTerms:
         """The negative ELBO of batch x (N, c), averaged over the N examples (nats); with
         ``objective="iwae"`` the negative importance-weighted bound (k = S samples).
 
@@ -463,12 +510,15 @@ class VAE:
         FloatingPointError when it is not finite (an overflowing logvar, say) rather than
         letting a step write NaN into every parameter. Each check reads a number back
         from the device: training loops that checked their data once turn them off.
+
+        A conditional model (``num_classes``) needs the labels ``y`` (N,) of the batch.
         """
         xp = self.backend.xp
         x = self._as_batch(x, "x", self.input_dim, check_finite)
         if check_finite:
             self._check_targets(x)
         n, d, s = x.shape[0], self.latent_dim, self.samples
+        one_hot = self._one_hot(y, n)
         if eps is None:
             if rng is None:
                 raise ValueError("rng: expected an RNG (backend.rng(seed)) or eps, got neither")
@@ -477,9 +527,10 @@ class VAE:
         else:
             eps = self._as_array(eps, "eps", (s, n, d), check_finite)
         self._step = None                          # a failed loss leaves nothing to backward
-        mu, logvar = self._split(self.encoder.forward(x - self.input_shift))
+        mu, logvar = self._split(self.encoder.forward(
+            self._with_labels(x - self.input_shift, one_hot)))
         z = reparameterize(mu, logvar, eps)                                   # (S, N, d)
-        out = self.decoder.forward(xp.reshape(z, (s * n, d)))
+        out = self.decoder.forward(self._with_labels(xp.reshape(z, (s * n, d)), one_hot))
         targets = x if s == 1 else xp.reshape(xp.broadcast_to(x, (s, *x.shape)), (s * n, -1))
         if self.objective == "iwae":
             terms, step = self._iwae_loss(targets, out, logvar, z, eps)
@@ -538,6 +589,8 @@ class VAE:
         xp = self.backend.xp
         s, n, d = step.eps.shape
         dz = self.decoder.backward(step.dloss_dout)                           # (S N, d)
+        if self.num_classes is not None:
+            dz = dz[:, :d]             # the label columns of the decoder input are data
         if isinstance(step, _IWAEStep):
             # + the prior's path into z, + ln q's -1/2 logvar (docs/09-iwae.md)
             dmu, dlogvar = iwae_latent_backward(xp.reshape(dz, (s, n, d)), step.dloss_dnll,
@@ -554,14 +607,15 @@ class VAE:
     # Evaluation: the importance-sampled marginal likelihood
 
     def log_likelihood(self, x, num_samples: int, rng, chunk_size: int | None = None,
-                       check_finite: bool = True):
+                       check_finite: bool = True, y=None):
         """Importance-sampled estimate of ln p(x), per example, in nats: (N,).
 
             ln p(x) ~ logsumexp_k [ ln p(x | z_k) + ln p(z_k) - ln q(z_k | x) ] - ln K
 
         with z_k ~ q(z | x), K = ``num_samples``. The K samples are processed
         ``chunk_size`` at a time with a running logsumexp, so memory is bounded by the
-        chunk, not by K (default: about 2**22 decoder output values per chunk).
+        chunk, not by K (default: about 2**22 decoder output values per chunk). A
+        conditional model scores ln p(x | y) with labels ``y`` (N,).
         """
         _check_positive_int("num_samples", num_samples)
         self._check_rng(rng)
@@ -572,7 +626,7 @@ class VAE:
             width = self.input_dim * self.likelihood.outputs_per_pixel
             chunk_size = max(1, min(num_samples, 2 ** 22 // (n * max(width, *self.hidden, 1))))
         _check_positive_int("chunk_size", chunk_size)
-        mu, logvar = self.encode(x, check_finite=False)
+        mu, logvar = self.encode(x, check_finite=False, y=y)
         std = xp.exp(0.5 * logvar)
         # ln p(z) - ln q(z|x) = -1/2 sum z^2 + 1/2 sum (logvar + eps^2); the 2 pi terms cancel.
         sum_logvar = xp.sum(logvar, axis=1)
@@ -582,7 +636,7 @@ class VAE:
             k = min(chunk_size, num_samples - start)
             eps = rng.normal((k, n, d))
             z = mu + std * eps
-            log_w = self._log_px_given_z(x, z) - 0.5 * xp.sum(z * z, axis=2) \
+            log_w = self._log_px_given_z(x, z, y) - 0.5 * xp.sum(z * z, axis=2) \
                 + 0.5 * (sum_logvar + xp.sum(eps * eps, axis=2))
             # Running logsumexp over chunks: rescale the old sum to the new maximum. A
             # maximum still at -inf (every weight zero so far) shifts by 0 instead, so
@@ -595,25 +649,26 @@ class VAE:
         shift = xp.where(xp.isfinite(running_max), running_max, 0.0)
         return xp.log(running_sum) + shift - math.log(num_samples)
 
-    def log_importance_weights(self, x, eps):
+    def log_importance_weights(self, x, eps, y=None):
         """ln w_k = ln p(x|z_k) + ln p(z_k) - ln q(z_k|x) for given noise eps (K, N, d),
         written out with every density term, as a reference for :meth:`log_likelihood`.
         Returns (K, N)."""
         xp = self.backend.xp
         x = self._as_batch(x, "x", self.input_dim)
         eps = self._as_array(eps, "eps", (None, x.shape[0], self.latent_dim))
-        mu, logvar = self.encode(x, check_finite=False)
+        mu, logvar = self.encode(x, check_finite=False, y=y)
         z = reparameterize(mu, logvar, eps)
-        log_px_given_z = self._log_px_given_z(x, z)
+        log_px_given_z = self._log_px_given_z(x, z, y)
         log_pz = -0.5 * xp.sum(z * z + LOG_2PI, axis=2)
         log_qz = -0.5 * xp.sum((z - mu) ** 2 / xp.exp(logvar) + logvar + LOG_2PI, axis=2)
         return log_px_given_z + log_pz - log_qz
 
-    def _log_px_given_z(self, x, z):
-        """ln p(x_n | z_{k,n}) for x (N, c) and latents z (K, N, d): (K, N)."""
+    def _log_px_given_z(self, x, z, y=None):
+        """ln p(x_n | z_{k,n}) (ln p(x_n | z_{k,n}, y_n)) for x (N, c) and latents z
+        (K, N, d): (K, N)."""
         xp = self.backend.xp
         k, n, d = z.shape
-        out = self.decoder_outputs(xp.reshape(z, (k * n, d)))
+        out = self.decoder(self._with_labels(xp.reshape(z, (k * n, d)), self._one_hot(y, n)))
         targets = xp.reshape(xp.broadcast_to(x, (k, *x.shape)), (k * n, -1))
         return -xp.reshape(self.likelihood.nll(targets, out)[0], (k, n))
 
