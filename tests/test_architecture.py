@@ -10,7 +10,9 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     3  likelihoods, optim
     4  model
     5  gradcheck, distributed             checks any of the above; data parallelism over MPI
-    6  everything else (training, self-check, command line)
+    6  everything else (training, self-check, saving: a model's files)
+    7  cli                                the vae-np command, built on the floors below
+    8  __main__                           python -m vae_np, which runs cli
 
 ``data``, ``checkpoint`` and ``plotting`` sit apart: they import nothing from the package
 but the backend and each other's public names. A module not named here is on the top
@@ -33,6 +35,8 @@ LAYERS = {
     "likelihoods": 3, "optim": 3,
     "model": 4,
     "gradcheck": 5, "distributed": 5,
+    "saving": 6,
+    "cli": 7, "__main__": 8,
 }
 TOP = 6
 # Modules that import nothing from the package but the backend and each other.
@@ -115,7 +119,7 @@ def test_imports_run_one_way(name):
                 f"backend and each other"
             continue
         if theirs in APART:
-            assert layer_of(name) == TOP, f"{name} (layer {layer_of(name)}) imports {other}"
+            assert layer_of(name) >= TOP, f"{name} (layer {layer_of(name)}) imports {other}"
             continue
         assert layer_of(other) < layer_of(name), (
             f"{name} (layer {layer_of(name)}) imports {other} (layer {layer_of(other)}): "
