@@ -7,7 +7,10 @@ Runs, in float64 on small sizes:
 3. the whole VAE for each decoder and S in {1, 3}: element-wise (``check_vae``) and
    directional (``check_vae_directional``);
 4. the step size h: the truncation / round-off trade-off, in float64 and float32;
-5. two gradients broken on purpose, and the check catching them.
+5. two gradients broken on purpose, and the check catching them;
+6. the importance-weighted bound (``VAE(objective="iwae", samples=k)``) for each decoder and
+   k in {1, 5}: its weights, the k = 1 identity with the sampled-KL ELBO, and the same
+   element-wise and directional checks (docs/09-iwae.md).
 
 Each table shows, per checked array, the norm-wise relative error
 ||analytic - numerical|| / (||analytic|| + ||numerical||) and the analytic and numerical
@@ -257,6 +260,45 @@ def tour_breaks(tally: Tally, seed: int) -> None:
                          not report.passed and not direction.passed))
 
 
+# --------------------------------------------------------------------------------------
+# 6. The importance-weighted bound
+
+
+def tour_iwae(tally: Tally, seed: int, max_entries: int | None) -> None:
+    heading("6. The importance-weighted bound: VAE(objective='iwae', samples=k)")
+    print("loss = -1/N sum_n [logsumexp_s ln w_{s,n} - ln k]; backward sends the normalised")
+    print("weight w~_{s,n} / N into each ln w_{s,n} (docs/09-iwae.md).\n")
+    for decoder in DECODERS:
+        for k in (1, 5):
+            # (the fixed-variance decoder with lambda = 0.5: its default lambda of 0.098
+            # puts almost all the weight on one sample of this untrained model)
+            model = VAE(input_dim=6, hidden=(5,), latent_dim=2, decoder=decoder, samples=k,
+                        variance=0.5 if decoder == "gaussian-fixed" else None,
+                        objective="iwae", dtype="float64", seed=seed)
+            # Random biases: off ReLU's kink (section 1), and weights w~ far from uniform.
+            bias_rng = np.random.default_rng(seed + 1)
+            for linear in (*model.encoder.linears, *model.decoder.linears):
+                linear.params["b"][...] = 0.5 * bias_rng.standard_normal(linear.out_features)
+            x = model.backend.asarray(np.random.default_rng(seed).uniform(size=(3, 6)))
+            eps = model.backend.rng(seed).normal((k, 3, 2))
+            log_w = model.log_importance_weights(x, eps)           # (k, N), scipy-free
+            weights = np.exp(log_w - log_w.max(axis=0))
+            weights /= weights.sum(axis=0)
+            terms = model.loss(x, eps=eps)
+            if k == 1:
+                print(f"{decoder}, k = 1: -loss = {-float(terms.loss):.10f} = mean ln w "
+                      f"= {float(log_w.mean()):.10f} (the ELBO with a sampled KL term)")
+            else:
+                print(f"{decoder}, k = {k}: weights w~ of the first example: "
+                      + " ".join(f"{w:.3f}" for w in weights[:, 0]))
+            report = check_vae(model, x, eps, max_entries=max_entries, seed=seed)
+            report.title = f"IWAE ({decoder}, k={k}, {report.path} path) gradient check"
+            tally.report(report)
+            tally.directional(check_vae_directional(model, x, eps, seed=seed),
+                              f"IWAE ({decoder}, k={k}) directional check")
+            print()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -273,6 +315,7 @@ def main(argv=None) -> int:
     if not args.quick:
         tour_step_size(args.seed)
     tour_breaks(tally, args.seed)
+    tour_iwae(tally, args.seed, max_entries=10 if args.quick else None)
 
     heading("Summary")
     passed = sum(ok for _, _, ok in tally.correct)

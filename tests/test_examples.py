@@ -63,6 +63,19 @@ def test_gradcheck_tour_checks_every_layer_loss_and_decoder(tour_output):
                              tour_output)
 
 
+def test_gradcheck_tour_checks_the_importance_weighted_bound(tour_output):
+    for decoder in ("bernoulli", "gaussian", "gaussian-fixed"):
+        for k in (1, 5):
+            rows = table_rows(tour_output, f"IWAE ({decoder}, k={k}, fast path) gradient check")
+            assert {row[0] for row in rows} >= {"encoder.linear0.W", "decoder.linear1.b"}
+            assert all(row[-1] == "yes" for row in rows)
+            assert re.search(rf"IWAE \({decoder}, k={k}\) directional check: .* ok yes",
+                             tour_output)
+        # k = 1: -loss is the mean log weight (the ELBO with a sampled KL term)
+        one = re.search(rf"{decoder}, k = 1: -loss = (\S+) = mean ln w = (\S+) ", tour_output)
+        assert one and float(one[1]) == pytest.approx(float(one[2]), rel=1e-9, abs=1e-9)
+
+
 def test_gradcheck_tour_every_correct_gradient_passes(tour_output):
     summary = re.search(r"correct gradients: (\d+) of (\d+) checks passed "
                         r"\(worst relative error ([0-9.e+-]+)", tour_output)
