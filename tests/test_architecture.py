@@ -11,8 +11,9 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     4  model
     5  gradcheck, distributed             checks any of the above; data parallelism over MPI
     6  everything else (training, self-check, saving: a model's files)
-    7  cli                                the vae-np command, built on the floors below
-    8  __main__                           python -m vae_np, which runs cli
+    7  train_cli                          vae-np train (examples/train_mnist.py), on train
+    8  cli                                the vae-np command, built on the floors below
+    9  __main__                           python -m vae_np, which runs cli
 
 ``data``, ``checkpoint`` and ``plotting`` sit apart: they import nothing from the package
 but the backend and each other's public names. A module not named here is on the top
@@ -36,7 +37,7 @@ LAYERS = {
     "model": 4,
     "gradcheck": 5, "distributed": 5,
     "saving": 6,
-    "cli": 7, "__main__": 8,
+    "train_cli": 7, "cli": 8, "__main__": 9,
 }
 TOP = 6
 # Modules that import nothing from the package but the backend and each other.

@@ -135,10 +135,13 @@ def test_a_bad_flag_prints_no_traceback_from_the_shell():
 @pytest.fixture
 def no_data(cli, monkeypatch):
     """Make loading the data fail loudly: these errors must come before it."""
-    def load_mnist(*args, **kwargs):
+    def load_dataset(*args, **kwargs):
         raise AssertionError("the data was loaded before the error")
 
-    monkeypatch.setattr(cli, "load_mnist", load_mnist)
+    # the script is a wrapper: the loading happens in vae_np.train_cli (vae-np train)
+    import vae_np.train_cli
+
+    monkeypatch.setattr(vae_np.train_cli, "load_dataset", load_dataset)
 
 
 def make_run(out: Path, **config) -> None:

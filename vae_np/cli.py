@@ -31,24 +31,13 @@ from .backend import BACKEND_NAMES, BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
 from .saving import SavedModel, read_model
+from .train_cli import LOSS_SCALING
+from .train_cli import fraction as _fraction
+from .train_cli import image_size as _image_size
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
 PROG = "vae-np"
-
-#: How the loss is scaled: said once here for --help, and in docs/loss-scaling.md.
-LOSS_SCALING = (
-    "Loss scaling: every loss is in nats per example: the negative log-likelihood summed "
-    "over the D features (pixels) of an example and the KL summed over the d latent "
-    "dimensions, then averaged over the N examples of the batch and the S samples per "
-    "example: loss = 1/N sum_n [1/S sum_s -ln p(x_n|z_ns) + beta KL(q(z|x_n) || p(z))]. "
-    "beta multiplies the KL term only. Summing over the batch instead gives N times this "
-    "loss (and N times the gradient); averaging over pixels too gives 1/D times it (and "
-    "changes the balance with the KL unless beta is divided by D as well). With Adam the "
-    "step size does not depend on this scale, so lr carries over; with SGD multiply lr by "
-    "N (from sum-over-batch) or divide it by D (from mean-over-pixels) to take the same "
-    "steps. See docs/loss-scaling.md.")
-
 
 class CLIError(Exception):
     """A problem to report on one line, exit status 1."""
@@ -89,27 +78,6 @@ def _positive_float(text: str) -> float:
     if not (0 < value < math.inf):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    """'32x32' or '32' -> (32, 32): (height, width)."""
-    parts = text.lower().split("x")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if len(dims) == 1:
-        dims = dims * 2
-    if len(dims) != 2 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 32x32, got {text!r}")
-    return dims
 
 
 # --------------------------------------------------------------------------------------

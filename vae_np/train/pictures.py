@@ -47,29 +47,47 @@ class RunPictures:
         ``history``: the per-epoch metrics so far; ``batch_size``: test images per
         encoder call for the latent scatter, with ``check()`` (Ctrl-C) before each."""
         xp, data = self.backend.xp, self.data
+        shape = data.dataset.image_shape          # None: feature vectors, drawn as lines
         digits = xp.take(data.x_test, self.backend.asarray(self.digits, dtype=xp.int64), axis=0)
-        paths = [
-            plotting.save_reconstructions(
-                out_dir / "reconstructions.png", self._images(digits),
-                self._images(model.reconstruct(digits, check_finite=False)),
-                n=PICTURE_DIGITS, ncol=8,
-                title=f"test digits and their reconstructions, epoch {epoch}"),
-            plotting.save_image_grid(
-                out_dir / "samples.png",
-                self._images(model.decode(self.prior_latents, check_finite=False)), nrow=8,
-                title=f"decoder means of z ~ N(0, I), epoch {epoch}"),
+        if shape is None:
+            originals = self.backend.to_numpy(digits)
+            recon = self.backend.to_numpy(model.reconstruct(digits, check_finite=False))
+            samples = self.backend.to_numpy(model.decode(self.prior_latents, check_finite=False))
+            paths = [
+                plotting.plot_feature_vectors(
+                    out_dir / "reconstructions.png",
+                    [np.stack([a, b]) for a, b in zip(originals[:8], recon[:8])],
+                    title=f"test examples and their reconstructions, epoch {epoch}",
+                    legend=("original", "reconstruction")),
+                plotting.plot_feature_vectors(
+                    out_dir / "samples.png", [row[None] for row in samples[:8]],
+                    title=f"decoder means of z ~ N(0, I), epoch {epoch}")]
+        else:
+            paths = [
+                plotting.save_reconstructions(
+                    out_dir / "reconstructions.png", self._images(digits),
+                    self._images(model.reconstruct(digits, check_finite=False)),
+                    n=PICTURE_DIGITS, ncol=8, image_shape=shape,
+                    title=f"test examples and their reconstructions, epoch {epoch}"),
+                plotting.save_image_grid(
+                    out_dir / "samples.png",
+                    self._images(model.decode(self.prior_latents, check_finite=False)), nrow=8,
+                    image_shape=shape, title=f"decoder means of z ~ N(0, I), epoch {epoch}")]
+        paths += [
             plotting.plot_loss_curves(out_dir / "loss_curves.png", history,
                                       title=f"{data.dataset.source}, "
                                             f"{data.config.binarize_mode} binarization"),
         ]
         if self.latent_dim == 2:
-            paths.append(plotting.plot_manifold(
-                out_dir / "manifold.png",
-                lambda z: self._images(model.decode(z, check_finite=False)),
-                title=f"decoded latent grid, epoch {epoch}"))
+            if shape is not None:
+                paths.append(plotting.plot_manifold(
+                    out_dir / "manifold.png",
+                    lambda z: self._images(model.decode(z, check_finite=False)),
+                    image_shape=shape, title=f"decoded latent grid, epoch {epoch}"))
             means = [self.backend.to_numpy(model.encode(batch, check_finite=False)[0])
                      for batch in data.test_batches(batch_size, check)]
             paths.append(plotting.plot_latent_scatter(
-                out_dir / "latent_scatter.png", np.concatenate(means), data.y_test,
+                out_dir / "latent_scatter.png", np.concatenate(means),
+                data.y_test if data.y_test is not None else np.zeros(data.n_test, np.int64),
                 title=f"test set latent means by digit, epoch {epoch}"))
         return paths

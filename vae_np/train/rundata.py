@@ -62,7 +62,10 @@ class RunData:
         """What results.json and the checkpoint record about the data."""
         return {"source": self.dataset.source, "description": self.dataset.description,
                 "n_train": self.n_train, "n_test": self.n_test,
-                "binarize": self.config.binarize_mode}
+                "binarize": self.config.binarize_mode,
+                # what vae_np.saving needs to draw the model's outputs as the data
+                "image_shape": None if self.dataset.image_shape is None
+                else list(self.dataset.image_shape)}
 
     def epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order (n_train,), bounds (B + 1,)): epoch ``epoch``'s shuffled image order and
@@ -100,4 +103,4 @@ def _limit(x: np.ndarray, y: np.ndarray, limit: int | None, name: str,
     if limit > len(x):
         raise ValueError(f"{name}: asked for {limit} images, the data set has {len(x)}")
     keep = np.sort(rng.permutation(len(x))[:limit])
-    return x[keep], y[keep]
+    return x[keep], None if y is None else y[keep]

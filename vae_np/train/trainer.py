@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backend import get_backend
 from ..checkpoint import CheckpointError
-from ..data import N_PIXELS, Dataset
+from ..data import Dataset
 from ..distributed import (Communicator, check_same_everywhere, shard_bounds,
                            sharded_log_likelihood, sharded_test_elbo, world)
 from ..model import VAE, ELBOTerms
@@ -88,7 +88,7 @@ class Trainer:
             self.comm.attach(self.backend)
         # Record the backend that "auto" chose: a resume must run on the same one.
         self.config = dataclasses.replace(config, backend=self.backend.name)
-        self.model = VAE(input_dim=N_PIXELS, backend=self.backend, **config.model_kwargs())
+        self.model = VAE(input_dim=dataset.n_features, backend=self.backend, **config.model_kwargs())
         self.optimizer = Adam(self.model.parameters, lr=config.lr, clip_norm=config.clip_norm)
         self.dataset = dataset
         self.data = RunData(dataset, self.config, self.backend)
@@ -278,7 +278,7 @@ class Trainer:
 
     def _log_header(self) -> None:
         cfg, model = self.config, self.model
-        layers = "-".join(str(w) for w in (N_PIXELS, *cfg.hidden, cfg.latent_dim))
+        layers = "-".join(str(w) for w in (self.model.input_dim, *cfg.hidden, cfg.latent_dim))
         self._log(f"VAE {layers} ({cfg.decoder} decoder, {model.num_parameters:,} parameters)"
                   f" on {self.backend.name}/{self.backend.dtype_name}, seed {cfg.seed}")
         limited = (self.n_train, self.n_test) != (self.dataset.n_train, self.dataset.n_test)
