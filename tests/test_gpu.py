@@ -326,7 +326,7 @@ def _model_and_step(decoder="bernoulli", dtype="float32"):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_step_does_not_synchronise_with_the_host(decoder, dtype, monkeypatch):
-    """A kernel that spins for two seconds goes first on the stream; then three whole
+    """A kernel that spins for a second goes first on the stream; then three whole
     steps (noise drawn with cuRAND, matrix products with cuBLAS, the fused kernels, Adam)
     are queued. Any synchronisation or device-to-host copy inside them, in our code, CuPy,
     cuRAND or cuBLAS, would wait for the spinning kernel: the host must get through the
@@ -342,7 +342,7 @@ def test_step_does_not_synchronise_with_the_host(decoder, dtype, monkeypatch):
     monkeypatch.setattr(type(backend), "to_numpy", forbidden)
     monkeypatch.setattr(type(backend), "to_float", forbidden)
     stream = cupy.cuda.get_current_stream()
-    spin_seconds = 2.0
+    spin_seconds = 1.0
     spin((1,), (1,), (np.uint64(int(spin_seconds * 1e9)),))
     start = time.perf_counter()
     for _ in range(3):

@@ -140,8 +140,8 @@ def _cupy_or_reason() -> tuple[Any, str | None]:
     try:
         import cupy
     except ImportError:
-        return None, ('CuPy is not installed; install the GPU extra with '
-                      f'{GPU_INSTALL_HINT} (needs an NVIDIA GPU and its driver)')
+        return None, ('CuPy is not installed; the cupy backend needs an NVIDIA GPU and its '
+                      f'driver, and the GPU extra: {GPU_INSTALL_HINT}')
     except Exception as exc:  # broken CUDA libraries raise all sorts of errors on import
         return None, (f"CuPy failed to import ({_one_line(exc)}); check the CUDA "
                       f"installation, or reinstall with {GPU_INSTALL_HINT}")
