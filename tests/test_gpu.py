@@ -49,14 +49,18 @@ DTYPES = ("float32", "float64")
 
 
 def _ulps(got, want, ulps, scale=None, what=""):
-    """|got - want| <= ulps * spacing(max(|want|, scale)), elementwise; NaN where NaN."""
+    """|got - want| <= ulps * spacing(max(|want|, scale)), elementwise; NaN and infinities
+    exactly where NumPy has them."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.dtype == want.dtype and got.shape == want.shape, what
-    nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan), f"{what}: NaN in different places"
+    special = ~np.isfinite(want)
+    assert np.array_equal(got[special], want[special], equal_nan=True) and \
+        np.all(np.isfinite(got[~special])), f"{what}: NaN or infinities in different places"
     magnitude = np.abs(want) if scale is None else np.maximum(np.abs(want), scale)
-    tolerance = ulps * np.spacing(magnitude.astype(want.dtype))
-    err = np.where(nan, 0, np.abs(got.astype(np.float64) - want.astype(np.float64)))
+    with np.errstate(invalid="ignore"):
+        tolerance = ulps * np.spacing(magnitude.astype(want.dtype))
+        err = np.where(special, 0, np.abs(got.astype(np.float64) - want.astype(np.float64)))
+    tolerance = np.where(special, 0, tolerance)
     worst = np.unravel_index(np.argmax(err - tolerance), err.shape)
     assert np.all(err <= tolerance), (
         f"{what}: {int(np.sum(err > tolerance))} entries beyond {ulps} ulps; worst at "
@@ -145,10 +149,71 @@ def _kl_case(rng, dt):
     return values, reference, 8
 
 
+def _iwae_log_w(rng, dt, s=5, n=9):
+    """(S, N) log-weights with an all -inf column and a column with some -inf."""
+    log_w = (rng.standard_normal((s, n)) * 30 - 200).astype(dt)
+    log_w[:, 0] = -np.inf
+    log_w[:2, 1] = -np.inf
+    return log_w
+
+
+def _iwae_shifted_exp_case(rng, dt):
+    log_w = _iwae_log_w(rng, dt)
+    values = dict(log_w=log_w, peak=np.max(log_w, axis=0, keepdims=True),
+                  e=np.zeros_like(log_w))
+
+    def reference(a):
+        shift = np.where(np.isfinite(a["peak"]), a["peak"], dt(0))
+        return {"e": np.exp(a["log_w"] - shift)}, {}
+
+    return values, reference, 8
+
+
+def _iwae_log_total_case(rng, dt):
+    total = (rng.random((1, 9)) * 4 + 1).astype(dt)
+    total[0, 0] = 0
+    peak = (rng.standard_normal((1, 9)) * 30 - 200).astype(dt)
+    peak[0, 0] = -np.inf
+    values = dict(total=total, peak=peak, lse=np.zeros_like(total))
+
+    def reference(a):
+        with np.errstate(divide="ignore"):
+            log_total = np.log(a["total"])
+        shift = np.where(np.isfinite(a["peak"]), a["peak"], dt(0))
+        return ({"lse": log_total + shift},
+                {"lse": np.where(np.isfinite(log_total), np.abs(log_total), 0) + np.abs(shift)})
+
+    return values, reference, 8
+
+
+def _iwae_normalize_case(rng, dt):
+    e = rng.random((5, 9)).astype(dt)
+    e[:, 0] = 0
+    total = np.sum(e, axis=0, keepdims=True)
+    values = dict(e=e, total=total, w=np.zeros_like(e))
+
+    def reference(a):
+        return {"w": a["e"] / np.where(a["total"] > 0, a["total"], dt(1))}, {}
+
+    return values, reference, 0
+
+
+def _iwae_prior_grad_case(rng, dt):
+    values = dict(dz=rng.standard_normal((5, 9, 4)).astype(dt),
+                  a=rng.random((5, 9, 1)).astype(dt),
+                  z=rng.standard_normal((5, 9, 4)).astype(dt),
+                  out=np.zeros((5, 9, 4), dt))
+    return values, lambda a: ({"out": a["dz"] + a["a"] * a["z"]}, {}), 0
+
+
 #: kernel -> (inputs and outputs as host arrays / scalars, NumPy reference, ulps)
 KERNEL_CASES = {"adam": _adam_case, "bias_relu": _bias_relu_case,
                 "relu_backward": _relu_backward_case, "reparameterize": _reparameterize_case,
-                "bernoulli": _bernoulli_case, "kl": _kl_case}
+                "bernoulli": _bernoulli_case, "kl": _kl_case,
+                "iwae_shifted_exp": _iwae_shifted_exp_case,
+                "iwae_log_total": _iwae_log_total_case,
+                "iwae_normalize": _iwae_normalize_case,
+                "iwae_prior_grad": _iwae_prior_grad_case}
 
 
 def _names(spec):
