@@ -6,6 +6,9 @@ your own data (``--dataset``) and keep the model, the numbers and the pictures.
     python examples/train_mnist.py --latent-dim 2 --out results/2d   # adds the 2-D maps
     python examples/train_mnist.py --resume            # continue the run in --out
     python examples/train_mnist.py --resume --epochs 20               # ... for longer
+    python examples/train_mnist.py --objective iwae --samples 5       # the IWAE bound, k = 5
+    python examples/train_mnist.py --preset burda2015 --objective iwae --samples 50 --stages 5
+    python examples/train_mnist.py --conditional                      # q(z|x,y), p(x|z,y)
     mpiexec -n 4 python examples/train_mnist.py --distributed          # 4 data-parallel ranks
 
 The script only turns flags into a ``vae_np.train.TrainConfig``; the loop, evaluation,
@@ -27,10 +30,13 @@ from .backend import BackendUnavailableError, get_backend
 from .checkpoint import CheckpointError
 from .data import default_data_dir, load_dataset
 from .distributed import DistributedUnavailable, abort_on_error, world
+from .layers import ACTIVATIONS
+from .model import OBJECTIVES
 from .train import (
     OutDirInUse, OutDirLock, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
     check_out_dir, read_run,
 )
+from .train.config import OUTPUT_BIASES, PRESETS, SCHEDULES, preset, stage_epochs
 
 #: How the loss is scaled: said once here for --help, and in docs/loss-scaling.md.
 LOSS_SCALING = (
@@ -130,7 +136,8 @@ def layer_widths(text: str) -> tuple[int, ...]:
 CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta", "lr",
                 "clip_norm", "batch_size", "epochs", "binarize", "limit_train", "limit_test",
                 "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every",
-                "distributed")
+                "distributed", "objective", "activation", "adam_eps", "output_bias",
+                "schedule", "conditional")
 
 
 def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
@@ -151,17 +158,47 @@ def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
     model.add_argument("--variance", type=positive_float, default=d.variance,
                        help="fixed variance lambda of --decoder gaussian-fixed (None: 0.098, "
                             "the starting example's)")
+    model.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                       help="vae: the negative ELBO (closed-form KL, S samples averaged); "
+                            "iwae: the negative importance-weighted bound of Burda et al. "
+                            "(2015) with k = --samples")
     model.add_argument("--samples", type=positive_int, default=d.samples,
-                       help="reparameterised samples S per image in the training loss")
+                       help="reparameterised samples S per image in the training loss (k of "
+                            "--objective iwae)")
     model.add_argument("--beta", type=nonnegative_float, default=d.beta,
-                       help="weight of the KL term (1 is the ELBO)")
+                       help="weight of the KL term (1 is the ELBO; --objective vae only)")
+    model.add_argument("--activation", choices=tuple(sorted(ACTIVATIONS)),
+                       default=d.activation,
+                       help="hidden units (tanh gets Glorot initialisation, relu He)")
+    model.add_argument("--output-bias", choices=OUTPUT_BIASES, default=d.output_bias,
+                       help="decoder output bias at the start: zero, or data-logit: the "
+                            "logit of the training set's mean pixels, clipped to [1e-3, "
+                            "1-1e-3] (bernoulli decoder)")
+    model.add_argument("--conditional", action="store_true", default=d.conditional,
+                       help="a conditional VAE on the data set's labels (needs y_train, "
+                            "y_test): q(z|x,y), p(x|z,y); samples.png gets one row per class")
 
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=d.epochs,
                        help="total epochs (with --resume: train until this many are done)")
     train.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                        help="images per Adam update")
-    train.add_argument("--lr", type=positive_float, default=d.lr, help="Adam step size")
+    train.add_argument("--lr", type=positive_float, default=d.lr,
+                       help="Adam step size (with --schedule burda2015: that of stage 0)")
+    train.add_argument("--adam-eps", type=positive_float, default=d.adam_eps,
+                       help="Adam's epsilon")
+    train.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                       help="learning rate: constant, or burda2015: stage i = 0..7 runs 3^i "
+                            "epochs at lr * 10^(-i/7) (3,280 epochs in all)")
+    train.add_argument("--stages", type=positive_int, default=None,
+                       help="with the burda2015 schedule: run its first N stages, "
+                            "(3^N - 1) / 2 epochs (5: 121); instead of --epochs")
+    train.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                       help="burda2015: Burda et al.'s one-stochastic-layer MNIST setup "
+                            "(784-200-200-50, tanh, output bias data-logit, batch 20, Adam "
+                            "eps 1e-4, dynamic binarization, the burda2015 schedule, 3,280 "
+                            "epochs, --eval-samples 5000); flags you type override it; it "
+                            "does not choose --objective or --samples")
     train.add_argument("--clip-norm", type=positive_float, default=d.clip_norm,
                        help="clip the gradient's global L2 norm to this (None: no clipping)")
     train.add_argument("--binarize", choices=("auto", "none", "static", "dynamic"),
@@ -236,7 +273,32 @@ def parse_args(parser: argparse.ArgumentParser, argv):
     unset = object()
     typed = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in CONFIG_FLAGS}))
     given = {name for name in CONFIG_FLAGS if getattr(typed, name) is not unset}
-    return args, given
+    return args, apply_preset(parser, args, given)
+
+
+def apply_preset(parser, args, given: set[str]) -> set[str]:
+    """Put --preset's values into ``args`` where no flag was typed, and --stages N's
+    epochs; returns the fields set this way or typed (with --resume, these are the
+    overrides, which must agree with the run except for its continuation fields)."""
+    typed, given = set(given), set(given)
+    if args.preset is not None:
+        for name, value in preset(args.preset).items():
+            if name not in typed:
+                setattr(args, name, value)
+                given.add(name)
+    if args.stages is not None:
+        if "epochs" in typed:
+            parser.error("--stages and --epochs exclude each other (--stages N sets epochs "
+                         "to (3^N - 1) / 2)")
+        try:
+            args.epochs = stage_epochs(args.stages)
+        except ValueError as exc:
+            parser.error(f"argument --stages: {exc}")
+        given.add("epochs")
+        if not args.resume and args.schedule != "burda2015":
+            parser.error("--stages counts the stages of the burda2015 schedule; add "
+                         "--preset burda2015 or --schedule burda2015 (or use --epochs)")
+    return given
 
 
 def main(argv=None, prog: str = "train_mnist.py") -> int:
@@ -297,6 +359,10 @@ def check_before_data(parser, args, given, fail) -> TrainConfig | None:
             # the run, and it names the backend to check.
             resumed = read_run(args.out).config.continued(
                 {name: getattr(args, name) for name in given}, args.out)
+            if args.stages is not None and resumed.schedule != "burda2015":
+                parser.error(f"--stages counts the stages of the burda2015 schedule; the "
+                             f"run in {args.out} has schedule {resumed.schedule!r} (use "
+                             f"--epochs)")
             backend, dtype = resumed.backend, resumed.dtype
         else:
             config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})

@@ -11,10 +11,12 @@ import numpy as np
 
 from ..backend import BACKEND_NAMES, DTYPE_NAMES, get_backend
 from ..data import BINARIZE_MODES
+from ..layers import ACTIVATIONS
 from ..likelihoods import make_likelihood
+from ..model import OBJECTIVES
 
-__all__ = ["TrainConfig", "check_choice", "check_int"]
-
+__all__ = ["OUTPUT_BIASES", "PRESETS", "SCHEDULES", "TrainConfig", "check_choice", "check_int",
+           "preset", "stage_epochs"]
 
 def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
     """ValueError naming ``name`` unless ``value`` is an integer >= ``minimum`` (bools are
@@ -30,6 +32,55 @@ def check_choice(name: str, value, choices: Sequence[str]) -> None:
     """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+#: Initialisations of the decoder's output bias: ``zero`` (every Linear's own), or
+#: ``data-logit``: the logit of the training set's mean pixel, clipped to [1e-3, 1 - 1e-3]
+#: (Burda et al.'s code; Bernoulli decoder only).
+OUTPUT_BIASES = ("zero", "data-logit")
+
+#: Learning-rate schedules: ``constant`` (``lr`` throughout) and ``burda2015``: stage
+#: i = 0..7 runs 3^i epochs at ``lr`` * 10^(-i/7) (Burda, Grosse & Salakhutdinov 2015).
+SCHEDULES = ("constant", "burda2015")
+BURDA2015_STAGES = 8
+
+
+def stage_epochs(stages: int) -> int:
+    """Epochs in the first ``stages`` stages of the burda2015 schedule: (3^N - 1) / 2
+    (1, 4, 13, 40, 121, 364, 1093, 3280)."""
+    check_int("stages", stages, 1)
+    if stages > BURDA2015_STAGES:
+        raise ValueError(f"stages: the burda2015 schedule has {BURDA2015_STAGES} stages, "
+                         f"got {stages}")
+    return (3 ** stages - 1) // 2
+
+
+def schedule_stage(epoch: int) -> int:
+    """The burda2015 stage (0-based) that epoch ``epoch`` (1-based) belongs to."""
+    stage = 0
+    while stage_epochs(stage + 1) < epoch:
+        stage += 1
+    return stage
+
+
+#: ``--preset`` values: the TrainConfig fields each preset sets (flags typed beside it
+#: win). ``burda2015``: the one-stochastic-layer MNIST setup of Burda et al. (2015) as its
+#: authors' code runs it; it leaves the objective and k (``objective``, ``samples``) alone.
+PRESETS: dict[str, dict[str, Any]] = {
+    "burda2015": {
+        "hidden": (200, 200), "latent_dim": 50, "decoder": "bernoulli",
+        "activation": "tanh", "output_bias": "data-logit",
+        "batch_size": 20, "lr": 1e-3, "adam_eps": 1e-4, "binarize": "dynamic",
+        "schedule": "burda2015", "epochs": stage_epochs(BURDA2015_STAGES),
+        "eval_samples": 5000,
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The TrainConfig fields preset ``name`` sets (a copy)."""
+    check_choice("preset", name, tuple(PRESETS))
+    return dict(PRESETS[name])
 
 
 @dataclass
@@ -68,6 +119,19 @@ class TrainConfig:
         eval_batch_size: test images per evaluation batch.
         log_every: read the losses back from the device (progress bar, NaN check)
             every this many batches.
+    Objective, architecture and optimiser details (their defaults keep the runs made
+    before they existed):
+        objective: ``vae`` (the negative ELBO with the closed-form KL, S samples averaged)
+            or ``iwae`` (the negative importance-weighted bound of Burda et al. 2015 with
+            k = ``samples``; beta must stay 1).
+        activation: the hidden units (``vae_np.layers.ACTIVATIONS``); ``tanh`` gets Glorot
+            initialisation, ReLU-like ones He.
+        adam_eps: Adam's epsilon.
+        output_bias: ``zero`` or ``data-logit`` (see ``OUTPUT_BIASES``).
+        schedule: ``constant`` or ``burda2015`` (see ``SCHEDULES``; ``epochs`` at most
+            3,280 then); the trainer sets the learning rate at the start of each epoch.
+        conditional: a conditional VAE, q(z | x, y) and p(x | z, y), on the data set's
+            labels (which it then needs); not with ``distributed``.
     Data parallelism:
         distributed: train under ``mpiexec -n N`` (:mod:`vae_np.distributed`): each rank
             trains on its shard of every global batch of ``batch_size`` images (which must
@@ -95,6 +159,12 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 25
     distributed: bool = False
+    objective: str = "vae"
+    activation: str = "relu"
+    adam_eps: float = 1e-8
+    output_bias: str = "zero"
+    schedule: str = "constant"
+    conditional: bool = False
 
     #: Fields a resumed run may change; every other field defines the run. (A resumed
     #: run must still have the number of ranks the checkpoint records.)
@@ -110,15 +180,42 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)
         check_int("eval_samples", self.eval_samples, 0)
-        if not isinstance(self.distributed, (bool, np.bool_)):
-            raise ValueError(f"distributed: expected True or False, got {self.distributed!r}")
-        self.distributed = bool(self.distributed)
+        for name in ("distributed", "conditional"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name}: expected True or False, got {value!r}")
+            setattr(self, name, bool(value))
         check_int("limit_train", self.limit_train, 1, allow_none=True)
         check_int("limit_test", self.limit_test, 1, allow_none=True)
         check_choice("binarize", self.binarize, ("auto", *BINARIZE_MODES))
         check_choice("backend", self.backend, BACKEND_NAMES + ("array_api_strict",))
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         make_likelihood(self.decoder, self.variance)  # checks decoder and variance now
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("activation", self.activation, tuple(sorted(ACTIVATIONS)))
+        check_choice("output_bias", self.output_bias, OUTPUT_BIASES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float)) \
+                or not (0 < self.adam_eps < float("inf")):
+            raise ValueError(f"adam_eps: expected a finite number > 0, got {self.adam_eps!r}")
+        self.adam_eps = float(self.adam_eps)
+        if self.objective == "iwae" and self.beta != 1:
+            raise ValueError(
+                f"beta: the iwae objective has no KL term to weight, so beta must stay 1 "
+                f"(got beta={self.beta!r} with objective='iwae'); --beta is for "
+                f"--objective vae")
+        if self.output_bias == "data-logit" and self.decoder != "bernoulli":
+            raise ValueError(f"output_bias='data-logit' sets the decoder's Bernoulli logits "
+                             f"to the data's; it needs decoder='bernoulli', got "
+                             f"{self.decoder!r}")
+        if self.schedule == "burda2015" and self.epochs > stage_epochs(BURDA2015_STAGES):
+            raise ValueError(f"epochs: the burda2015 schedule ends after its "
+                             f"{BURDA2015_STAGES} stages, {stage_epochs(BURDA2015_STAGES):,} "
+                             f"epochs; got {self.epochs}")
+        if self.conditional and self.distributed:
+            raise ValueError("conditional: a conditional VAE does not train --distributed "
+                             "yet (the sharded evaluation takes no labels); drop one of "
+                             "--conditional and --distributed")
         if self.decoder != "bernoulli" and self.binarize in ("static", "dynamic"):
             raise ValueError(
                 f"binarize={self.binarize!r} with decoder={self.decoder!r}: a Gaussian density "
@@ -134,10 +231,27 @@ class TrainConfig:
         return "dynamic" if self.decoder == "bernoulli" else "none"
 
     def model_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`vae_np.VAE` this config sets."""
+        """The keyword arguments of :class:`vae_np.VAE` this config sets (a conditional
+        model's ``num_classes`` comes from the data set)."""
         return {"hidden": self.hidden, "latent_dim": self.latent_dim, "decoder": self.decoder,
                 "variance": self.variance, "beta": self.beta, "samples": self.samples,
-                "seed": self.seed}
+                "seed": self.seed, "activation": self.activation,
+                "objective": self.objective}
+
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of epoch ``epoch`` (1-based): ``lr``, or for the burda2015
+        schedule ``lr`` * 10^(-i/7) in stage i."""
+        check_int("epoch", epoch, 1)
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * 10.0 ** (-schedule_stage(epoch) / 7.0)
+
+    @property
+    def loss_name(self) -> str:
+        """What the reported loss is: ``-ELBO``, or ``-IWAE k=5 bound``."""
+        if self.objective == "iwae":
+            return f"-IWAE k={self.samples} bound"
+        return "-ELBO"
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

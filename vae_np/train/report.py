@@ -43,15 +43,19 @@ def progress_bar(enabled: bool, total: int, initial: int, desc: str):
                 dynamic_ncols=True, disable=None)
 
 
-def epoch_line(entry: Mapping[str, Any], epochs: int) -> str:
-    """One line for a finished epoch's metrics (keys ``EPOCH_METRICS``) of ``epochs``."""
+def epoch_line(entry: Mapping[str, Any], epochs: int, loss_name: str = "-ELBO",
+               lr: float | None = None) -> str:
+    """One line for a finished epoch's metrics (keys ``EPOCH_METRICS``) of ``epochs``.
+    ``loss_name``: what the loss is (``TrainConfig.loss_name``: ``-ELBO``, ``-IWAE k=5
+    bound``); ``lr``: the epoch's learning rate, shown when given (a schedule)."""
     speed = entry["images_per_second"]
     return (f"epoch {entry['epoch']:>3}/{epochs}  "
-            f"train -ELBO {entry['train_loss']:8.2f} (KL {entry['train_kl']:6.2f}, "
+            f"train {loss_name} {entry['train_loss']:8.2f} (KL {entry['train_kl']:6.2f}, "
             f"recon {entry['train_recon']:7.2f})  "
-            f"test -ELBO {entry['test_loss']:8.2f} (KL {entry['test_kl']:6.2f}, "
+            f"test {loss_name} {entry['test_loss']:8.2f} (KL {entry['test_kl']:6.2f}, "
             f"recon {entry['test_recon']:7.2f}) nats/image  "
-            f"{entry['train_seconds']:6.1f} s  "
+            + (f"lr {lr:.3g}  " if lr is not None else "")
+            + f"{entry['train_seconds']:6.1f} s  "
             + (f"{speed:,.0f} images/s" if speed is not None else "-"))
 
 

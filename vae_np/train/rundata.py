@@ -26,20 +26,21 @@ class RunData:
         dataset: the data set as given. n_train, n_test: images kept (``limit_*``).
         x_train: (n_train, 784) backend array; binarized already for ``static``.
         x_test: (n_test, 784) backend array, binarized once unless ``binarize`` is none.
-        y_test: (n_test,) host int64 labels.
+        y_train, y_test: (n_train,), (n_test,) host int64 labels (None without labels).
     """
 
     def __init__(self, dataset: Dataset, config: TrainConfig, backend):
         self.dataset, self.config, self.backend = dataset, config, backend
         subset_rng = np.random.default_rng(self.key(Stream.SUBSET))
-        x_train, _ = _limit(dataset.x_train, dataset.y_train, config.limit_train,
-                            "limit_train", subset_rng)
+        x_train, y_train = _limit(dataset.x_train, dataset.y_train, config.limit_train,
+                                  "limit_train", subset_rng)
         x_test, y_test = _limit(dataset.x_test, dataset.y_test, config.limit_test,
                                 "limit_test", subset_rng)
         if len(x_train) == 0 or len(x_test) == 0:
             raise ValueError(f"dataset: needs at least one train and one test image, got "
                              f"{len(x_train)} and {len(x_test)}")
         self.n_train, self.n_test = len(x_train), len(x_test)
+        self._host_x_train = x_train       # for the pixel means (output_bias)
         mode = config.binarize_mode
         self.x_train = backend.asarray(x_train)
         if mode == "static":
@@ -48,7 +49,7 @@ class RunData:
         self.x_test = backend.asarray(x_test)
         if mode != "none":
             self.x_test = binarize(self.x_test, mode, backend.rng(self.key(Stream.TEST_BINARIZE)))
-        self.y_test = y_test
+        self.y_train, self.y_test = y_train, y_test
 
     def key(self, stream: Stream, *more: int) -> tuple[int, ...]:
         """The seed of ``stream`` in this run (see :mod:`vae_np.train.streams`)."""
@@ -75,6 +76,17 @@ class RunData:
         bounds = np.cumsum([0] + [len(b) for b in batches])
         return np.concatenate(batches), bounds
 
+    def train_pixel_means(self) -> np.ndarray:
+        """The mean of each feature over the run's training images (grey levels, before
+        any binarization: the probability of a 1 under dynamic binarization), float64
+        (D,) on the host."""
+        return np.mean(self._host_x_train, axis=0, dtype=np.float64)
+
+    def epoch_train_labels(self, order: np.ndarray) -> np.ndarray | None:
+        """The training labels in the epoch's ``order`` (host int64, (n_train,); batch b
+        is the slice bounds[b]:bounds[b+1], as for the images); None without labels."""
+        return None if self.y_train is None else self.y_train[order]
+
     def epoch_train_data(self, epoch: int, order: np.ndarray):
         """The training images of epoch ``epoch`` on the device, (n_train, 784), in
         minibatch order (so batch b is the contiguous slice bounds[b]:bounds[b+1])."""
@@ -93,6 +105,12 @@ class RunData:
             if check is not None:
                 check()
             yield x[start:start + batch_size, :]
+
+    def test_label_batches(self, batch_size: int, y=None) -> Iterator:
+        """The test labels (or ``y``), host int64, in the batches of :meth:`test_batches`."""
+        y = self.y_test if y is None else y
+        for start in range(0, len(y), batch_size):
+            yield y[start:start + batch_size]
 
 
 def _limit(x: np.ndarray, y: np.ndarray, limit: int | None, name: str,

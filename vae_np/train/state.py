@@ -42,6 +42,12 @@ from .metrics import EPOCH_METRICS
 __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "SavedRun", "read_run", "write_run"]
 
 CHECKPOINT_FILE = "checkpoint.npz"
+
+#: TrainConfig fields added after checkpoints were first written: a checkpoint without
+#: one was written before it existed, and gets its default (the behaviour of that time).
+ADDED_FIELDS = ("distributed", "objective", "activation", "adam_eps", "output_bias",
+                "schedule", "conditional")
+_DEFAULTS = TrainConfig()
 CHECKPOINT_FORMAT = "vae_np.train checkpoint"  # metadata["format"] of a trainer checkpoint
 
 
@@ -210,7 +216,7 @@ class _Fields:
 
     def config(self, values: dict) -> TrainConfig:
         # Fields added later default for checkpoints written before them.
-        values = {"distributed": False, **values}
+        values = {**{name: getattr(_DEFAULTS, name) for name in ADDED_FIELDS}, **values}
         missing = sorted({f.name for f in dataclasses.fields(TrainConfig)} - set(values))
         if missing:
             raise CheckpointError(f"{self.path}: trainer metadata config lacks {missing}")

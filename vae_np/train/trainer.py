@@ -88,12 +88,22 @@ class Trainer:
             self.comm.attach(self.backend)
         # Record the backend that "auto" chose: a resume must run on the same one.
         self.config = dataclasses.replace(config, backend=self.backend.name)
-        self.model = VAE(input_dim=dataset.n_features, backend=self.backend, **config.model_kwargs())
-        self.optimizer = Adam(self.model.parameters, lr=config.lr, clip_norm=config.clip_norm)
+        if config.conditional and dataset.y_train is None:
+            raise ValueError(f"conditional: a conditional VAE trains on labels, and the data "
+                             f"set {dataset.description} ({dataset.source}) has none (an .npz "
+                             f"needs y_train and y_test; a folder of images, one subfolder "
+                             f"per class)")
+        num_classes = dataset.num_classes if config.conditional else None
+        self.model = VAE(input_dim=dataset.n_features, backend=self.backend,
+                         num_classes=num_classes, **config.model_kwargs())
         self.dataset = dataset
         self.data = RunData(dataset, self.config, self.backend)
+        if config.output_bias == "data-logit":
+            self._init_output_bias()
+        self.optimizer = Adam(self.model.parameters, lr=config.lr, eps=config.adam_eps,
+                              clip_norm=config.clip_norm)
         self.n_train, self.n_test = self.data.n_train, self.data.n_test
-        self._pictures = RunPictures(self.data, self.config.latent_dim)
+        self._pictures = RunPictures(self.data, self.config.latent_dim, num_classes)
 
         self.history: list[dict[str, Any]] = []
         self.epochs_done = 0
@@ -123,12 +133,22 @@ class Trainer:
         if self._log_fn is not None:
             self._log_fn(message)
 
+    def _init_output_bias(self) -> None:
+        """``output_bias="data-logit"``: the decoder's output bias (the Bernoulli logits at
+        zero input) set to ln(p / (1 - p)) of the training set's mean pixels p, clipped to
+        [1e-3, 1 - 1e-3], as Burda et al.'s code does; the first updates then need not
+        learn the average image."""
+        p = np.clip(self.data.train_pixel_means(), 1e-3, 1.0 - 1e-3)
+        bias = self.model.decoder.linears[-1].params["b"]
+        bias[...] = self.backend.asarray(np.log(p / (1.0 - p)))
+
     # ----------------------------------------------------------------------------------
     # Data parallelism (vae_np.distributed; config.distributed)
 
-    def _loss_and_gradient(self, batch, noise) -> ELBOTerms:
+    def _loss_and_gradient(self, batch, noise, labels=None) -> ELBOTerms:
         """The batch's loss terms (nats per image, batch means), with d loss / d
-        parameter in ``model.parameters.grad``.
+        parameter in ``model.parameters.grad``. ``labels``: a conditional model's labels
+        of the batch, host (n,).
 
         Distributed: this rank draws the whole global batch's noise (the draws of one
         process, whatever the number of ranks) and takes its rows, scores its shard, and
@@ -137,7 +157,7 @@ class Trainer:
         over its examples divided by the global batch size). The three loss terms are
         summed the same way."""
         if self.comm is None:
-            terms = self.model.loss(batch, rng=noise, check_finite=False)
+            terms = self.model.loss(batch, rng=noise, check_finite=False, y=labels)
             self.model.backward()
             return terms
         xp, params = self.backend.xp, self.model.parameters
@@ -145,7 +165,8 @@ class Trainer:
         lo, hi = shard_bounds(n, self.comm.size, self.comm.rank)
         eps = noise.normal((self.model.samples, n, self.model.latent_dim))
         if hi > lo:
-            t = self.model.loss(batch[lo:hi, :], eps=eps[:, lo:hi, :], check_finite=False)
+            t = self.model.loss(batch[lo:hi, :], eps=eps[:, lo:hi, :], check_finite=False,
+                                y=None if labels is None else labels[lo:hi])
             self.model.backward()
             share = (hi - lo) / n
             if share != 1.0:
@@ -213,6 +234,9 @@ class Trainer:
         order, bounds = self.data.epoch_batches(epoch)
         sizes = np.diff(bounds)
         x_epoch = self.data.epoch_train_data(epoch, order)
+        y_epoch = self.data.epoch_train_labels(order) if self.model.num_classes else None
+        if cfg.schedule != "constant":  # from the epoch number: a resume lands in its stage
+            self.optimizer.lr = cfg.learning_rate(epoch)
         noise = backend.rng(self.data.key(Stream.NOISE, epoch))
         if self._noise_state is not None:  # resuming mid-epoch
             noise.set_state(self._noise_state)
@@ -222,8 +246,9 @@ class Trainer:
         started, shown = time.perf_counter(), first
         try:
             for b in range(first, len(sizes)):
-                batch = x_epoch[int(bounds[b]):int(bounds[b + 1]), :]
-                loss_terms = self._loss_and_gradient(batch, noise)
+                lo, hi = int(bounds[b]), int(bounds[b + 1])
+                loss_terms = self._loss_and_gradient(
+                    x_epoch[lo:hi, :], noise, None if y_epoch is None else y_epoch[lo:hi])
                 # From the update until the batch is counted, a hard interrupt would leave
                 # parameters and position out of step; _interrupted() then saves nothing.
                 self._updating = True
@@ -272,7 +297,9 @@ class Trainer:
         self.save_checkpoint()
         if self.is_root:
             write_metrics(self.out_dir, self.history)
-        self._log(epoch_line(entry, self.config.epochs))
+        self._log(epoch_line(entry, self.config.epochs, self.config.loss_name,
+                             lr=None if self.config.schedule == "constant"
+                             else self.optimizer.lr))
         if self.pictures:
             self.save_pictures()
 
@@ -281,6 +308,21 @@ class Trainer:
         layers = "-".join(str(w) for w in (self.model.input_dim, *cfg.hidden, cfg.latent_dim))
         self._log(f"VAE {layers} ({cfg.decoder} decoder, {model.num_parameters:,} parameters)"
                   f" on {self.backend.name}/{self.backend.dtype_name}, seed {cfg.seed}")
+        details = []
+        if cfg.objective != "vae":
+            details.append(f"objective {cfg.loss_name[1:]}")
+        if cfg.conditional:
+            details.append(f"conditional on {model.num_classes} classes")
+        if cfg.activation != "relu":
+            details.append(f"{cfg.activation} hidden units")
+        if cfg.output_bias != "zero":
+            details.append(f"output bias {cfg.output_bias}")
+        if cfg.schedule != "constant":
+            details.append(f"{cfg.schedule} learning-rate schedule from {cfg.lr:g}")
+        if cfg.adam_eps != 1e-8:
+            details.append(f"Adam eps {cfg.adam_eps:g}")
+        if details:
+            self._log("; ".join(details))
         limited = (self.n_train, self.n_test) != (self.dataset.n_train, self.dataset.n_test)
         self._log(f"data: {self.dataset.description}"
                   + (f"; using {self.n_train:,} train / {self.n_test:,} test images of them"
@@ -387,6 +429,10 @@ class Trainer:
                              f"{' ... --distributed' if saved.ranks > 1 else ''}); "
                              f"this job has {ranks}")
         summary, data = self.data.summary(), saved.data
+        classes = saved.model_config.get("num_classes")
+        if classes != self.model.num_classes:
+            raise ValueError(f"dataset: the run's conditional model has "
+                             f"{classes} classes, the data set {self.model.num_classes}")
         for key in ("source", "n_train", "n_test"):
             if summary[key] != data[key]:
                 raise ValueError(f"dataset: the run was trained on {data['description']} "
@@ -421,19 +467,27 @@ class Trainer:
     # ----------------------------------------------------------------------------------
     # Evaluation (vae_np.train.evaluation) and pictures (vae_np.train.pictures)
 
-    def evaluate(self, x=None, rng=None) -> dict[str, float]:
+    def evaluate(self, x=None, rng=None, y=None) -> dict[str, float]:
         """Negative ELBO, KL and reconstruction of ``x`` (default: the test set), in nats
-        per image, averaged over all its images: ``{"loss", "kl", "recon"}``.
+        per image, averaged over all its images: ``{"loss", "kl", "recon"}`` (with
+        ``objective="iwae"``, the negative IWAE bound and its weighted terms).
 
         ``x``: (N, 784) backend array (already binarized as the model expects); ``rng``:
-        a backend RNG for the reparameterisation noise (default: seeded by the run's seed).
+        a backend RNG for the reparameterisation noise (default: seeded by the run's seed);
+        ``y``: a conditional model's labels of ``x``, host (N,) (default: the test set's).
         Batches of ``eval_batch_size``; the sums stay on the device until the end.
         """
         rng = self.backend.rng(self.data.key(Stream.TEST_NOISE, 0)) if rng is None else rng
-        batches = self.data.test_batches(self.config.eval_batch_size, self._check_stop, x)
+        size = self.config.eval_batch_size
+        batches = self.data.test_batches(size, self._check_stop, x)
         if self.comm is not None:  # each batch split over the ranks
             return sharded_test_elbo(self.model, self.backend, self.comm, batches, rng)
-        return test_elbo(self.model, self.backend, batches, rng)
+        labels = None
+        if self.model.num_classes is not None:
+            if x is not None and y is None:
+                raise ValueError("y: a conditional model scores x with its labels; pass y")
+            labels = self.data.test_label_batches(size, y)
+        return test_elbo(self.model, self.backend, batches, rng, labels=labels)
 
     def test_log_likelihood(self, num_samples: int | None = None) -> dict[str, float]:
         """Importance-sampled ln p(x) of the test set (``VAE.log_likelihood``), nats.
@@ -454,8 +508,10 @@ class Trainer:
                 values = sharded_log_likelihood(self.model, self.backend, self.comm, batches,
                                                 k, rng, on_batch=bar.update)
             else:
+                labels = None if self.model.num_classes is None \
+                    else self.data.test_label_batches(size)
                 values = per_image_log_likelihood(self.model, self.backend, batches, k, rng,
-                                                  on_batch=bar.update)
+                                                  on_batch=bar.update, labels=labels)
         finally:
             bar.close()
         return {**log_likelihood_summary(values), "num_samples": k,
@@ -471,6 +527,7 @@ class Trainer:
             "data": self.data.summary(),
             "backend": f"{self.backend.name}/{self.backend.dtype_name}",
             "num_parameters": self.model.num_parameters,
+            "objective": self.objective_summary(),
             "epochs": self.epochs_done,
             "final_epoch": last,
             "test_log_likelihood": log_likelihood,
@@ -478,12 +535,19 @@ class Trainer:
         }
         if self.is_root:
             write_results(self.out_dir, results)
-        self._log(f"test -ELBO after {self.epochs_done} epochs: {last['test_loss']:.2f} "
-                  f"nats/image (an upper bound on -ln p(x))")
+        self._log(f"test {self.config.loss_name} after {self.epochs_done} epochs: "
+                  f"{last['test_loss']:.2f} nats/image (an upper bound on -ln p(x))")
         if log_likelihood is not None:
             self._log(log_likelihood_line(log_likelihood))
         self._log(f"wrote {self.out_dir / RESULTS_FILE}")
         return results
+
+    def objective_summary(self) -> dict[str, Any]:
+        """What the reported losses are, for results.json: ``{"name", "samples", "loss"}``
+        (``samples``: S of the ELBO, k of the IWAE bound)."""
+        cfg = self.config
+        return {"name": cfg.objective, "samples": cfg.samples, "loss": cfg.loss_name,
+                "conditional": cfg.conditional}
 
     def save_pictures(self) -> list[Path]:
         """Draw the run's PNGs into ``out_dir`` (:mod:`vae_np.train.pictures`); their paths."""
