@@ -313,6 +313,13 @@ def model_path(model, path: str | None = None) -> str:
     return path
 
 
+def _objective(model) -> str:
+    """'S=3' for the ELBO with S samples, 'IWAE k=5' for the importance-weighted bound."""
+    if getattr(model, "objective", "vae") == "iwae":
+        return f"IWAE k={model.samples}"
+    return f"S={model.samples}"
+
+
 def _on_path(path: str):
     return contextlib.nullcontext() if path == "fast" else use_fast_paths(False)
 
@@ -347,7 +354,7 @@ def check_vae(model, x, eps, *, max_entries: int | None = 20, h: float = DEFAULT
     f, analytic = vae_loss_and_grads(model, x, eps, path)
     report = check_gradients(f, model.parameters.values, analytic, h=h,
                              max_entries=max_entries, seed=seed, tolerance=tolerance,
-                             title=f"VAE ({model.likelihood.name}, S={model.samples}, "
+                             title=f"VAE ({model.likelihood.name}, {_objective(model)}, "
                                    f"{path} path) gradient check")
     report.path = path
     return report
