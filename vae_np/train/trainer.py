@@ -549,6 +549,11 @@ class Trainer:
         return {"name": cfg.objective, "samples": cfg.samples, "loss": cfg.loss_name,
                 "conditional": cfg.conditional}
 
+    @property
+    def run_pictures(self) -> RunPictures:
+        """What draws this run's PNGs (the test digits and prior latents it shows)."""
+        return self._pictures
+
     def save_pictures(self) -> list[Path]:
         """Draw the run's PNGs into ``out_dir`` (:mod:`vae_np.train.pictures`); their paths."""
         return self._pictures.save(self.out_dir, self.model, self.epochs_done, self.history,
