@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 READING_PATH = ["README.md", "01-objective.md", "02-reparameterization.md", "03-layers.md",
                 "04-losses.md", "05-whole-model.md", "06-adam.md", "07-likelihood.md",
-                "08-gradient-checking.md", "derivations.md"]
+                "08-gradient-checking.md", "09-iwae.md", "derivations.md"]
 
 CODE_REF = re.compile(r"`(vae_np(?:\.[A-Za-z_]\w*)+)")
 TEST_REF = re.compile(r"`(tests/[\w/.-]+\.py)((?:::[A-Za-z_]\w*)+)(?:\[[^\]`]*\])?`")
