@@ -50,7 +50,8 @@ after it, so the last good checkpoint stays on disk.
 
 One concern per module:
 
-    config      TrainConfig: what defines a run, its checks, what a resume may change
+    config      TrainConfig: what defines a run, its checks, what a resume may change;
+                presets (burda2015) and the learning-rate schedules
     streams     Stream: the keyed random streams behind reproducibility
     rundata     RunData: the run's images on the backend, selected, binarized, batched
     trainer     Trainer: the parts put together, and the loop (fit, one epoch)
