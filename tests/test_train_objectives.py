@@ -475,3 +475,16 @@ def test_help_lists_the_new_flags_with_their_defaults(capsys):
         start = re.search(entry, text[text.index("options:"):]).start() + \
             text.index("options:")
         assert f"(default: {default})" in text[start:text.index("(default:", start) + 30], flag
+
+
+def test_every_new_option_runs_under_array_api_strict(dataset, tmp_path):
+    """The new code paths use only the array API (N_TEST = 12 in test batches of 8: a
+    short last batch, whose slice must stay inside the array)."""
+    pytest.importorskip("array_api_strict")
+    run = trainer(tiny(backend="array_api_strict", conditional=True, objective="iwae",
+                       samples=2, output_bias="data-logit", schedule="burda2015",
+                       activation="tanh"), dataset, tmp_path, pictures=True)
+    results = run.fit()
+    assert run.backend.name == "array_api_strict" and run.epochs_done == 2
+    assert math.isfinite(results["test_log_likelihood"]["mean"])
+    assert (tmp_path / "samples.png").is_file()

@@ -101,10 +101,12 @@ class RunData:
         """The test images (or ``x``) in batches of ``batch_size``; ``check()`` runs before
         each batch (the trainer's Ctrl-C check)."""
         x = self.x_test if x is None else x
-        for start in range(0, x.shape[0], batch_size):
+        n = x.shape[0]
+        for start in range(0, n, batch_size):
             if check is not None:
                 check()
-            yield x[start:start + batch_size, :]
+            # a stop within the axis: the array API leaves slices past the end unspecified
+            yield x[start:min(start + batch_size, n), :]
 
     def test_label_batches(self, batch_size: int, y=None) -> Iterator:
         """The test labels (or ``y``), host int64, in the batches of :meth:`test_batches`."""
