@@ -316,7 +316,7 @@ def draw(shapes: dict, out: Path) -> list[str]:
     label(8.25, 7.98, "path 2:  ∂KL/∂μ = μ,\n∂KL/∂logvar = ½(e^logvar − 1),\n"
           f"N×d each = {fmt(s['dKL/dmu'])}", color=BACKWARD, ha="center", size=8.8)
     arrow(at("add", "t"), at("cat", "b"), color=BACKWARD)
-    label(rx, (rows["mulv"] + rows["split"]) / 2 + 0.05, f"N×d, N×d", color=BACKWARD)
+    label(rx, (rows["mulv"] + rows["split"]) / 2 + 0.05, "N×d, N×d", color=BACKWARD)
     arrow(at("cat", "t"), at("benc", "b"), color=BACKWARD)
     label(rx, (rows["split"] + rows["enc"]) / 2 + 0.05, f"∂L/∂h:  N×2d = {fmt(s['dL/dh'])}",
           color=BACKWARD)

@@ -45,7 +45,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from vae_np import VAE, Adam, get_backend, use_fast_paths
 from vae_np import likelihoods as likelihoods_module
 from vae_np import model as model_module
-from vae_np.gradcheck import DEFAULT_TOLERANCE, check_gradients, numerical_partial
+from vae_np.gradcheck import check_gradients, numerical_partial
 from vae_np.layers import Linear, Sigmoid
 from vae_np.losses import bernoulli_nll, kl_standard_normal
 from vae_np.model import reparameterize_backward
