@@ -536,7 +536,8 @@ class Trainer:
         if self.is_root:
             write_results(self.out_dir, results)
         self._log(f"test {self.config.loss_name} after {self.epochs_done} epochs: "
-                  f"{last['test_loss']:.2f} nats/image (an upper bound on -ln p(x))")
+                  f"{last['test_loss']:.2f} nats/image (an upper bound on "
+                  f"{'-ln p(x | y), the labels given' if self.config.conditional else '-ln p(x)'})")
         if log_likelihood is not None:
             self._log(log_likelihood_line(log_likelihood))
         self._log(f"wrote {self.out_dir / RESULTS_FILE}")
