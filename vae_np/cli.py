@@ -31,57 +31,21 @@ from .backend import BACKEND_NAMES, BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
 from .saving import SavedModel, read_model
-from .train_cli import LOSS_SCALING
-from .train_cli import fraction as _fraction
-from .train_cli import image_size as _image_size
+from .train.evaluation import log_likelihood_summary
+from .train_cli import (LOSS_SCALING, OneLineErrorParser, fraction, image_size,
+                        nonnegative_int, positive_float, positive_int)
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
 PROG = "vae-np"
 
+
 class CLIError(Exception):
     """A problem to report on one line, exit status 1."""
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
 # --------------------------------------------------------------------------------------
-# Flags shared by the subcommands
+# Flags shared by the subcommands (their argument types are the trainer's, train_cli)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -91,7 +55,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="numpy: CPU; cupy: NVIDIA GPU; auto: cupy when usable")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="floating type (default: the checkpoint's)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0,
+    p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seeds every random draw of this command")
 
 
@@ -102,18 +66,18 @@ def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "shape) or a folder of PNG/JPEG images")
     g.add_argument("--split", choices=("test", "train"), default="test",
                    help="which split of the data set to use")
-    g.add_argument("--limit", type=_positive_int, default=None,
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N examples of the split")
     g.add_argument("--data-dir", default=None, help="where the MNIST files are (mnist only)")
     g.add_argument("--no-download", action="store_true",
                    help="do not download MNIST; use the files or the offline subset")
     g.add_argument("--color", choices=("gray", "rgb"), default="gray",
                    help="image folders: convert to greyscale or keep RGB")
-    g.add_argument("--image-size", type=_image_size, default=None,
+    g.add_argument("--image-size", type=image_size, default=None,
                    help="image folders: resize every image to HxW (default: the first's)")
-    g.add_argument("--test-fraction", type=_fraction, default=0.2,
+    g.add_argument("--test-fraction", type=fraction, default=0.2,
                    help="image folders: share of the images in the test split")
-    g.add_argument("--split-seed", type=_nonnegative_int, default=0,
+    g.add_argument("--split-seed", type=nonnegative_int, default=0,
                    help="image folders: seed of the train/test split (keep it as in training)")
 
 
@@ -416,11 +380,11 @@ def cmd_eval(args) -> int:
     say(f"{args.split} -ELBO: {loss:.2f} nats/example (reconstruction {recon:.2f}, KL {kl:.2f}"
         f"; {len(x):,} examples of {ds.description}, {mode} binarization)")
     if values:
-        v = np.concatenate(values).astype(np.float64)
-        stderr = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-        result["log_likelihood"] = {"mean": float(v.mean()), "stderr": stderr,
+        summary = log_likelihood_summary(np.concatenate(values))
+        stderr = summary["stderr"]
+        result["log_likelihood"] = {"mean": summary["mean"], "stderr": stderr,
                                     "num_samples": args.K}
-        say(f"{args.split} ln p(x) = {v.mean():.2f}"
+        say(f"{args.split} ln p(x) = {summary['mean']:.2f}"
             + (f" +- {stderr:.2f}" if stderr is not None else "")
             + f" nats/example (importance sampling, K = {args.K})")
     if args.json:
@@ -452,12 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Decode z ~ N(0, I): a PNG of decoder means (and, with "
                                     "--npy or an OUT ending in .npy, the array).")
     add_model_flags(p)
-    p.add_argument("--n", type=_positive_int, default=64, help="how many samples")
-    p.add_argument("--nrow", type=_positive_int, default=8, help="images per row")
+    p.add_argument("--n", type=positive_int, default=64, help="how many samples")
+    p.add_argument("--nrow", type=positive_int, default=8, help="images per row")
     p.add_argument("--out", default="samples.png", help="the PNG (or .npy) to write")
     p.add_argument("--npy", action="store_true", help="also write the decoder means, (n, D), "
                                                       "as OUT with the suffix .npy")
-    p.add_argument("--label", type=_nonnegative_int, default=None,
+    p.add_argument("--label", type=nonnegative_int, default=None,
                    help="conditional models: the class to draw (default: a row per class)")
     p.set_defaults(run=cmd_sample)
 
@@ -467,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "mean at the posterior mean, z = mu(x)).")
     add_model_flags(p)
     add_data_flags(p)
-    p.add_argument("--n", type=_positive_int, default=32, help="how many examples")
+    p.add_argument("--n", type=positive_int, default=32, help="how many examples")
     p.add_argument("--out", default="reconstructions.png", help="the PNG to write")
     p.set_defaults(run=cmd_reconstruct)
 
@@ -479,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--out", default="codes.npz", help="the .npz to write")
-    p.add_argument("--batch-size", type=_positive_int, default=500, help="examples per call")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="examples per call")
     p.set_defaults(run=cmd_encode)
 
     p = subs.add_parser("interpolate", help="decode paths between two examples' codes",
@@ -489,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "row per pair, the two examples at its ends.")
     add_model_flags(p)
     add_data_flags(p)
-    p.add_argument("--pairs", type=_positive_int, default=8, help="rows: pairs of examples")
-    p.add_argument("--steps", type=_positive_int, default=10,
+    p.add_argument("--pairs", type=positive_int, default=8, help="rows: pairs of examples")
+    p.add_argument("--steps", type=positive_int, default=10,
                    help="decoded points per path, both ends included")
     p.add_argument("--spherical", action="store_true",
                    help="spherical interpolation (slerp) instead of linear")
@@ -508,15 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "over the first --batch-size examples, the most used first).")
     add_model_flags(p)
     add_data_flags(p, required=False)
-    p.add_argument("--index", type=_nonnegative_int, default=0,
+    p.add_argument("--index", type=nonnegative_int, default=0,
                    help="with --dataset: the example whose code is the base point")
-    p.add_argument("--steps", type=_positive_int, default=9, help="images per row")
-    p.add_argument("--range", type=_positive_float, default=3.0,
+    p.add_argument("--steps", type=positive_int, default=9, help="images per row")
+    p.add_argument("--range", type=positive_float, default=3.0,
                    help="move each coordinate by -RANGE..RANGE (prior standard deviations)")
-    p.add_argument("--max-dims", type=_positive_int, default=10, help="at most this many rows")
-    p.add_argument("--batch-size", type=_positive_int, default=500,
+    p.add_argument("--max-dims", type=positive_int, default=10, help="at most this many rows")
+    p.add_argument("--batch-size", type=positive_int, default=500,
                    help="examples whose KL ranks the dimensions")
-    p.add_argument("--label", type=_nonnegative_int, default=None,
+    p.add_argument("--label", type=nonnegative_int, default=None,
                    help="conditional models: the class to decode (default: the example's, "
                         "or 0)")
     p.add_argument("--out", default="traversal.png", help="the PNG to write")
@@ -529,9 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "both in nats per example, over the split.")
     add_model_flags(p)
     add_data_flags(p)
-    p.add_argument("-K", "--num-samples", dest="K", type=_nonnegative_int, default=1000,
+    p.add_argument("-K", "--num-samples", dest="K", type=nonnegative_int, default=1000,
                    help="importance samples per example for ln p(x) (0: skip; papers use 5000)")
-    p.add_argument("--batch-size", type=_positive_int, default=500, help="examples per batch")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="examples per batch")
     p.add_argument("--binarize", choices=("auto", "none", "static"), default="auto",
                    help="targets: auto scores as the run was trained (one seeded 0/1 draw "
                         "for a binarized run, the trainer's test protocol); none: the "
