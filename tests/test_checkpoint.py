@@ -497,3 +497,13 @@ def test_pickled_member_is_refused(tmp_path):
     _rewrite_archive(path, to_object)
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_a_file_that_is_not_a_zip_archive_is_named_as_such(tmp_path):
+    """Text or other bytes in place of a checkpoint: NumPy would call it pickled data;
+    the error says what it is instead, and names the file."""
+    from vae_np.checkpoint import CheckpointError, load_checkpoint
+    path = tmp_path / "checkpoint.npz"
+    path.write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"checkpoint.npz: not a .npz checkpoint \(not a zip"):
+        load_checkpoint(path)

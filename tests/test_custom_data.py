@@ -67,7 +67,7 @@ def test_missing_and_unreadable(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset(tmp_path / "nothing")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
+    with pytest.raises(ValueError, match=r"junk.npz: not a .npz file \(not a zip archive\)"):
         load_dataset(tmp_path / "junk.npz")
 
 
@@ -114,3 +114,4 @@ def test_dataset_keeps_mnist_defaults_and_checks_shapes():
     ds = Dataset(np.full((2, 3), 5.0), None, np.zeros((1, 3)), None, "s", "",
                  image_shape=None, num_classes=None, unit_range=False)
     assert ds.n_features == 3 and not ds.has_labels
+

@@ -309,6 +309,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     """
     fspath = os.fspath(path)
     with open(fspath, "rb") as fh:  # FileNotFoundError / PermissionError propagate as-is
+        if not zipfile.is_zipfile(fh):  # else NumPy reads any other bytes as a pickle
+            raise CheckpointError(f"{fspath}: not a .npz checkpoint (not a zip archive; "
+                                  f"truncated, or another kind of file)")
+        fh.seek(0)
         try:
             loaded = np.load(fh, allow_pickle=False)
         except _CORRUPTION_ERRORS as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -102,6 +103,9 @@ def load_npz_dataset(path: str | os.PathLike, decoder: str = "bernoulli") -> Dat
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset: no such file {path}")
+    if not zipfile.is_zipfile(path):  # else NumPy reads any other bytes as a pickle
+        raise ValueError(f"{path}: not a .npz file (not a zip archive); save the arrays "
+                         f"with numpy.savez(path, x_train=..., x_test=...)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
