@@ -383,6 +383,10 @@ _BACKENDS_OF: dict = {}
 def backend_of(array) -> Backend:
     """The :class:`Backend` an array lives on (its library and its floating dtype), for
     functions that take arrays rather than a backend and need ``Backend.fast``."""
+    if type(array) is np.ndarray:               # the hot case, without array_namespace
+        backend = _BACKENDS_OF.get(array.dtype)
+        if backend is not None:
+            return backend
     xp = namespace_of(array)
     key = (xp.__name__, str(array.dtype))
     backend = _BACKENDS_OF.get(key)
@@ -394,4 +398,6 @@ def backend_of(array) -> Backend:
         native = importlib.import_module(name)
         backend = Backend(name=name, xp=xp, native=native, dtype=array.dtype)
         _BACKENDS_OF[key] = backend
+        if type(array) is np.ndarray:
+            _BACKENDS_OF[array.dtype] = backend
     return backend
