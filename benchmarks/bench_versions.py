@@ -1,0 +1,99 @@
+"""This checkout's training step against another revision's, in one process, interleaved.
+
+    python benchmarks/bench_versions.py 7af2697            # before the "one model" refactor
+    python benchmarks/bench_versions.py HEAD~3 --dtypes float32 --batches 32,512
+
+The other revision's package is exported with ``git archive`` into a temporary folder under
+another name (``vae_np_<rev>``; the package imports itself relatively, so it runs there
+unchanged) and both are imported side by side: each round times a block of steps of each,
+in alternating order, after a pause, so that a slow spell of a shared machine falls on both.
+Prints the median ms/step of each and their ratio. The starting configuration (784-512-512,
+latent 64, Bernoulli decoder, Adam), fresh weights, one fixed binary batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def export(rev: str, into: Path) -> str:
+    """``vae_np`` at ``rev`` as the package ``vae_np_<rev>`` in ``into``; its name."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    name = f"vae_np_{sha}"
+    archive = subprocess.run(["git", "archive", rev, "vae_np"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    (into / "vae_np").rename(into / name)
+    return name
+
+
+def make_step(pkg, batch: int, dtype: str):
+    model = pkg.VAE(784, (512, 512), 64, seed=0, dtype=dtype)
+    opt = pkg.Adam(model.parameters)
+    rng = model.backend.rng(1)
+    x = model.backend.asarray(
+        (np.random.default_rng(0).random((batch, 784)) < 0.3).astype(dtype))
+
+    def step():
+        model.loss(x, rng=rng, check_finite=False)
+        model.backward()
+        opt.step()
+
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rev", help="the other revision (a commit, tag or branch)")
+    p.add_argument("--dtypes", default="float32,float64")
+    p.add_argument("--batches", default="32,128,512")
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--block-seconds", type=float, default=0.25)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    import vae_np
+    with tempfile.TemporaryDirectory() as tmp:
+        other_name = export(args.rev, Path(tmp))
+        sys.path.insert(0, tmp)
+        other = importlib.import_module(other_name)
+        print(f"this checkout ({Path(vae_np.__file__).parent}) against {args.rev} "
+              f"({other_name}); medians of {args.rounds} interleaved rounds")
+        for dtype in args.dtypes.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                sides = {"other": make_step(other, batch, dtype),
+                         "this": make_step(vae_np, batch, dtype)}
+                for step in sides.values():
+                    for _ in range(5):
+                        step()           # compile, warm the caches
+                start = time.perf_counter()
+                sides["this"]()
+                reps = max(5, int(args.block_seconds / (time.perf_counter() - start)))
+                samples: dict[str, list[float]] = {name: [] for name in sides}
+                for r in range(args.rounds):
+                    for name in (("other", "this") if r % 2 == 0 else ("this", "other")):
+                        time.sleep(0.25)     # let the other side's BLAS threads go idle
+                        sides[name]()
+                        start = time.perf_counter()
+                        for _ in range(reps):
+                            sides[name]()
+                        samples[name].append((time.perf_counter() - start) / reps * 1e3)
+                other_ms, this_ms = np.median(samples["other"]), np.median(samples["this"])
+                print(f"{dtype} batch {batch:3d}: {args.rev} {other_ms:6.2f} ms, this "
+                      f"{this_ms:6.2f} ms, this / {args.rev} {this_ms / other_ms:.3f}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
