@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError
 from .data import default_data_dir, load_dataset
 from .distributed import DistributedUnavailable, abort_on_error, world
 from .layers import ACTIVATIONS
+from .likelihoods import DEFAULT_FIXED_VARIANCE, LIKELIHOOD_NAMES
 from .model import OBJECTIVES
 from .train import (
     OutDirInUse, OutDirLock, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
@@ -153,11 +154,11 @@ def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
                        help="encoder hidden layer widths; the decoder mirrors them")
     model.add_argument("--latent-dim", type=positive_int, default=d.latent_dim,
                        help="latent dimension d (2 also draws the manifold and latent scatter)")
-    model.add_argument("--decoder", choices=("bernoulli", "gaussian", "gaussian-fixed"),
+    model.add_argument("--decoder", choices=LIKELIHOOD_NAMES,
                        default=d.decoder, help="likelihood p(x|z)")
     model.add_argument("--variance", type=positive_float, default=d.variance,
-                       help="fixed variance lambda of --decoder gaussian-fixed (None: 0.098, "
-                            "the starting example's)")
+                       help=f"fixed variance lambda of --decoder gaussian-fixed (None: "
+                            f"{DEFAULT_FIXED_VARIANCE:.3g}, the starting example's)")
     model.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                        help="vae: the negative ELBO (closed-form KL, S samples averaged); "
                             "iwae: the negative importance-weighted bound of Burda et al. "
