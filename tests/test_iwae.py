@@ -34,11 +34,12 @@ from vae_np.likelihoods import make_likelihood, scale_rows
 from vae_np.model import iwae_bound, iwae_latent_backward, iwae_log_weights
 from vae_np.ops import logsumexp_and_softmax
 
+from helpers import C, D, H, batch, jitter_biases, noise, reference_mlp
+
 DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
 DTYPES = ("float32", "float64")
 KS = (1, 2, 5)
 TOL = gradcheck.DEFAULT_TOLERANCE
-C, H, D, N = 6, 5, 3, 4  # pixels, hidden width, latent size, batch
 
 
 def tiny(decoder="bernoulli", k=1, backend="numpy", dtype="float64", seed=0, **kwargs):
@@ -48,23 +49,12 @@ def tiny(decoder="bernoulli", k=1, backend="numpy", dtype="float64", seed=0, **k
     kwargs.setdefault("latent_dim", D)
     if decoder == "gaussian-fixed":
         kwargs.setdefault("variance", 0.3)
-    model = VAE(decoder=decoder, samples=k, backend=backend, dtype=dtype, seed=seed,
-                objective="iwae", **kwargs)
-    rng = np.random.default_rng(1000 + seed)
-    state = model.state_dict()
-    for name in state:
-        if name.endswith(".b"):
-            state[name] = 0.1 * rng.standard_normal(state[name].shape)
-    model.load_state_dict(state)
-    return model
+    return jitter_biases(VAE(decoder=decoder, samples=k, backend=backend, dtype=dtype,
+                             seed=seed, objective="iwae", **kwargs), seed)
 
 
-def batch(n=N, c=C, seed=0):
-    return np.random.default_rng(seed).uniform(0.0, 1.0, (n, c))
 
 
-def noise(k, n=N, d=D, seed=1):
-    return np.random.default_rng(seed).standard_normal((k, n, d))
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,13 +63,6 @@ def noise(k, n=N, d=D, seed=1):
 # sees x - input_shift, the Gaussian decoder outputs [mu_x, logvar_x]).
 
 
-def reference_mlp(state, prefix, h):
-    n_layers = sum(1 for name in state if name.startswith(prefix) and name.endswith(".W"))
-    for i in range(n_layers):
-        h = h @ state[f"{prefix}linear{i}.W"] + state[f"{prefix}linear{i}.b"]
-        if i < n_layers - 1:
-            h = np.maximum(h, 0.0)
-    return h
 
 
 def reference_densities(model, x, eps):

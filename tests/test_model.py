@@ -28,9 +28,10 @@ from vae_np import VAE, gradcheck, reparameterize, reparameterize_backward
 from vae_np.backend import get_backend
 from vae_np.losses import kl_standard_normal
 
+from helpers import C, D, H, N, batch, jitter_biases, noise, reference_mlp
+
 TOL = gradcheck.DEFAULT_TOLERANCE
 DECODERS = ["bernoulli", "gaussian", "gaussian-fixed"]
-C, H, D, N = 6, 5, 3, 4  # pixels, hidden width, latent size, batch
 
 
 def tiny(decoder="bernoulli", samples=1, beta=1.0, backend="numpy", dtype="float64", seed=0,
@@ -52,22 +53,10 @@ def tiny(decoder="bernoulli", samples=1, beta=1.0, backend="numpy", dtype="float
     return jitter_biases(model, seed)
 
 
-def jitter_biases(model, seed=0, scale=0.1):
-    rng = np.random.default_rng(1000 + seed)
-    state = model.state_dict()
-    for name in state:
-        if name.endswith(".b"):
-            state[name] = scale * rng.standard_normal(state[name].shape)
-    model.load_state_dict(state)
-    return model
 
 
-def batch(n=N, c=C, seed=0):
-    return np.random.default_rng(seed).uniform(0.0, 1.0, (n, c))
 
 
-def noise(s, n=N, d=D, seed=1):
-    return np.random.default_rng(seed).standard_normal((s, n, d))
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,13 +65,6 @@ def noise(s, n=N, d=D, seed=1):
 # Linear layers; the encoder sees x - input_shift, the likelihood scores x.
 
 
-def reference_mlp(state, prefix, h):
-    n_layers = sum(1 for name in state if name.startswith(prefix) and name.endswith(".W"))
-    for i in range(n_layers):
-        h = h @ state[f"{prefix}linear{i}.W"] + state[f"{prefix}linear{i}.b"]
-        if i < n_layers - 1:
-            h = np.maximum(h, 0.0)
-    return h
 
 
 def reference_posterior(model, x):
