@@ -1,9 +1,13 @@
-"""Helpers shared by the model tests (test_model.py, test_iwae.py): the small problem's
-sizes, its data and noise, random biases off ReLU's kink, and an independent MLP forward."""
+"""Helpers shared by the model tests (test_model.py, test_iwae.py, test_fast_paths.py): the
+small problem's sizes, its data and noise, random biases off ReLU's kink, an independent MLP
+forward, and a few training steps recorded with the fast paths on or off."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from vae_np import VAE, Adam
+from vae_np.backend import use_fast_paths
 
 C, H, D, N = 6, 5, 3, 4  # pixels, hidden width, latent size, batch
 
@@ -37,3 +41,47 @@ def reference_mlp(state, prefix, h):
         if i < n_layers - 1:
             h = np.maximum(h, 0.0)
     return h
+
+
+def run_training(fast: bool, dtype: str, decoder: str = "bernoulli", samples: int = 1,
+                 steps: int = 3, batch: int = 10, input_dim: int = 50, hidden=(32, 24),
+                 latent_dim: int = 6, activation: str = "relu", beta: float = 1.0,
+                 clip_norm=None, seed: int = 0, objective: str = "vae") -> dict:
+    """``steps`` Adam steps with the fast paths on or off; everything a step produces."""
+    with use_fast_paths(fast):
+        model = VAE(input_dim, hidden, latent_dim, decoder=decoder, samples=samples,
+                    activation=activation, beta=beta, backend="numpy", dtype=dtype, seed=seed,
+                    objective=objective)
+        opt = Adam(model.parameters, lr=1e-2, clip_norm=clip_norm)
+        data = np.random.default_rng(seed + 1)
+        record = {"loss": [], "kl": [], "recon": [], "grads": []}
+        for _ in range(steps):
+            x = data.random((batch, input_dim)).astype(dtype)
+            if decoder == "bernoulli":
+                x = (x < 0.4).astype(dtype)
+            eps = data.standard_normal((samples, batch, latent_dim)).astype(dtype)
+            x_before, eps_before = x.copy(), eps.copy()
+            terms = model.loss(x, eps=eps, check_finite=False)
+            model.backward()
+            # the fast path must not write into the caller's arrays
+            assert np.array_equal(x, x_before) and np.array_equal(eps, eps_before)
+            for name in ("loss", "kl", "recon"):
+                record[name].append(np.asarray(getattr(terms, name)).item())
+            record["grads"].append({k: v.copy() for k, v in model.parameters.grads.items()})
+            opt.step()
+        record["params"] = model.state_dict()
+        record["m"], record["v"] = opt.m.copy(), opt.v.copy()
+        return record
+
+
+def assert_identical(fast: dict, reference: dict) -> None:
+    for name in ("loss", "kl", "recon"):
+        assert fast[name] == reference[name], name
+    for step, (gf, gr) in enumerate(zip(fast["grads"], reference["grads"])):
+        assert gf.keys() == gr.keys()
+        for key in gr:
+            assert gf[key].dtype == gr[key].dtype
+            assert np.array_equal(gf[key], gr[key]), f"step {step}: gradient of {key}"
+    for key in reference["params"]:
+        assert np.array_equal(fast["params"][key], reference["params"][key]), key
+    assert np.array_equal(fast["m"], reference["m"]) and np.array_equal(fast["v"], reference["v"])

@@ -34,7 +34,8 @@ from vae_np.likelihoods import make_likelihood, scale_rows
 from vae_np.model import iwae_bound, iwae_latent_backward, iwae_log_weights
 from vae_np.ops import logsumexp_and_softmax
 
-from helpers import C, D, H, batch, jitter_biases, noise, reference_mlp
+from helpers import (C, D, H, assert_identical, batch, jitter_biases, noise, reference_mlp,
+                     run_training)
 
 DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
 DTYPES = ("float32", "float64")
@@ -449,41 +450,10 @@ def test_inference_between_loss_and_backward_changes_no_gradient(decoder):
 # Fast paths: bit for bit against the reference
 
 
-def run_training(fast: bool, dtype: str, decoder: str, k: int, steps: int = 3, batch: int = 10,
-                 input_dim: int = 40, hidden=(24, 16), latent_dim: int = 5, seed: int = 0) -> dict:
-    """``steps`` Adam steps of the IWAE with the fast paths on or off; what each produces."""
-    with use_fast_paths(fast):
-        model = VAE(input_dim, hidden, latent_dim, decoder=decoder, samples=k,
-                    objective="iwae", dtype=dtype, seed=seed)
-        opt = Adam(model.parameters, lr=1e-2)
-        data = np.random.default_rng(seed + 1)
-        record = {"loss": [], "kl": [], "recon": [], "grads": []}
-        for _ in range(steps):
-            x = data.random((batch, input_dim)).astype(dtype)
-            if decoder == "bernoulli":
-                x = (x < 0.4).astype(dtype)
-            eps = data.standard_normal((k, batch, latent_dim)).astype(dtype)
-            x_before, eps_before = x.copy(), eps.copy()
-            terms = model.loss(x, eps=eps, check_finite=False)
-            model.backward()
-            assert np.array_equal(x, x_before) and np.array_equal(eps, eps_before)
-            for name in ("loss", "kl", "recon"):
-                record[name].append(np.asarray(getattr(terms, name)).item())
-            record["grads"].append({n: g.copy() for n, g in model.parameters.grads.items()})
-            opt.step()
-        record["params"] = model.state_dict()
-        return record
-
-
-def assert_identical(fast: dict, reference: dict) -> None:
-    for name in ("loss", "kl", "recon"):
-        assert fast[name] == reference[name], name
-    for step, (gf, gr) in enumerate(zip(fast["grads"], reference["grads"])):
-        for key in gr:
-            assert gf[key].dtype == gr[key].dtype
-            assert np.array_equal(gf[key], gr[key]), f"step {step}: gradient of {key}"
-    for key in reference["params"]:
-        assert np.array_equal(fast["params"][key], reference["params"][key]), key
+def run_iwae(fast: bool, dtype: str, decoder: str, k: int, **kwargs) -> dict:
+    """``helpers.run_training`` for the IWAE (k = samples), on a 40-24-16-5 model."""
+    kwargs = {"input_dim": 40, "hidden": (24, 16), "latent_dim": 5, **kwargs}
+    return run_training(fast, dtype, decoder, k, objective="iwae", **kwargs)
 
 
 @pytest.mark.parametrize("k", KS)
@@ -491,7 +461,7 @@ def assert_identical(fast: dict, reference: dict) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_iwae_step_is_bit_identical_to_the_reference(dtype, decoder, k):
     pytest.importorskip("numba")
-    assert_identical(run_training(True, dtype, decoder, k), run_training(False, dtype, decoder, k))
+    assert_identical(run_iwae(True, dtype, decoder, k), run_iwae(False, dtype, decoder, k))
 
 
 @pytest.mark.parametrize("k", (1, 5))
@@ -501,7 +471,7 @@ def test_fast_iwae_step_without_numba_is_bit_identical(dtype, decoder, k, monkey
     """The NumPy-only fast variants (in-place tails, where() for ReLU)."""
     monkeypatch.setattr(backend_module, "_numba_module", None)
     assert get_backend("numpy", dtype).numba is None
-    assert_identical(run_training(True, dtype, decoder, k), run_training(False, dtype, decoder, k))
+    assert_identical(run_iwae(True, dtype, decoder, k), run_iwae(False, dtype, decoder, k))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -510,8 +480,8 @@ def test_fast_iwae_step_with_many_samples_and_a_batch_of_one(dtype):
     the same ones) and N = 1 (an (S, 1) column)."""
     for batch_size, k in ((3, 50), (1, 9)):
         kw = dict(batch=batch_size, steps=2)
-        assert_identical(run_training(True, dtype, "bernoulli", k, **kw),
-                         run_training(False, dtype, "bernoulli", k, **kw))
+        assert_identical(run_iwae(True, dtype, "bernoulli", k, **kw),
+                         run_iwae(False, dtype, "bernoulli", k, **kw))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
