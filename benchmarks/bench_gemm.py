@@ -1,0 +1,110 @@
+"""The training step's matrix products through NumPy's BLAS and through Intel's MKL, side by
+side: is another BLAS worth an optional extra on this machine?
+
+    pip install mkl                       # Intel's oneMKL runtime wheel (libmkl_rt)
+    python benchmarks/bench_gemm.py       # float32, 2 threads each
+
+For each Linear of the starting configuration (784-512-512-128 encoder, 64-512-512-784
+decoder) and batch 32 / 128 / 512, the three products of a step (forward x W, weight
+gradient x^T dout, input gradient dout W^T, the transposes as views, as vae_np passes them)
+are timed through ``numpy.matmul`` and through MKL's ``cblas_sgemm`` called with ctypes on
+the same arrays; best of 5 blocks of 20, alternating. MKL is found as ``libmkl_rt.so*`` in
+the environment's lib folder (where the ``mkl`` wheel puts it) or on the loader's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+LAYERS = ((784, 512), (512, 512), (512, 128), (64, 512), (512, 784))
+
+
+def load_mkl(threads: int):
+    candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    found = ctypes.util.find_library("mkl_rt")
+    for path in [*candidates, *([found] if found else [])]:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        lib.MKL_Set_Num_Threads(threads)
+        gemm = lib.cblas_sgemm
+        gemm.restype = None
+        gemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                                              ctypes.c_void_p, ctypes.c_int]
+        return path, gemm
+    return None, None
+
+
+def mkl_matmul(gemm, a, b, out):
+    """out = a @ b for C-ordered arrays or transposed views of them."""
+    trans_a = NO_TRANS if a.flags.c_contiguous else TRANS
+    trans_b = NO_TRANS if b.flags.c_contiguous else TRANS
+    base_a = a if trans_a == NO_TRANS else a.T
+    base_b = b if trans_b == NO_TRANS else b.T
+    m, k = a.shape
+    n = b.shape[1]
+    gemm(ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, base_a.ctypes.data, base_a.shape[1],
+         base_b.ctypes.data, base_b.shape[1], 0.0, out.ctypes.data, n)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--batches", default="32,128,512")
+    args = p.parse_args(argv)
+    try:
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(args.threads, user_api="blas")  # noqa: F841 (held)
+    except ImportError:
+        print("threadpoolctl missing: NumPy's BLAS keeps its own thread count")
+    path, gemm = load_mkl(args.threads)
+    if gemm is None:
+        print("MKL not found: pip install mkl")
+        return 1
+    print(f"MKL: {path}; {args.threads} threads each; float32; ms per step's three products")
+    rng = np.random.default_rng(0)
+    totals = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        for fan_in, fan_out in LAYERS:
+            x = rng.standard_normal((batch, fan_in)).astype(np.float32)
+            w = rng.standard_normal((fan_in, fan_out)).astype(np.float32)
+            dout = rng.standard_normal((batch, fan_out)).astype(np.float32)
+            ok = np.allclose(mkl_matmul(gemm, x.T, dout, np.empty((fan_in, fan_out), np.float32)),
+                             x.T @ dout, rtol=1e-4, atol=1e-3)
+            sides = {"numpy": lambda a, b, o: np.matmul(a, b, out=o),
+                     "mkl": lambda a, b, o: mkl_matmul(gemm, a, b, o)}
+            best = {name: float("inf") for name in sides}
+            for trial in range(10):
+                name = ("numpy", "mkl")[trial % 2]
+                f = sides[name]
+                time.sleep(0.05)
+                start = time.perf_counter()
+                for _ in range(20):
+                    f(x, w, np.empty((batch, fan_out), np.float32))
+                    f(x.T, dout, np.empty((fan_in, fan_out), np.float32))
+                    f(dout, w.T, np.empty((batch, fan_in), np.float32))
+                best[name] = min(best[name], (time.perf_counter() - start) / 20 * 1e3)
+            for name in best:
+                totals[(batch, name)] = totals.get((batch, name), 0.0) + best[name]
+            print(f"batch {batch:3d}  {fan_in:3d} x {fan_out:3d}: numpy {best['numpy']:6.3f}  "
+                  f"mkl {best['mkl']:6.3f}  mkl / numpy {best['mkl'] / best['numpy']:.2f}"
+                  f"{'' if ok else '  (results differ!)'}")
+        print(f"batch {batch:3d}  all five layers: numpy {totals[(batch, 'numpy')]:.2f} ms, "
+              f"mkl {totals[(batch, 'mkl')]:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
