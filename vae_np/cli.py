@@ -32,7 +32,7 @@ from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
 from .saving import SavedModel, read_model
 from .train.evaluation import log_likelihood_summary
-from .train_cli import (LOSS_SCALING, OneLineErrorParser, fraction, image_size,
+from .train_cli import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
                         nonnegative_int, positive_float, positive_int)
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
@@ -68,17 +68,7 @@ def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="which split of the data set to use")
     g.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N examples of the split")
-    g.add_argument("--data-dir", default=None, help="where the MNIST files are (mnist only)")
-    g.add_argument("--no-download", action="store_true",
-                   help="do not download MNIST; use the files or the offline subset")
-    g.add_argument("--color", choices=("gray", "rgb"), default="gray",
-                   help="image folders: convert to greyscale or keep RGB")
-    g.add_argument("--image-size", type=image_size, default=None,
-                   help="image folders: resize every image to HxW (default: the first's)")
-    g.add_argument("--test-fraction", type=fraction, default=0.2,
-                   help="image folders: share of the images in the test split")
-    g.add_argument("--split-seed", type=nonnegative_int, default=0,
-                   help="image folders: seed of the train/test split (keep it as in training)")
+    add_data_source_flags(g)
 
 
 # --------------------------------------------------------------------------------------
@@ -335,7 +325,7 @@ def cmd_traverse(args) -> int:
     decoded = host(model, model.decode(points, **extra))
     out = Path(args.out)
     title = (f"traversal of z[{', '.join(map(str, dims[:8]))}{', ...' if len(dims) > 8 else ''}]"
-             f", {-args.range:g}..{args.range:g}")
+             f", {-args.range:g}..{args.range:g} around {where}")
     if saved.image_shape is not None:
         plotting.save_image_grid(out, as_pictures(decoded), nrow=args.steps, title=title,
                                  image_shape=saved.image_shape)

