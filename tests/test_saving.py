@@ -3,7 +3,6 @@ every backend available here, and one clear error per kind of bad file."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
