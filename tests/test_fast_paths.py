@@ -315,7 +315,8 @@ def test_environment_variable_switches_the_fast_paths_off():
     assert result.stdout.strip() == "False"
 
 
-def test_training_step_reads_nothing_back_to_the_host(monkeypatch):
+@pytest.mark.parametrize("objective, samples", [("vae", 1), ("iwae", 5)])
+def test_training_step_reads_nothing_back_to_the_host(objective, samples, monkeypatch):
     """With check_finite=False, loss/backward/step never convert a backend array to a host
     number or array (on a GPU that would be a device-to-host synchronisation)."""
     from vae_np.backend import Backend
@@ -323,7 +324,7 @@ def test_training_step_reads_nothing_back_to_the_host(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("host read inside a training step")
 
-    model = VAE(20, (16,), 4, dtype="float32")
+    model = VAE(20, (16,), 4, samples=samples, objective=objective, dtype="float32")
     opt = Adam(model.parameters)
     rng = model.backend.rng(0)
     x = model.backend.asarray(np.random.default_rng(0).random((5, 20)))
