@@ -138,7 +138,7 @@ CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta"
                 "clip_norm", "batch_size", "epochs", "binarize", "limit_train", "limit_test",
                 "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every",
                 "distributed", "objective", "activation", "adam_eps", "output_bias",
-                "schedule", "conditional")
+                "schedule", "conditional", "input_shift")
 
 
 def add_data_source_flags(group) -> None:
@@ -194,6 +194,9 @@ def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
                        help="decoder output bias at the start: zero, or data-logit: the "
                             "logit of the training set's mean pixels, clipped to [1e-3, "
                             "1-1e-3] (bernoulli decoder)")
+    model.add_argument("--input-shift", type=float, default=d.input_shift,
+                       help="subtracted from the pixels before the encoder: 0.5 centres "
+                            "[0, 1] pixels, 0 feeds them as they are (the burda2015 preset)")
     model.add_argument("--conditional", action="store_true", default=d.conditional,
                        help="a conditional VAE on the data set's labels (needs y_train, "
                             "y_test): q(z|x,y), p(x|z,y); samples.png gets one row per class")

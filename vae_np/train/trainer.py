@@ -321,6 +321,8 @@ class Trainer:
             details.append(f"{cfg.schedule} learning-rate schedule from {cfg.lr:g}")
         if cfg.adam_eps != 1e-8:
             details.append(f"Adam eps {cfg.adam_eps:g}")
+        if cfg.input_shift != 0.5:
+            details.append(f"input shift {cfg.input_shift:g}")
         if details:
             self._log("; ".join(details))
         limited = (self.n_train, self.n_test) != (self.dataset.n_train, self.dataset.n_test)
