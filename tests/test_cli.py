@@ -149,6 +149,7 @@ def walkthrough_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
+@pytest.mark.slow
 def test_readme_walkthrough_runs(tmp_path):
     """Each command of the README's own-data walk-through, as a user would type it (the
     console script replaced by python -m vae_np, which is the same main); the README's
@@ -163,6 +164,7 @@ def test_readme_walkthrough_runs(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_python_m_vae_np_and_the_console_script_are_declared():
     result = subprocess.run([sys.executable, "-m", "vae_np", "--help"], capture_output=True,
                             text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)

@@ -167,6 +167,7 @@ def test_without_mpi4py_distributed_is_a_one_line_error(monkeypatch):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_the_cli_without_mpi4py_says_what_to_install(tmp_path):
     code = ("import sys; sys.modules['mpi4py'] = None; sys.argv[1:] = ['--distributed', "
             f"'--out', {str(tmp_path)!r}, '--no-download']; "
@@ -260,6 +261,7 @@ def shard_sum_reference(epochs: int, size: int) -> np.ndarray:
     return backend.to_numpy(model.parameters.data)
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_two_ranks_train_the_one_rank_model(tmp_path):
     done = mpiexec(2, "train", tmp_path, 2)
@@ -279,6 +281,7 @@ def test_two_ranks_train_the_one_rank_model(tmp_path):
     assert saved.ranks == 2 and saved.epochs_done == 2
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_resume_under_mpiexec_continues_the_run_bit_for_bit(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -295,6 +298,7 @@ def test_resume_under_mpiexec_continues_the_run_bit_for_bit(tmp_path):
                        progress=False, pictures=False, comm=SingleProcess())
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_one_rank_raising_ends_the_whole_job(tmp_path):
     done = mpiexec(2, "raise", tmp_path, 2, timeout=60)   # a hang would be a TimeoutExpired

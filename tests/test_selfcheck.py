@@ -23,6 +23,7 @@ def run_main(argv, capsys) -> tuple[int, list[str]]:
     return status, captured.out.splitlines()
 
 
+@pytest.mark.slow
 def test_quick_selfcheck_passes_on_numpy(capsys):
     status, lines = run_main(["--quick"], capsys)
     assert status == 0, "\n".join(lines)
@@ -82,6 +83,7 @@ def test_cupy_without_cupy_is_one_failed_line(monkeypatch, capsys):
     assert not any(line.startswith("  ok") for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are available here")
 def test_cupy_without_a_gpu_fails_cleanly_from_the_shell():
     """What a user sees on a machine without a usable GPU: versions, then one FAILED line

@@ -463,7 +463,8 @@ def test_resume_with_a_checkpoint_directory_fails_naming_it(dataset, tmp_path):
 
 
 def dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
+    """The pid of a process that has exited and been reaped (``python -c pass``: the
+    child is only a source of a dead pid, so the lock tests stay in the fast loop)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid

