@@ -6,6 +6,9 @@
 - Hypothesis profiles: ``ci`` (the default) is derandomised and has no deadline, so a CI run
   is reproducible and not flaky on a slow machine; ``dev`` explores new random examples.
   Pick one with ``HYPOTHESIS_PROFILE=dev``.
+- ``sigint``: SIGINT's disposition for one test, whatever the suite inherited (a suite
+  started in the background with ``&`` inherits SIG_IGN); Python's default unless the test
+  asks for another by indirect parametrisation.
 - ``record_check``: gradient-check tests log their relative errors under a family name; the
   worst error per family is printed at the end of the run (the table the issue's closing
   note asks for). Deliberately wrong gradients are logged separately, to show the margin.
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -85,6 +89,25 @@ def reference_path():
     """Run the test on the readable reference code (fast paths off)."""
     with use_fast_paths(False):
         yield
+
+
+# ------------------------------------------------------------------------------------------
+# SIGINT
+
+
+@pytest.fixture
+def sigint(request):
+    """SIGINT's handler for the test: ``request.param`` if parametrised indirectly, else
+    Python's ``default_int_handler`` (Ctrl-C raises KeyboardInterrupt). A test that sends
+    SIGINT, to itself or to a child (a child inherits an ignored SIGINT), needs one known
+    disposition: the suite inherits SIG_IGN when started in the background (``pytest &`` in
+    a script). The inherited handler is put back afterwards."""
+    inherited = signal.getsignal(signal.SIGINT)
+    handler = getattr(request, "param", signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
+    yield handler
+    if inherited is not None:  # None: installed outside Python, which cannot be put back
+        signal.signal(signal.SIGINT, inherited)
 
 
 # ------------------------------------------------------------------------------------------

