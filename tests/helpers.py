@@ -1,6 +1,9 @@
-"""Helpers shared by the model tests (test_model.py, test_iwae.py, test_fast_paths.py): the
-small problem's sizes, its data and noise, random biases off ReLU's kink, an independent MLP
-forward, and a few training steps recorded with the fast paths on or off."""
+"""Helpers shared by the tests: the small model problem's sizes, its data and noise, random
+biases off ReLU's kink, an independent MLP forward, and a few training steps recorded with
+the fast paths on or off (test_model.py, test_iwae.py, test_fast_paths.py); and one factory
+per kind of test object: ``tiny_vae`` (a small model), ``tiny_config`` (a TrainConfig that
+trains in seconds), ``synthetic_dataset`` (a tiny Dataset). A test file binds its own
+settings once with ``functools.partial``."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import numpy as np
 
 from vae_np import VAE, Adam
 from vae_np.backend import use_fast_paths
+from vae_np.data import Dataset
+from vae_np.train import TrainConfig
 
 C, H, D, N = 6, 5, 3, 4  # pixels, hidden width, latent size, batch
 
@@ -22,6 +27,78 @@ def jitter_biases(model, seed=0, scale=0.1):
             state[name] = scale * rng.standard_normal(state[name].shape)
     model.load_state_dict(state)
     return model
+
+
+def tiny_vae(decoder="bernoulli", samples=1, beta=1.0, *, backend="numpy", dtype="float64",
+             seed=0, jitter=True, **kwargs) -> VAE:
+    """A small VAE: C inputs, one hidden layer of H, D latents, float64 on NumPy (``kwargs``:
+    any other VAE argument, or these changed); "gaussian-fixed" gets variance 0.3 unless
+    ``variance`` is given (None: VAE's default).
+
+    ``jitter``: random biases (``jitter_biases(model, seed)``). Biases start at exactly 0, so
+    wherever a whole hidden layer is dead (all ReLUs off) the next pre-activation is exactly
+    0: the ReLU kink, where a central difference sees half a slope and any gradient check
+    fails for a right gradient. Random biases keep every pre-activation away from the kink
+    (and make a forward reference see the biases).
+    """
+    kwargs.setdefault("input_dim", C)
+    kwargs.setdefault("hidden", (H,))
+    kwargs.setdefault("latent_dim", D)
+    if decoder == "gaussian-fixed":
+        kwargs.setdefault("variance", 0.3)
+    model = VAE(decoder=decoder, samples=samples, beta=beta, backend=backend, dtype=dtype,
+                seed=seed, **kwargs)
+    return jitter_biases(model, seed) if jitter else model
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """A TrainConfig that trains a tiny model in seconds (``changes``: any other field, or
+    these changed): one hidden layer of 8, 2 latents, 2 epochs of batches of 10, lr 3e-3,
+    ln p(x) with K = 4 in batches of 8, a log line every 2 batches."""
+    values = dict(hidden=(8,), latent_dim=2, batch_size=10, epochs=2, lr=3e-3,
+                  eval_samples=4, eval_batch_size=8, log_every=2)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def synthetic_dataset(n_train: int, n_test: int, pattern: str = "prototypes", *,
+                      classes: int = 4, side: int = 28, seed: int = 0, labels: bool = True,
+                      flat: bool = False) -> Dataset:
+    """A Dataset of ``side`` x ``side`` greyscale images in [0, 1] with labels in
+    0..classes-1: the first ``n_train`` drawn are the training set, the next ``n_test`` the
+    test set. ``pattern``:
+
+    - "prototypes": ``classes`` random binary images (a quarter of the pixels on); each image
+      is one of them at 0.85 plus grey noise up to 0.15, so a few epochs visibly lower the loss;
+    - "bands": class c lights band c of the rows at 0.9 over grey noise up to 0.1, so the
+      label shows in the image (the conditional tests);
+    - "noise": uniform noise, labels drawn independently: data with no structure, for tests
+      that compare two runs' numbers.
+
+    ``labels=False``: no labels (and no num_classes); ``flat``: no image shape.
+    """
+    rng, n, pixels = np.random.default_rng(seed), n_train + n_test, side * side
+    if pattern == "prototypes":
+        prototypes = (rng.random((classes, pixels)) < 0.25).astype(np.float32)
+        y = rng.integers(0, classes, n)
+        x = np.clip(0.85 * prototypes[y] + 0.15 * rng.random((n, pixels)), 0, 1)
+    elif pattern == "bands":
+        y = rng.integers(0, classes, n)
+        x = 0.1 * rng.random((n, side, side)).astype(np.float32)
+        band = side // classes
+        for i, c in enumerate(y):
+            x[i, band * c:band * (c + 1), :] = 0.9
+        x = x.reshape(n, pixels)
+    elif pattern == "noise":
+        x = rng.random((n, pixels)).astype(np.float32)
+        y = rng.integers(0, classes, n)
+    else:
+        raise ValueError(f"pattern: expected 'prototypes', 'bands' or 'noise', got {pattern!r}")
+    y_train, y_test = (y[:n_train], y[n_train:]) if labels else (None, None)
+    return Dataset(x[:n_train], y_train, x[n_train:], y_test, source="synthetic",
+                   description=f"synthetic {pattern} (test data)",
+                   image_shape=None if flat else (side, side),
+                   num_classes=classes if labels else None)
 
 
 def batch(n=N, c=C, seed=0):

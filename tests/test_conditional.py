@@ -6,19 +6,22 @@ both code paths, both objectives), and the labels are shown to matter."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
-from vae_np import VAE, use_fast_paths
+from vae_np import use_fast_paths
 from vae_np.gradcheck import check_gradients
+
+from helpers import tiny_vae
 
 DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
 
 
-def tiny(decoder="bernoulli", samples=2, objective="vae", num_classes=3, backend="numpy"):
-    return VAE(input_dim=6, hidden=(5,), latent_dim=2, decoder=decoder, samples=samples,
-               objective=objective, num_classes=num_classes, backend=backend,
-               dtype="float64", seed=1)
+# this file's models: 6-5-2 with three classes, S = 2, zero biases, VAE's default variance
+tiny = partial(tiny_vae, samples=2, latent_dim=2, num_classes=3, seed=1, jitter=False,
+               variance=None)
 
 
 def batch(model, n=4, seed=0):

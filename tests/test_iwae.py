@@ -21,6 +21,7 @@ docs/09-iwae.md derives what these tests check.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -34,8 +35,8 @@ from vae_np.likelihoods import make_likelihood, scale_rows
 from vae_np.model import iwae_bound, iwae_latent_backward, iwae_log_weights
 from vae_np.ops import logsumexp_and_softmax
 
-from helpers import (C, D, H, assert_identical, batch, jitter_biases, noise, reference_mlp,
-                     run_training)
+from helpers import (C, D, H, assert_identical, batch, noise, reference_mlp, run_training,
+                     tiny_vae)
 
 DECODERS = ("bernoulli", "gaussian", "gaussian-fixed")
 DTYPES = ("float32", "float64")
@@ -43,19 +44,8 @@ KS = (1, 2, 5)
 TOL = gradcheck.DEFAULT_TOLERANCE
 
 
-def tiny(decoder="bernoulli", k=1, backend="numpy", dtype="float64", seed=0, **kwargs):
-    """A small float64 IWAE with random biases (off ReLU's kink; gradcheck's docstring)."""
-    kwargs.setdefault("input_dim", C)
-    kwargs.setdefault("hidden", (H,))
-    kwargs.setdefault("latent_dim", D)
-    if decoder == "gaussian-fixed":
-        kwargs.setdefault("variance", 0.3)
-    return jitter_biases(VAE(decoder=decoder, samples=k, backend=backend, dtype=dtype,
-                             seed=seed, objective="iwae", **kwargs), seed)
-
-
-
-
+# this file's models: the IWAE objective, k importance samples (tiny(decoder, k))
+tiny = partial(tiny_vae, objective="iwae")
 
 
 # ------------------------------------------------------------------------------------------

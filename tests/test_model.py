@@ -28,35 +28,10 @@ from vae_np import VAE, gradcheck, reparameterize, reparameterize_backward
 from vae_np.backend import get_backend
 from vae_np.losses import kl_standard_normal
 
-from helpers import C, D, H, N, batch, jitter_biases, noise, reference_mlp
+from helpers import C, D, H, N, batch, jitter_biases, noise, reference_mlp, tiny_vae
 
 TOL = gradcheck.DEFAULT_TOLERANCE
 DECODERS = ["bernoulli", "gaussian", "gaussian-fixed"]
-
-
-def tiny(decoder="bernoulli", samples=1, beta=1.0, backend="numpy", dtype="float64", seed=0,
-         **kwargs):
-    """A small float64 VAE with random (not zero) biases.
-
-    Biases start at exactly 0, so wherever a whole hidden layer is dead (all ReLUs off) the
-    next pre-activation is exactly 0: the ReLU kink, where a central difference sees half a
-    slope and any gradient check fails for a right gradient. Random biases keep every
-    pre-activation away from the kink (and make the forward reference see the biases).
-    """
-    kwargs.setdefault("input_dim", C)
-    kwargs.setdefault("hidden", (H,))
-    kwargs.setdefault("latent_dim", D)
-    if decoder == "gaussian-fixed":
-        kwargs.setdefault("variance", 0.3)
-    model = VAE(decoder=decoder, samples=samples, beta=beta, backend=backend, dtype=dtype,
-                seed=seed, **kwargs)
-    return jitter_biases(model, seed)
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,7 +85,7 @@ def reference_log_weights(model, x, eps):
 @pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("beta", [1.0, 0.37])
 def test_loss_matches_independent_forward(decoder, samples, beta, code_path):
-    model = tiny(decoder, samples, beta)
+    model = tiny_vae(decoder, samples, beta)
     x, eps = batch(), noise(samples)
     terms = model.loss(x, eps=eps)
     recon, kl, _ = reference_terms(model, x, eps)
@@ -127,8 +102,8 @@ def test_recon_of_s_samples_is_the_average_of_single_sample_recons(decoder):
     """recon with S = 3 equals the mean of three S = 1 recons on the same noise slices,
     and kl does not depend on the noise."""
     x, eps = batch(), noise(3)
-    three = tiny(decoder, samples=3).loss(x, eps=eps)
-    one = tiny(decoder, samples=1)
+    three = tiny_vae(decoder, samples=3).loss(x, eps=eps)
+    one = tiny_vae(decoder, samples=1)
     singles = [one.loss(x, eps=eps[s:s + 1]) for s in range(3)]
     assert float(three.recon) == pytest.approx(np.mean([float(t.recon) for t in singles]),
                                                rel=1e-13)
@@ -138,8 +113,8 @@ def test_recon_of_s_samples_is_the_average_of_single_sample_recons(decoder):
 
 def test_beta_zero_is_pure_reconstruction_and_weights_kl_linearly():
     x, eps = batch(), noise(1)
-    losses = {b: float(tiny("gaussian", beta=b).loss(x, eps=eps).loss) for b in (0.0, 1.0, 4.0)}
-    kl = float(tiny("gaussian").loss(x, eps=eps).kl)
+    losses = {b: float(tiny_vae("gaussian", beta=b).loss(x, eps=eps).loss) for b in (0.0, 1.0, 4.0)}
+    kl = float(tiny_vae("gaussian").loss(x, eps=eps).kl)
     assert losses[1.0] - losses[0.0] == pytest.approx(kl, rel=1e-12)
     assert losses[4.0] - losses[0.0] == pytest.approx(4 * kl, rel=1e-12)
 
@@ -152,7 +127,7 @@ def test_beta_zero_is_pure_reconstruction_and_weights_kl_linearly():
 @pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("beta", [1.0, 2.5])
 def test_vae_gradients(decoder, samples, beta, code_path, record_check):
-    model = tiny(decoder, samples, beta)
+    model = tiny_vae(decoder, samples, beta)
     x, eps = batch(), noise(samples)
     report = gradcheck.check_vae(model, x, eps, max_entries=None)  # every entry: ~200
     record_check("VAE element-wise (numpy)", report.max_rel_error)
@@ -168,7 +143,7 @@ def test_vae_gradients(decoder, samples, beta, code_path, record_check):
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_vae_gradients_sampled_on_a_bigger_model(decoder, code_path, record_check):
     """Two hidden layers, tanh, 20 pixels: max_entries samples 12 entries per array."""
-    model = tiny(decoder, samples=2, beta=0.5, input_dim=20, hidden=(16, 12), latent_dim=4,
+    model = tiny_vae(decoder, samples=2, beta=0.5, input_dim=20, hidden=(16, 12), latent_dim=4,
                  activation="tanh", seed=5)
     x, eps = batch(6, 20, seed=2), noise(2, 6, 4, seed=3)
     report = gradcheck.check_vae(model, x, eps, max_entries=12, seed=1)
@@ -182,7 +157,7 @@ def test_vae_gradients_sampled_on_a_bigger_model(decoder, code_path, record_chec
 
 @pytest.mark.parametrize("decoder, samples", [("gaussian", 3), ("bernoulli", 1)])
 def test_vae_gradients_on_array_api_strict(decoder, samples, record_check):
-    model = tiny(decoder, samples, beta=1.5, backend="array_api_strict")
+    model = tiny_vae(decoder, samples, beta=1.5, backend="array_api_strict")
     x = model.backend.asarray(batch())
     eps = model.backend.asarray(noise(samples))
     report = gradcheck.check_vae(model, x, eps, max_entries=8)
@@ -194,7 +169,7 @@ def test_vae_gradients_on_array_api_strict(decoder, samples, record_check):
 
 
 def test_backward_overwrites_instead_of_accumulating(code_path):
-    model = tiny("gaussian", samples=2)
+    model = tiny_vae("gaussian", samples=2)
     x, eps = batch(), noise(2)
     model.loss(x, eps=eps)
     model.backward()
@@ -225,7 +200,7 @@ def test_reparameterize_backward_without_the_half_fails(monkeypatch, reference_p
         return dmu, 2.0 * dlogvar
 
     monkeypatch.setattr(model_module, "reparameterize_backward", wrong)
-    model = tiny("gaussian", samples=3)
+    model = tiny_vae("gaussian", samples=3)
     report, directional = _both_checks(model, batch(), noise(3))
     assert calls, "VAE.backward no longer calls model.reparameterize_backward; update this test"
     record_check("VAE element-wise", report.max_rel_error, wrong=True)
@@ -245,7 +220,7 @@ def test_kl_gradient_without_the_half_fails(monkeypatch, reference_path, record_
         return value, dmu, 2.0 * dlogvar
 
     monkeypatch.setattr(model_module, "kl_standard_normal", wrong)
-    report, directional = _both_checks(tiny("bernoulli"), batch(), noise(1))
+    report, directional = _both_checks(tiny_vae("bernoulli"), batch(), noise(1))
     assert calls, "VAE.loss no longer calls model.kl_standard_normal; update this test"
     record_check("VAE element-wise", report.max_rel_error, wrong=True)
     record_check("VAE directional", directional.rel_error, wrong=True)
@@ -321,7 +296,7 @@ def test_reparameterized_samples_have_the_encoder_moments(fn, should_pass):
 
 
 def test_same_eps_same_loss_and_gradients():
-    model = tiny("gaussian", samples=2)
+    model = tiny_vae("gaussian", samples=2)
     x, eps = batch(), noise(2)
     first = float(model.loss(x, eps=eps).loss)
     model.backward()
@@ -333,7 +308,7 @@ def test_same_eps_same_loss_and_gradients():
 
 
 def test_rng_seed_reproduces_the_loss_and_matches_injected_noise(backend):
-    model = tiny("bernoulli", samples=2, backend=backend)
+    model = tiny_vae("bernoulli", samples=2, backend=backend)
     x = batch()
     a = backend.to_float(model.loss(x, rng=backend.rng(9)).loss)
     b = backend.to_float(model.loss(x, rng=backend.rng(9)).loss)
@@ -345,7 +320,7 @@ def test_rng_seed_reproduces_the_loss_and_matches_injected_noise(backend):
 
 
 def test_same_seed_same_weights_different_seed_different_weights():
-    a, b, c = tiny(seed=3), tiny(seed=3), tiny(seed=4)
+    a, b, c = tiny_vae(seed=3), tiny_vae(seed=3), tiny_vae(seed=4)
     for name in a.parameters.names:
         np.testing.assert_array_equal(a.state_dict()[name], b.state_dict()[name])
     assert not np.array_equal(a.state_dict()["encoder.linear0.W"],
@@ -358,7 +333,7 @@ def test_same_seed_same_weights_different_seed_different_weights():
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_shapes_and_means(decoder, backend):
-    model = tiny(decoder, backend=backend)
+    model = tiny_vae(decoder, backend=backend)
     x = batch()
     mu, logvar = model.encode(x)
     assert tuple(mu.shape) == (N, D) and tuple(logvar.shape) == (N, D)
@@ -395,7 +370,7 @@ def test_sample_mean_false_is_a_true_draw(decoder):
     within 5 standard errors, variances within 6% (the sampling error of a variance of a
     non-normal mixture is about sqrt(kurtosis - 1) / sqrt(n) ~ 1% here). A 'sample' that
     returned the decoder mean would miss sigma^2 (variance 1 with lambda = 1)."""
-    model = tiny(decoder, variance=1.0) if decoder == "gaussian-fixed" else tiny(decoder)
+    model = tiny_vae(decoder, variance=1.0) if decoder == "gaussian-fixed" else tiny_vae(decoder)
     n = 40_000
     draws = model.sample(n, model.backend.rng(1), mean=False)
     out = model.decoder_outputs(model.backend.rng(2).normal((n, D)))  # independent z
@@ -421,7 +396,7 @@ def test_sample_mean_false_is_a_true_draw(decoder):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_log_likelihood_equals_an_independent_logsumexp(decoder, backend):
-    model = tiny(decoder, backend=backend)
+    model = tiny_vae(decoder, backend=backend)
     x, K = batch(), 23
     eps = backend.rng(4).normal((K, N, D))  # the draws log_likelihood makes
     log_w = reference_log_weights(model, x, backend.to_numpy(eps))
@@ -435,7 +410,7 @@ def test_log_likelihood_equals_an_independent_logsumexp(decoder, backend):
 
 
 def test_log_importance_weights_accepts_host_noise_like_loss():
-    model = tiny("gaussian", backend="array_api_strict")
+    model = tiny_vae("gaussian", backend="array_api_strict")
     eps = noise(5)
     log_w = model.backend.to_numpy(model.log_importance_weights(batch(), eps))
     np.testing.assert_allclose(log_w, reference_log_weights(model, batch(), eps), rtol=1e-12)
@@ -448,7 +423,7 @@ def test_log_likelihood_is_at_least_the_mean_log_weight():
     ELBO: the mean log weight matches -loss of an S = K model on the same noise within the
     Monte-Carlo error of ln p(z) - ln q(z) (which loss replaces by the closed-form KL)."""
     K = 3000
-    model = tiny("bernoulli", samples=K)
+    model = tiny_vae("bernoulli", samples=K)
     x = batch()
     eps = model.backend.rng(6).normal((K, N, D))
     log_w = model.log_importance_weights(x, eps)
@@ -545,7 +520,7 @@ def test_elbo_gap_is_the_kl_to_the_true_posterior():
 
 @pytest.fixture(scope="module")
 def model3():
-    return tiny("bernoulli", samples=3)
+    return tiny_vae("bernoulli", samples=3)
 
 
 @pytest.mark.parametrize("x, error, pattern", [
@@ -576,7 +551,7 @@ def test_mnist_width_off_by_one_is_not_broadcast():
 
 
 def test_array_of_another_backend_is_a_type_error():
-    model = tiny("bernoulli")
+    model = tiny_vae("bernoulli")
     strict = get_backend("array_api_strict", "float64")
     with pytest.raises(TypeError, match=r"^x: "):
         model.loss(strict.asarray(batch()), eps=noise(1))
@@ -615,13 +590,13 @@ def test_eps_as_a_list_is_a_type_error(model3):
 
 
 def test_numpy_generator_as_rng_is_rejected():
-    model = tiny("bernoulli", samples=1)  # d = 3 = len((S, N, d))
+    model = tiny_vae("bernoulli", samples=1)  # d = 3 = len((S, N, d))
     with pytest.raises((TypeError, ValueError), match=r"^rng: "):
         model.loss(batch(), rng=np.random.default_rng(0))
 
 
 def test_numpy_generator_in_sample_is_rejected():
-    model = tiny("gaussian", latent_dim=2)
+    model = tiny_vae("gaussian", latent_dim=2)
     with pytest.raises((TypeError, ValueError), match=r"^rng: "):
         model.sample(3, np.random.default_rng(0))
 
@@ -668,7 +643,7 @@ def test_bad_evaluation_arguments(model3, call, pattern):
 
 
 def test_backward_before_loss_and_twice_is_a_runtime_error():
-    model = tiny()
+    model = tiny_vae()
     with pytest.raises(RuntimeError, match="before VAE.loss"):
         model.backward()
     model.loss(batch(), eps=noise(1))
@@ -682,7 +657,7 @@ def test_backward_before_loss_and_twice_is_a_runtime_error():
 
 
 def test_state_dict_round_trip():
-    a, b = tiny("gaussian", seed=1), tiny("gaussian", seed=2)
+    a, b = tiny_vae("gaussian", seed=1), tiny_vae("gaussian", seed=2)
     x, eps = batch(), noise(1)
     assert float(a.loss(x, eps=eps).loss) != float(b.loss(x, eps=eps).loss)
     state = a.state_dict()
@@ -696,7 +671,7 @@ def test_state_dict_round_trip():
 
 
 def test_load_state_dict_writes_through_to_the_layers():
-    model = tiny("bernoulli")
+    model = tiny_vae("bernoulli")
     state = {name: np.full(shape, 0.01 * i) for i, (name, shape) in
              enumerate(model.parameters.shapes.items())}
     model.load_state_dict(state)
@@ -718,7 +693,7 @@ def test_load_state_dict_writes_through_to_the_layers():
      r"^arrays\['decoder.linear0.b'\]: contains NaN"),
 ])
 def test_load_state_dict_rejects_mismatches(mutate, error, pattern):
-    model = tiny("bernoulli")
+    model = tiny_vae("bernoulli")
     before = model.state_dict()
     state = model.state_dict()
     mutate(state)
@@ -729,12 +704,12 @@ def test_load_state_dict_rejects_mismatches(mutate, error, pattern):
 
 
 def test_float32_model_runs_in_float32_and_gradcheck_refuses_it():
-    model = tiny("gaussian", dtype="float32")
+    model = tiny_vae("gaussian", dtype="float32")
     terms = model.loss(batch(), eps=noise(1))  # float64 data is cast to the model dtype
     assert terms.loss.dtype == np.float32 and np.isfinite(float(terms.loss))
     model.backward()
     assert model.parameters.grad.dtype == np.float32
-    reference = tiny("gaussian").loss(batch(), eps=noise(1))
+    reference = tiny_vae("gaussian").loss(batch(), eps=noise(1))
     assert float(terms.loss) == pytest.approx(float(reference.loss), rel=1e-5)
     with pytest.raises(ValueError, match="float64"):
         gradcheck.check_vae(model, batch(), noise(1))
@@ -776,7 +751,7 @@ def gradients(model, x, eps):
 def test_inference_between_loss_and_backward_changes_no_gradient(decoder, every_path):
     """encode, decode, reconstruct, sample and log_likelihood between loss() and
     backward(), with other batch sizes, leave the training step's gradients exact."""
-    model = tiny(decoder, samples=2, backend=every_path)
+    model = tiny_vae(decoder, samples=2, backend=every_path)
     x, eps = model.backend.asarray(batch()), model.backend.asarray(noise(2))
     clean = gradients(model, x, eps)
     other = model.backend.asarray(batch(n=7, seed=4))
@@ -806,7 +781,7 @@ def test_an_inference_call_keeps_the_layer_caches(np64):
 
 
 def test_a_failed_loss_leaves_nothing_to_backward():
-    model = tiny()
+    model = tiny_vae()
     x = batch()
     model.loss(x, eps=noise(1))
     with pytest.raises(ValueError):
@@ -829,7 +804,7 @@ def test_a_linear_subclass_runs_its_own_code_on_every_path(every_path):
         def backward(self, dout, input_grad=True):
             return super().backward(2.0 * dout, input_grad=input_grad)
 
-    model = tiny(backend=every_path)
+    model = tiny_vae(backend=every_path)
     x, eps = model.backend.asarray(batch()), model.backend.asarray(noise(1))
     plain = float(model.loss(x, eps=eps).loss)
     first = model.encoder.layers[2]              # the encoder's second Linear
@@ -844,7 +819,7 @@ def test_a_linear_subclass_runs_its_own_code_on_every_path(every_path):
 def test_patching_a_function_of_the_model_reaches_the_default_path(monkeypatch):
     """VAE.backward is one method: a function it calls, patched in vae_np.model, is seen
     with the fast paths on (the default)."""
-    model = tiny()
+    model = tiny_vae()
     x, eps = batch(), noise(1)
     clean = gradients(model, x, eps)
     calls = []
@@ -865,19 +840,19 @@ def test_patching_a_function_of_the_model_reaches_the_default_path(monkeypatch):
 
 
 def test_bernoulli_targets_outside_the_unit_interval_are_refused():
-    model = tiny("bernoulli")
+    model = tiny_vae("bernoulli")
     for bad in (batch() * 2.0, batch() - 0.5):
         with pytest.raises(ValueError, match=r"x: the bernoulli decoder needs targets in \[0, 1\]"):
             model.loss(bad, eps=noise(1))
     model.loss(np.round(batch()), eps=noise(1))            # 0 and 1 themselves are fine
-    tiny("gaussian").loss(batch() * 3.0 - 1.0, eps=noise(1))  # real-valued data: fine there
+    tiny_vae("gaussian").loss(batch() * 3.0 - 1.0, eps=noise(1))  # real-valued data: fine there
 
 
 @pytest.mark.parametrize("chunk_size", (1, 2, None))
 def test_log_likelihood_is_minus_infinity_where_every_weight_is_zero(chunk_size):
     """Every importance weight -inf (a Gaussian decoder whose variance underflows to 0 at a
     target it misses) gives ln p(x) = -inf, not the NaN of -inf - -inf."""
-    model = tiny("gaussian")
+    model = tiny_vae("gaussian")
     state = model.state_dict()
     state["decoder.linear1.W"][...] = 0.0
     state["decoder.linear1.b"][...] = np.concatenate([np.full(C, 50.0), np.full(C, -1e4)])
@@ -889,7 +864,7 @@ def test_log_likelihood_is_minus_infinity_where_every_weight_is_zero(chunk_size)
 
 
 def test_a_loss_that_overflows_is_a_clear_error():
-    model = tiny()
+    model = tiny_vae()
     state = model.state_dict()
     state["encoder.linear1.b"][D:] = 800.0          # logvar ~ 800: exp overflows
     model.load_state_dict(state)
@@ -914,7 +889,7 @@ def test_load_state_dict_checks_finiteness_in_the_model_dtype():
                                         (float("nan"), "integer >= 0"), ("3", "integer >= 0")])
 def test_adam_refuses_a_bad_step_count(t, message):
     from vae_np import Adam
-    model = tiny()
+    model = tiny_vae()
     opt = Adam(model.parameters)
     state = opt.state_dict()
     state["t"] = t
@@ -928,7 +903,7 @@ def test_adam_refuses_a_bad_step_count(t, message):
                                                   ("v", -1e-3, "cannot be negative")])
 def test_adam_refuses_bad_moments(name, value, message):
     from vae_np import Adam
-    model = tiny()
+    model = tiny_vae()
     opt = Adam(model.parameters)
     state = opt.state_dict()
     state[name][3] = value
@@ -942,7 +917,7 @@ def test_adam_refuses_bad_moments(name, value, message):
 
 
 def test_clear_messages_for_common_mistakes(np64):
-    model = tiny()
+    model = tiny_vae()
     with pytest.raises(TypeError, match=r"rng: expected an RNG of the model's backend "
                                         r"\(numpy/float64\).*got an RNG of numpy/float32"):
         model.sample(2, get_backend("numpy", "float32").rng(0))
@@ -955,7 +930,7 @@ def test_clear_messages_for_common_mistakes(np64):
 
 
 def test_gradient_checks_refuse_settings_that_check_nothing():
-    model = tiny()
+    model = tiny_vae()
     x, eps = batch(), noise(1)
     with pytest.raises(ValueError, match="h: expected a finite number > 0"):
         gradcheck.check_vae(model, x, eps, h=0)
@@ -965,7 +940,7 @@ def test_gradient_checks_refuse_settings_that_check_nothing():
         gradcheck.check_vae_directional(model, x, eps, h=float("nan"))
     with pytest.raises(ValueError, match="path: expected one of"):
         gradcheck.check_vae(model, x, eps, path="numba")
-    strict = tiny(backend="array_api_strict")
+    strict = tiny_vae(backend="array_api_strict")
     with pytest.raises(ValueError, match="no fast path"):
         gradcheck.check_vae(strict, strict.backend.asarray(x), strict.backend.asarray(eps),
                             path="fast")

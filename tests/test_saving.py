@@ -3,20 +3,20 @@ every backend available here, and one clear error per kind of bad file."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
-from vae_np import VAE, load_model, save_model
+from vae_np import load_model, save_model
 from vae_np.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vae_np.saving import MODEL_FORMAT, TRAINER_FORMAT, read_model
 
+from helpers import tiny_vae
 
 
-
-def tiny(**kw):
-    args = dict(input_dim=12, hidden=(8,), latent_dim=3, dtype="float64", seed=3)
-    args.update(kw)
-    return VAE(**args)
+# this file's models: 12-8-3, zero biases (trained() moves every parameter)
+tiny = partial(tiny_vae, input_dim=12, hidden=(8,), latent_dim=3, seed=3, jitter=False)
 
 
 def trained(model):
