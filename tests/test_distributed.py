@@ -13,39 +13,32 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vae_np.backend import get_backend
-from vae_np.data import Dataset
 from vae_np.distributed import (Communicator, DistributedUnavailable, RowsOf, SingleProcess,
                                 shard_bounds, sharded_log_likelihood, sharded_test_elbo, world)
 from vae_np.model import VAE
 from vae_np.optim import Adam
-from vae_np.train import RunData, Stream, TrainConfig, Trainer
+from vae_np.train import RunData, Stream, Trainer
 from vae_np.train import evaluation  # not its names: pytest would collect test_elbo
+
+import helpers
+from helpers import synthetic_dataset
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 N_TRAIN, N_TEST = 72, 24     # 72 / 16: four full batches and a short one of 8
 
 
-def tiny_dataset() -> Dataset:
-    rng = np.random.default_rng(7)
-    x = rng.random((N_TRAIN + N_TEST, 784)).astype(np.float32)
-    y = rng.integers(0, 10, N_TRAIN + N_TEST)
-    return Dataset(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:],
-                   source="synthetic", description="synthetic test digits")
-
-
-def tiny_config(epochs: int = 2, **changes) -> TrainConfig:
-    values = dict(hidden=(8,), latent_dim=2, batch_size=16, epochs=epochs, dtype="float64",
-                  eval_samples=5, eval_batch_size=10, log_every=2, samples=2,
-                  distributed=True)
-    values.update(changes)
-    return TrainConfig(**values)
+# uniform noise: the tests compare runs' numbers, not what they learn
+tiny_dataset = partial(synthetic_dataset, N_TRAIN, N_TEST, "noise", classes=10, seed=7)
+tiny_config = partial(helpers.tiny_config, batch_size=16, lr=1e-3, dtype="float64",
+                      eval_samples=5, eval_batch_size=10, samples=2, distributed=True)
 
 
 def parameters(trainer) -> np.ndarray:
@@ -226,7 +219,7 @@ def worker(mode: str, out: str, epochs: str) -> None:
         trainer = Trainer.resume(out_dir / "run", dataset, overrides={"epochs": int(epochs)},
                                  **options)
     else:
-        trainer = Trainer(tiny_config(int(epochs)), dataset, out_dir / "run", **options)
+        trainer = Trainer(tiny_config(epochs=int(epochs)), dataset, out_dir / "run", **options)
     if mode == "raise" and comm.rank == 1:
         raise RuntimeError("boom on rank 1")
     trainer.fit()
@@ -236,7 +229,7 @@ def worker(mode: str, out: str, epochs: str) -> None:
 def shard_sum_reference(epochs: int, size: int) -> np.ndarray:
     """The run of ``tiny_config`` computed in one process, each global batch's gradient
     the sum, in rank order, of the ``size`` shards' weighted gradients."""
-    config = tiny_config(epochs)
+    config = tiny_config(epochs=epochs)
     backend = get_backend("numpy", "float64")
     model = VAE(input_dim=784, backend=backend, **config.model_kwargs())
     opt = Adam(model.parameters, lr=config.lr)

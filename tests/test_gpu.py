@@ -453,23 +453,19 @@ def test_step_without_noise_draws_captures_into_a_cuda_graph():
 # Training on the GPU: resume bit for bit, the checkpoint on the CPU, memory given back
 
 
-def _dataset(n_train=96, n_test=32):
-    from vae_np.data import Dataset
+def _dataset():
+    from helpers import synthetic_dataset
 
-    rng = np.random.default_rng(0)
-    prototypes = (rng.random((4, 784)) < 0.25).astype(np.float32)
-    labels = rng.integers(0, 4, n_train + n_test)
-    x = np.clip(0.85 * prototypes[labels] + 0.15 * rng.random((len(labels), 784)), 0, 1)
-    return Dataset(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:],
-                   source="synthetic", description="synthetic prototypes (GPU test data)")
+    return synthetic_dataset(96, 32)
 
 
 def _trainer(out_dir, epochs, dtype="float32", **changes):
-    from vae_np.train import TrainConfig, Trainer
+    from helpers import tiny_config
+    from vae_np.train import Trainer
 
-    config = TrainConfig(hidden=(32,), latent_dim=4, batch_size=16, epochs=epochs,
-                         eval_samples=8, eval_batch_size=16, log_every=2, lr=3e-3,
-                         backend="cupy", dtype=dtype, **changes)
+    config = tiny_config(hidden=(32,), latent_dim=4, batch_size=16, epochs=epochs,
+                         eval_samples=8, eval_batch_size=16, backend="cupy", dtype=dtype,
+                         **changes)
     return Trainer(config, _dataset(), out_dir, log=None, progress=False, pictures=False)
 
 

@@ -7,12 +7,14 @@ Every test trains a tiny model (784-16-2) on a tiny synthetic data set: 64 train
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -28,30 +30,21 @@ from vae_np.train import (
 )
 from vae_np.train.guards import StopOnCtrlC
 
+import helpers
+from helpers import synthetic_dataset
+
 N_TRAIN, N_TEST, BATCH = 64, 32, 16
 BATCHES_PER_EPOCH = N_TRAIN // BATCH
 
 
-def make_dataset(seed: int = 0) -> Dataset:
-    """Four random prototype images, each image a prototype with grey-level noise."""
-    rng = np.random.default_rng(seed)
-    prototypes = (rng.random((4, 784)) < 0.25).astype(np.float32)
-    labels = rng.integers(0, 4, N_TRAIN + N_TEST)
-    x = np.clip(0.85 * prototypes[labels] + 0.15 * rng.random((len(labels), 784)), 0, 1)
-    return Dataset(x[:N_TRAIN], labels[:N_TRAIN], x[N_TRAIN:], labels[N_TRAIN:],
-                   source="synthetic", description="synthetic prototypes (test data)")
-
-
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
-    return make_dataset()
+    """Four random prototype images, each image a prototype with grey-level noise."""
+    return synthetic_dataset(N_TRAIN, N_TEST)
 
 
-def tiny_config(**changes) -> TrainConfig:
-    values = dict(hidden=(16,), latent_dim=2, batch_size=BATCH, epochs=3, eval_samples=8,
-                  eval_batch_size=16, log_every=2, lr=3e-3)
-    values.update(changes)
-    return TrainConfig(**values)
+tiny_config = partial(helpers.tiny_config, hidden=(16,), batch_size=BATCH, epochs=3,
+                      eval_samples=8, eval_batch_size=16)
 
 
 def make_trainer(config, dataset, out_dir, **options) -> Trainer:
@@ -284,9 +277,8 @@ def test_resume_keeps_the_run_definition(reference_run, dataset):
 
 
 def make_dataset_with(n_train: int) -> Dataset:
-    ds = make_dataset()
-    return Dataset(ds.x_train[:n_train], ds.y_train[:n_train], ds.x_test, ds.y_test,
-                   ds.source, ds.description)
+    ds = synthetic_dataset(N_TRAIN, N_TEST)
+    return dataclasses.replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train])
 
 
 def test_resume_without_a_training_checkpoint(dataset, tmp_path):

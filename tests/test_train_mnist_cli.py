@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from vae_np.backend import cuda_available
 from vae_np.checkpoint import load_checkpoint, save_checkpoint
-from vae_np.data import Dataset
-from vae_np.train import TrainConfig, Trainer
+from vae_np.train import Trainer
+
+from helpers import synthetic_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_mnist.py"
@@ -147,13 +147,9 @@ def no_data(cli, monkeypatch):
 
 def make_run(out: Path, **config) -> None:
     """A finished one-epoch run of a tiny model on synthetic digits, checkpointed in out."""
-    rng = np.random.default_rng(0)
-    x, y = rng.random((48, 784)).astype(np.float32), rng.integers(0, 10, 48)
-    dataset = Dataset(x[:32], y[:32], x[32:], y[32:], "synthetic", "synthetic digits")
-    values = dict(hidden=(8,), latent_dim=2, batch_size=16, epochs=1, eval_samples=0,
-                  **config)
-    Trainer(TrainConfig(**values), dataset, out, log=None, progress=False,
-            pictures=False).fit()
+    dataset = synthetic_dataset(32, 16, "noise", classes=10)
+    Trainer(tiny_config(batch_size=16, epochs=1, eval_samples=0, **config), dataset, out,
+            log=None, progress=False, pictures=False).fit()
 
 
 def one_line_error(cli, argv, capsys) -> str:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,39 +26,18 @@ from vae_np.train.pictures import CLASS_SAMPLES
 from vae_np.train.state import ADDED_FIELDS
 from vae_np import train_cli
 
+from helpers import synthetic_dataset, tiny_config
+
 N_TRAIN, N_TEST, CLASSES, SIDE = 40, 12, 3, 8
 
 
-def labelled_arrays(seed: int = 0, n: int = N_TRAIN + N_TEST):
-    """Images of SIDE x SIDE: class c lights band c of the rows, with grey noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, n)
-    x = 0.1 * rng.random((n, SIDE, SIDE)).astype(np.float32)
-    band = SIDE // CLASSES
-    for i, c in enumerate(y):
-        x[i, band * c:band * (c + 1), :] = 0.9
-    return x, y
-
-
-def make_dataset(labels: bool = True, image_shape=(SIDE, SIDE)) -> Dataset:
-    x, y = labelled_arrays()
-    x = x.reshape(len(x), -1)
-    return Dataset(x[:N_TRAIN], y[:N_TRAIN] if labels else None, x[N_TRAIN:],
-                   y[N_TRAIN:] if labels else None, source="synthetic",
-                   description="synthetic bands (test data)", image_shape=image_shape,
-                   num_classes=CLASSES if labels else None)
+# class c lights band c of the rows (helpers.synthetic_dataset)
+make_dataset = partial(synthetic_dataset, N_TRAIN, N_TEST, "bands", classes=CLASSES, side=SIDE)
 
 
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
     return make_dataset()
-
-
-def tiny(**changes) -> TrainConfig:
-    values = dict(hidden=(8,), latent_dim=2, batch_size=10, epochs=2, eval_samples=4,
-                  eval_batch_size=8, log_every=2, lr=3e-3)
-    values.update(changes)
-    return TrainConfig(**values)
 
 
 def trainer(config, dataset, out, **options) -> Trainer:
@@ -76,10 +56,11 @@ def same_parameters(a: Trainer, b: Trainer) -> bool:
 
 
 def write_npz(path: Path, labels: bool = True) -> Path:
-    x, y = labelled_arrays()
-    arrays = {"x_train": x[:N_TRAIN], "x_test": x[N_TRAIN:]}
+    data = make_dataset()
+    arrays = {"x_train": data.x_train.reshape(-1, SIDE, SIDE),
+              "x_test": data.x_test.reshape(-1, SIDE, SIDE)}
     if labels:
-        arrays.update(y_train=y[:N_TRAIN], y_test=y[N_TRAIN:])
+        arrays.update(y_train=data.y_train, y_test=data.y_test)
     np.savez(path, **arrays)
     return path
 
@@ -149,7 +130,7 @@ def test_the_preset_from_the_command_line(tmp_path):
 
 
 def test_the_trainer_applies_the_schedule_stage_by_stage_and_resumes_in_it(dataset, tmp_path):
-    config = tiny(schedule="burda2015", epochs=stage_epochs(2), lr=2e-3)   # 4 epochs
+    config = tiny_config(schedule="burda2015", epochs=stage_epochs(2), lr=2e-3)   # 4 epochs
     run = trainer(config, dataset, tmp_path / "full")
     seen = []
     step = run.optimizer.step
@@ -223,7 +204,7 @@ def test_output_bias_adam_eps_and_activation_reach_the_model(dataset, tmp_path):
     x_train = dataset.x_train.copy()
     x_train[:, 0], x_train[:, 1] = 0.0, 1.0       # pixel means 0 and 1: clipped
     dataset = dataclasses.replace(dataset, x_train=x_train)
-    run = trainer(tiny(output_bias="data-logit", adam_eps=1e-4, activation="tanh",
+    run = trainer(tiny_config(output_bias="data-logit", adam_eps=1e-4, activation="tanh",
                        limit_train=30), dataset, tmp_path / "a")
     means = np.clip(run.data.train_pixel_means(), 1e-3, 1 - 1e-3)
     bias = run.backend.to_numpy(run.model.decoder.linears[-1].params["b"])
@@ -233,7 +214,7 @@ def test_output_bias_adam_eps_and_activation_reach_the_model(dataset, tmp_path):
     # the 30 images limit_train chose, not all 40
     assert not np.allclose(means, np.clip(dataset.x_train.mean(axis=0), 1e-3, 1 - 1e-3))
     assert run.optimizer.eps == 1e-4 and run.model.config["activation"] == "tanh"
-    plain = trainer(tiny(), dataset, tmp_path / "b")
+    plain = trainer(tiny_config(), dataset, tmp_path / "b")
     assert not np.any(plain.backend.to_numpy(plain.model.decoder.linears[-1].params["b"]))
     assert plain.optimizer.eps == 1e-8 and plain.model.config["activation"] == "relu"
 
@@ -244,7 +225,7 @@ def test_output_bias_adam_eps_and_activation_reach_the_model(dataset, tmp_path):
 
 def test_an_iwae_run_names_its_objective_and_k(dataset, tmp_path):
     lines = []
-    run = trainer(tiny(objective="iwae", samples=3, eval_batch_size=N_TEST), dataset,
+    run = trainer(tiny_config(objective="iwae", samples=3, eval_batch_size=N_TEST), dataset,
                   tmp_path, log=lines.append)
     results = run.fit()
     assert run.model.objective == "iwae" and run.model.samples == 3
@@ -265,13 +246,13 @@ def test_an_iwae_run_names_its_objective_and_k(dataset, tmp_path):
 
 def test_a_plain_run_still_says_elbo(dataset, tmp_path):
     lines = []
-    results = trainer(tiny(epochs=1), dataset, tmp_path, log=lines.append).fit()
+    results = trainer(tiny_config(epochs=1), dataset, tmp_path, log=lines.append).fit()
     assert results["objective"]["name"] == "vae" and results["objective"]["loss"] == "-ELBO"
     assert any("train -ELBO" in line and " lr " not in line for line in lines)
 
 
 def test_resume_refuses_another_objective_or_k(dataset, tmp_path):
-    trainer(tiny(objective="iwae", samples=3, epochs=1), dataset, tmp_path).fit()
+    trainer(tiny_config(objective="iwae", samples=3, epochs=1), dataset, tmp_path).fit()
     with pytest.raises(ValueError, match="objective='iwae' and cannot continue with 'vae'"):
         resume(tmp_path, dataset, objective="vae", epochs=2)
     with pytest.raises(ValueError, match="samples=3 and cannot continue with 5"):
@@ -310,22 +291,22 @@ def test_iwae_with_beta_is_one_clear_line(tmp_path, capsys):
 
 
 def test_a_checkpoint_from_before_the_new_fields_resumes_with_their_defaults(dataset, tmp_path):
-    trainer(tiny(epochs=1), dataset, tmp_path).fit()
+    trainer(tiny_config(epochs=1), dataset, tmp_path).fit()
     path = tmp_path / CHECKPOINT_FILE
     arrays, meta = load_checkpoint(path)
     for name in ADDED_FIELDS:
         del meta["config"][name]
     save_checkpoint(path, arrays, meta)
     run = resume(tmp_path, dataset, epochs=2)
-    assert run.config == tiny(epochs=2)
+    assert run.config == tiny_config(epochs=2)
     run.fit()
-    reference = trainer(tiny(epochs=2), dataset, tmp_path / "reference")
+    reference = trainer(tiny_config(epochs=2), dataset, tmp_path / "reference")
     reference.fit()
     assert same_parameters(run, reference)
 
 
 def test_iwae_trains_the_same_bits_on_one_distributed_rank(dataset, tmp_path):
-    config = tiny(objective="iwae", samples=3)
+    config = tiny_config(objective="iwae", samples=3)
     plain = trainer(config, dataset, tmp_path / "plain")
     one = trainer(dataclasses.replace(config, distributed=True), dataset, tmp_path / "one",
                   comm=SingleProcess())
@@ -339,7 +320,7 @@ def test_iwae_trains_the_same_bits_on_one_distributed_rank(dataset, tmp_path):
 
 
 def test_each_batch_gets_its_own_images_labels(dataset, tmp_path):
-    run = trainer(tiny(conditional=True, binarize="none", epochs=2, eval_samples=0), dataset,
+    run = trainer(tiny_config(conditional=True, binarize="none", epochs=2, eval_samples=0), dataset,
                   tmp_path)
     assert run.model.num_classes == CLASSES
     seen = []
@@ -369,7 +350,7 @@ def test_each_batch_gets_its_own_images_labels(dataset, tmp_path):
 
 
 def test_conditional_evaluation_uses_the_test_labels(dataset, tmp_path):
-    run = trainer(tiny(conditional=True, epochs=1, eval_batch_size=5), dataset, tmp_path)
+    run = trainer(tiny_config(conditional=True, epochs=1, eval_batch_size=5), dataset, tmp_path)
     run.fit()
     backend, model, data = run.backend, run.model, run.data
     direct = float(model.loss(data.x_test, rng=backend.rng(3), y=data.y_test,
@@ -389,7 +370,7 @@ def test_conditional_evaluation_uses_the_test_labels(dataset, tmp_path):
 
 def test_conditional_pictures_have_one_sample_row_per_class(dataset, tmp_path):
     Image = pytest.importorskip("PIL.Image")
-    run = trainer(tiny(conditional=True, epochs=1), dataset, tmp_path, pictures=True)
+    run = trainer(tiny_config(conditional=True, epochs=1), dataset, tmp_path, pictures=True)
     run.fit()
     pictures = run.save_pictures()
     assert {p.name for p in pictures} == {"reconstructions.png", "samples.png",
@@ -412,8 +393,8 @@ def test_conditional_pictures_have_one_sample_row_per_class(dataset, tmp_path):
 
 def test_conditional_feature_vectors_draw_a_panel_per_class(tmp_path):
     pytest.importorskip("matplotlib")
-    data = make_dataset(image_shape=None)
-    run = trainer(tiny(conditional=True, epochs=1, latent_dim=3), data, tmp_path,
+    data = make_dataset(flat=True)
+    run = trainer(tiny_config(conditional=True, epochs=1, latent_dim=3), data, tmp_path,
                   pictures=True)
     run.fit()
     assert run.run_pictures.sample_images(run.model).shape == (CLASSES, CLASS_SAMPLES,
@@ -424,9 +405,9 @@ def test_conditional_feature_vectors_draw_a_panel_per_class(tmp_path):
 
 def test_conditional_needs_labels_and_no_distribution(tmp_path):
     with pytest.raises(ValueError, match="synthetic bands .* has none"):
-        trainer(tiny(conditional=True), make_dataset(labels=False), tmp_path)
+        trainer(tiny_config(conditional=True), make_dataset(labels=False), tmp_path)
     with pytest.raises(ValueError, match="does not train --distributed"):
-        tiny(conditional=True, distributed=True)
+        tiny_config(conditional=True, distributed=True)
 
 
 def test_conditional_end_to_end_from_the_command_line(tmp_path, capsys):
@@ -481,7 +462,7 @@ def test_every_new_option_runs_under_array_api_strict(dataset, tmp_path):
     """The new code paths use only the array API (N_TEST = 12 in test batches of 8: a
     short last batch, whose slice must stay inside the array)."""
     pytest.importorskip("array_api_strict")
-    run = trainer(tiny(backend="array_api_strict", conditional=True, objective="iwae",
+    run = trainer(tiny_config(backend="array_api_strict", conditional=True, objective="iwae",
                        samples=2, output_bias="data-logit", schedule="burda2015",
                        activation="tanh"), dataset, tmp_path, pictures=True)
     results = run.fit()
