@@ -9,6 +9,9 @@
 - ``sigint``: SIGINT's disposition for one test, whatever the suite inherited (a suite
   started in the background with ``&`` inherits SIG_IGN); Python's default unless the test
   asks for another by indirect parametrisation.
+- ``repository_untouched`` (session, autouse): the run fails if a test created, changed or
+  deleted a file in the repository tree; tests write under their own tmp_path only. And
+  ``no_user_mnist`` (session, autouse): MNIST's default folder is an empty temporary one.
 - ``record_check``: gradient-check tests log their relative errors under a family name; the
   worst error per family is printed at the end of the run (the table the issue's closing
   note asks for). Deliberately wrong gradients are logged separately, to show the margin.
@@ -89,6 +92,63 @@ def reference_path():
     """Run the test on the readable reference code (fast paths off)."""
     with use_fast_paths(False):
         yield
+
+
+# ------------------------------------------------------------------------------------------
+# Files outside the tests' temporary folders: the repository's, the user's MNIST
+
+REPO = Path(__file__).resolve().parents[1]
+# What a run may leave in the tree: bytecode and numba's compiled kernels (__pycache__/,
+# *.nbi and *.nbc beside the module), pytest's and Hypothesis's caches, git, and what an
+# install made before the run (*.egg-info/, the CI's virtual environment).
+UNWATCHED_DIRS = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".ci-venv", ".venv"}
+
+
+def repository_files() -> dict[str, tuple[int, int]]:
+    """Path relative to the repository -> (size, mtime in ns) of every file in its tree,
+    tracked or not, outside UNWATCHED_DIRS and *.egg-info/."""
+    files = {}
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in UNWATCHED_DIRS and not d.endswith(".egg-info")]
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # removed between the listing and the stat
+                continue
+            files[os.path.relpath(path, REPO)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_untouched():
+    """Fail the run if any test created, changed or deleted a file in the repository tree
+    (the default ``--out results`` of a command run from the repository root, above all:
+    the quick start fills that folder). Every test writes under its tmp_path."""
+    before = repository_files()
+    yield
+    after = repository_files()
+    touched = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    if touched:
+        more = len(touched) - 20
+        shown = ", ".join(touched[:20]) + (f" and {more} more" if more > 0 else "")
+        pytest.fail(f"the tests created, changed or deleted {len(touched)} file(s) in the "
+                    f"repository {REPO} (tests must write under their tmp_path only): {shown}",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_user_mnist(tmp_path_factory):
+    """MNIST's default folder (``$VAE_NP_DATA``, vae_np.data.default_data_dir) is an empty
+    temporary one for the whole run, child processes included: a test neither reads the
+    user's ~/.cache/vae_np/mnist (its result would depend on the machine) nor writes there."""
+    saved = os.environ.get("VAE_NP_DATA")
+    os.environ["VAE_NP_DATA"] = str(tmp_path_factory.mktemp("no-mnist-here"))
+    yield
+    if saved is None:
+        del os.environ["VAE_NP_DATA"]
+    else:
+        os.environ["VAE_NP_DATA"] = saved
 
 
 # ------------------------------------------------------------------------------------------

@@ -164,8 +164,9 @@ def test_without_mpi4py_distributed_is_a_one_line_error(monkeypatch):
 def test_the_cli_without_mpi4py_says_what_to_install(tmp_path):
     code = ("import sys; sys.modules['mpi4py'] = None; sys.argv[1:] = ['--distributed', "
             f"'--out', {str(tmp_path)!r}, '--no-download']; "
-            "import runpy; runpy.run_path('examples/train_mnist.py', run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+            f"import runpy; runpy.run_path({str(REPO / 'examples' / 'train_mnist.py')!r}, "
+            "run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, env=one_thread_env())
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
@@ -202,7 +203,7 @@ def one_thread_env() -> dict:
 
 def mpiexec(ranks: int, mode: str, out: Path, epochs: int, timeout: float = 60):
     return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(HERE), mode,
-                           str(out), str(epochs)], cwd=REPO, capture_output=True, text=True,
+                           str(out), str(epochs)], cwd=out, capture_output=True, text=True,
                           timeout=timeout, env=one_thread_env())
 
 

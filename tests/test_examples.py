@@ -1,6 +1,7 @@
 """The teaching examples run, in a reduced form, and still show what docs/ says they show.
 
-Each example runs as a subprocess (as a learner would run it) from the repository root.
+Each example runs as a subprocess (as a learner would run it), in a temporary folder so that
+its relative default outputs land there and not in the repository.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(script: str, *args: str, timeout: float = 120) -> str:
+def run_example(script: str, *args: str, cwd: Path, timeout: float = 120) -> str:
+    """The example's stdout; it runs in ``cwd`` (a temporary folder) and must exit 0."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("MPLBACKEND", "Agg")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (f"{script} {' '.join(args)} exited {proc.returncode}\n"
                                   f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
@@ -33,8 +35,8 @@ def run_example(script: str, *args: str, timeout: float = 120) -> str:
 
 
 @pytest.fixture(scope="module")
-def tour_output() -> str:
-    return run_example("gradcheck_tour.py", "--quick")
+def tour_output(tmp_path_factory) -> str:
+    return run_example("gradcheck_tour.py", "--quick", cwd=tmp_path_factory.mktemp("tour"))
 
 
 def table_rows(output: str, title_start: str) -> list[list[str]]:
@@ -109,7 +111,7 @@ def bug_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reparameterization_bug")
     stdout = run_example("reparameterization_bug.py", "--epochs", "3", "--train-size", "2000",
                          "--eval-size", "200", "-k", "10", "--hidden", "128",
-                         "--out", str(out))
+                         "--out", str(out), cwd=out)
     return stdout, out
 
 
@@ -172,7 +174,7 @@ def test_minimal_loop_lowers_the_loss_and_saves_samples(tmp_path):
 
     out = tmp_path / "samples.png"
     stdout = run_example("train_minimal.py", "--epochs", "3", "--limit", "1000",
-                         "--out", str(out), timeout=60)
+                         "--out", str(out), cwd=tmp_path, timeout=60)
     losses = [float(value) for value in
               re.findall(r"^epoch \d+: negative ELBO ([0-9.]+) nats/image$", stdout, re.M)]
     assert len(losses) == 3 and losses[-1] < losses[0] - 30, stdout

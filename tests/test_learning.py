@@ -293,28 +293,28 @@ def test_plugged_in_answers_reach_the_training_run(checker):
     assert model_module.reparameterize_backward is checker.LIBRARY["reparameterize_backward"]
 
 
-def run_checker(*args: str) -> subprocess.CompletedProcess:
+def run_checker(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("MPLBACKEND", "Agg")
     return subprocess.run([sys.executable, str(EXAMPLES / "exercises" / "check.py"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_check_cli_runs_the_checks_and_a_short_training_run():
-    as_given = run_checker()
+def test_check_cli_runs_the_checks_and_a_short_training_run(tmp_path):
+    as_given = run_checker(cwd=tmp_path)
     assert as_given.returncode == 1, as_given.stderr
     assert "1 of 7 exercises pass" in as_given.stdout       # only the given forward
     library = run_checker("--library", "kl_grad", "reparameterize_backward", "--train",
-                          "--epochs", "1", "--train-size", "100", "--test-size", "20")
+                          "--epochs", "1", "--train-size", "100", "--test-size", "20", cwd=tmp_path)
     assert library.returncode == 0, library.stdout + library.stderr
     assert "2 of 2 exercises pass" in library.stdout
     table = library.stdout[library.stdout.index("training run:"):]
     for line in table.splitlines()[2:-1]:
         left, right = line.split()[-2:]
         assert left == right, line                           # the library's answers: same run
-    unknown = run_checker("no_such_exercise")
+    unknown = run_checker("no_such_exercise", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown exercise" in unknown.stderr
 
 

@@ -85,13 +85,13 @@ def test_cupy_without_cupy_is_one_failed_line(monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are available here")
-def test_cupy_without_a_gpu_fails_cleanly_from_the_shell():
+def test_cupy_without_a_gpu_fails_cleanly_from_the_shell(tmp_path):
     """What a user sees on a machine without a usable GPU: versions, then one FAILED line
     saying why and what to install; exit status 1; no traceback."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "vae_np.selfcheck", "--backend", "cupy"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and proc.stderr == ""
     last = proc.stdout.strip().splitlines()[-1]

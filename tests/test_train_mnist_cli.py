@@ -47,10 +47,18 @@ def cli():
     return load_script()
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its tmp_path, so the script's relative defaults (--out results)
+    name the test's folder, never the repository's results/ (which the quick start fills)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The script in a child process, in the test's folder (the current one, tmp_path)."""
     env = dict(os.environ, MPLBACKEND="Agg")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -261,7 +269,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, sigint):
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *TINY, "--epochs", "100000", "--no-pictures",
          "--data-dir", str(tmp_path / "none"), "--out", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
