@@ -30,7 +30,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_np"
 
 LAYERS = {
-    "_numba_kernels": 0, "_cuda_kernels": 0,
+    "_numba_kernels": 0, "_cuda_kernels": 0, "_twins_cpu": 0, "_twins_cuda": 0,
     "backend": 1, "ops": 1,
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
