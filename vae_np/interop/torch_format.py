@@ -182,8 +182,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                         prefix, "<" if order == "little" else ">", path)
         try:
             state = unpickler.load()
-        except TorchFormatError:
-            raise
+        except TorchFormatError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise TorchFormatError(f"{path}: {exc}") from None
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
                 AttributeError, IndexError) as exc:
             raise TorchFormatError(f"{path}: data.pkl is damaged or not a state_dict "
@@ -240,10 +242,18 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
-_ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
-            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-            **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES}}
+def _fresh(function):
+    """A new callable per lookup: a pickle's BUILD may set attributes (``__defaults__``)
+    on what a GLOBAL gave it, and must not change this module's functions for later files."""
+    return lambda: (lambda *args, **kwargs: function(*args, **kwargs))
+
+
+# (module, name) -> a factory of what the unpickler hands out for that global.
+_ALLOWED = {("collections", "OrderedDict"): lambda: collections.OrderedDict,   # immutable
+            ("torch._utils", "_rebuild_tensor_v2"): _fresh(_rebuild_tensor_v2),
+            ("torch._utils", "_rebuild_parameter"): _fresh(_rebuild_parameter),
+            **{("torch", name): (lambda name=name: _StorageType(name))
+               for name in STORAGE_DTYPES}}
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -265,7 +275,7 @@ class _StateDictUnpickler(pickle.Unpickler):
             allowed = ", ".join(sorted(f"{m}.{n}" for m, n in _ALLOWED))
             raise TorchFormatError(f"{self.path}: refusing to unpickle {module}.{name}: a "
                                    f"state_dict of float tensors needs only {allowed}")
-        return found
+        return found()
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
