@@ -10,7 +10,8 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     3  likelihoods, optim
     4  model
     5  gradcheck, distributed             checks any of the above; data parallelism over MPI
-    6  everything else (training, self-check, saving: a model's files)
+    6  everything else (training, self-check, saving: a model's files; interop: ONNX,
+                                          safetensors, PyTorch)
     7  train_cli                          vae-np train (examples/train_mnist.py), on train
     8  cli                                the vae-np command, built on the floors below
     9  __main__                           python -m vae_np, which runs cli
@@ -36,7 +37,7 @@ LAYERS = {
     "likelihoods": 3, "optim": 3,
     "model": 4,
     "gradcheck": 5, "distributed": 5,
-    "saving": 6,
+    "saving": 6, "interop": 6,
     "train_cli": 7, "cli": 8, "__main__": 9,
 }
 TOP = 6

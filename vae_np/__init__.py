@@ -8,7 +8,9 @@ The public API, by module (each named for the concept it implements):
 - ``model``: :class:`VAE`;
 - ``optim``: :class:`Adam`, :class:`SGD`, :func:`clip_grad_norm`;
 - ``gradcheck``: finite-difference checks of any layer, loss or the whole model;
-- ``saving``: :func:`save_model` / :func:`load_model` (a model-only file or a trainer checkpoint).
+- ``saving``: :func:`save_model` / :func:`load_model` (a model-only file or a trainer checkpoint);
+- ``interop``: export to ONNX, safetensors and a PyTorch state_dict, and import back
+  (``vae_np.interop.export_model``, ``import_model``; not imported here).
 """
 
 from . import gradcheck, layers, losses
