@@ -44,8 +44,8 @@ from .parameters import Parameters
 from .validation import check_array, check_int, check_labels, check_number, check_range, \
     check_rng
 
-# ELBOTerms and OBJECTIVES are defined in objectives.py and named here too, where the
-# trainer and the configuration have always found them.
+# ELBOTerms and OBJECTIVES live in objectives.py; named here too for the callers that have
+# always imported them from the model (the trainer, train_cli).
 __all__ = ["ELBOTerms", "OBJECTIVES", "VAE", "log_likelihood_chunk_size"]
 
 
