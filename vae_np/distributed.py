@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .backend import RNG
+from .model import log_likelihood_chunk_size
 
 __all__ = ["INSTALL_HINT", "Communicator", "DistributedUnavailable", "MPICommunicator",
            "RowsOf", "SingleProcess", "abort_on_error", "check_same_everywhere",
@@ -373,15 +374,6 @@ def sharded_test_elbo(model, backend, comm: Communicator, batches: Iterable, rng
     comm.allreduce_sum(total)
     loss, kl, recon = (backend.to_numpy(total).astype(np.float64) / count).tolist()
     return {"loss": loss, "kl": kl, "recon": recon}
-
-
-def log_likelihood_chunk_size(model, n: int, num_samples: int) -> int:
-    """The K-chunk ``VAE.log_likelihood`` uses by default for an ``n``-image batch (its own
-    formula): the sharded evaluation asks for the same chunks, so that on CuPy, whose RNG
-    keys each draw by its call number, the draws are the single-process ones. (On NumPy the
-    draws do not depend on the chunking.)"""
-    width = model.input_dim * model.likelihood.outputs_per_pixel
-    return max(1, min(num_samples, 2 ** 22 // (n * max(width, *model.hidden, 1))))
 
 
 def sharded_log_likelihood(model, backend, comm: Communicator, batches: Iterable,
