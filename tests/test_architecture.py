@@ -4,13 +4,15 @@ another object's private state.
 Layers, ground floor up (a module may import only from strictly lower layers):
 
     0  _numba_kernels, _cuda_kernels      compiled kernels: leaves, importing nothing
+       _version                           the package's version, a leaf
     1  backend, ops                       the array library (which loads the kernels),
                                           stable primitives
     2  layers, losses, parameters         the math with its fast variants beside it
     3  likelihoods, optim
     4  model
     5  gradcheck, distributed             checks any of the above; data parallelism over MPI
-    6  everything else (training, self-check, saving: a model's files)
+    6  everything else (training, self-check, saving: a model's files; cli_args: the
+       argparse types and flags both commands use, with no trainer and no MPI)
     7  train_cli                          vae-np train (examples/train_mnist.py), on train
     8  cli                                the vae-np command, built on the floors below
     9  __main__                           python -m vae_np, which runs cli
@@ -30,13 +32,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_np"
 
 LAYERS = {
-    "_numba_kernels": 0, "_cuda_kernels": 0,
+    "_numba_kernels": 0, "_cuda_kernels": 0, "_version": 0,
     "backend": 1, "ops": 1,
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
     "model": 4,
     "gradcheck": 5, "distributed": 5,
-    "saving": 6,
+    "saving": 6, "cli_args": 6,
     "train_cli": 7, "cli": 8, "__main__": 9,
 }
 TOP = 6
@@ -127,8 +129,8 @@ def test_imports_run_one_way(name):
             f"imports must point down (see this file's docstring)")
 
 
-def test_compiled_kernels_are_leaves():
-    for leaf in ("_numba_kernels", "_cuda_kernels"):
+def test_leaves_import_nothing():
+    for leaf in ("_numba_kernels", "_cuda_kernels", "_version"):
         assert imports_of(MODULES[leaf]) == set(), leaf
 
 

@@ -31,9 +31,8 @@ from .backend import BACKEND_NAMES, BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
 from .saving import SavedModel, read_model
-from .train.evaluation import log_likelihood_summary
-from .train_cli import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
-                        nonnegative_int, positive_float, positive_int)
+from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
+                       nonnegative_int, positive_float, positive_int)
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
@@ -45,7 +44,7 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------------------
-# Flags shared by the subcommands (their argument types are the trainer's, train_cli)
+# Flags shared by the subcommands (their argument types: vae_np.cli_args)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -338,6 +337,8 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .train.evaluation import log_likelihood_summary  # here: only eval needs the trainer's
+
     saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._version import __version__
 from ..backend import get_backend
 from ..checkpoint import CheckpointError
 from ..data import Dataset
@@ -386,7 +387,7 @@ class Trainer:
             history=self.history, partial_terms=self._partial_terms,
             noise_state=self._noise_state, partial_seconds=self._partial_seconds,
             partial_images=self._partial_images, data=self.data.summary(),
-            version=_package_version(), ranks=self.comm.size if self.comm else 1))
+            version=__version__, ranks=self.comm.size if self.comm else 1))
         self._saved_position = (self.epochs_done, self.batches_done)
         return self.checkpoint_path
 
@@ -561,9 +562,3 @@ class Trainer:
         """Draw the run's PNGs into ``out_dir`` (:mod:`vae_np.train.pictures`); their paths."""
         return self._pictures.save(self.out_dir, self.model, self.epochs_done, self.history,
                                    self.config.eval_batch_size, self._stop.check)
-
-
-def _package_version() -> str:
-    import vae_np  # here, not at the top: the package imports its modules first
-
-    return vae_np.__version__
