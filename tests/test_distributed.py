@@ -21,7 +21,7 @@ import pytest
 from vae_np.backend import get_backend
 from vae_np.data import Dataset
 from vae_np.distributed import (Communicator, DistributedUnavailable, RowsOf, SingleProcess,
-                                shard_bounds, sharded_log_likelihood, sharded_test_elbo, world)
+                                shard_bounds, world)
 from vae_np.model import VAE
 from vae_np.optim import Adam
 from vae_np.train import RunData, Stream, TrainConfig, Trainer
@@ -105,20 +105,39 @@ def test_rows_of_keeps_the_stream_in_step_over_chunks():
 # Sharded evaluation: the single-process numbers
 
 
-def test_sharded_evaluation_adds_up_to_the_single_process_numbers():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_sharded_evaluation_adds_up_to_the_single_process_numbers(conditional):
+    """Each of 3 ranks scores its rows of every batch; the shares add up to one process's
+    numbers, which are those of the model's own loss and log_likelihood on whole batches
+    (labels split with the images, for a conditional model)."""
     backend = get_backend("numpy", "float64")
-    model = VAE(784, hidden=(8,), latent_dim=3, samples=2, backend=backend, seed=1)
+    model = VAE(784, hidden=(8,), latent_dim=3, samples=2, backend=backend, seed=1,
+                num_classes=4 if conditional else None)
     x = backend.asarray(np.random.default_rng(2).random((25, 784)))
+    y = np.random.default_rng(3).integers(0, 4, 25) if conditional else None
     batches = [x[0:10], x[10:20], x[20:25]]
-    elbo = evaluation.test_elbo(model, backend, batches, backend.rng(5))
-    log_px = evaluation.per_image_log_likelihood(model, backend, batches, 7, backend.rng(6))
+    labels = [y[0:10], y[10:20], y[20:25]] if conditional else None
+    labels_of = (lambda b: labels[b]) if conditional else (lambda b: None)
+    elbo = evaluation.test_elbo(model, backend, batches, backend.rng(5), labels=labels)
+    log_px = evaluation.per_image_log_likelihood(model, backend, batches, 7, backend.rng(6),
+                                                 labels=labels)
+    # the plain model calls, batch by batch, on the same streams
+    rng = backend.rng(5)
+    whole = [model.loss(batch, rng=rng, y=labels_of(b)) for b, batch in enumerate(batches)]
+    assert elbo["loss"] == pytest.approx(
+        sum(float(t.loss) * len(batch) for t, batch in zip(whole, batches)) / 25, rel=1e-12)
+    rng = backend.rng(6)
+    np.testing.assert_allclose(log_px, np.concatenate([
+        model.log_likelihood(batch, 7, rng, y=labels_of(b)) for b, batch in enumerate(batches)]),
+        rtol=1e-12)
     size = 3
-    parts = [sharded_test_elbo(model, backend, OneRankOf(r, size), batches, backend.rng(5))
-             for r in range(size)]
+    parts = [evaluation.test_elbo(model, backend, batches, backend.rng(5), labels=labels,
+                                  comm=OneRankOf(r, size)) for r in range(size)]
     for key in ("loss", "kl", "recon"):  # each rank's share of the image-weighted sums
         assert sum(p[key] for p in parts) == pytest.approx(elbo[key], rel=1e-12)
-    rows = [sharded_log_likelihood(model, backend, OneRankOf(r, size), batches, 7,
-                                   backend.rng(6)) for r in range(size)]
+    rows = [evaluation.per_image_log_likelihood(model, backend, batches, 7, backend.rng(6),
+                                                labels=labels, comm=OneRankOf(r, size))
+            for r in range(size)]
     # each rank returns its rows batch by batch: put them back in the batches' order
     pieces, offsets = [], [0] * size
     for batch in batches:
