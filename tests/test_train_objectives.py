@@ -94,11 +94,7 @@ def cli_config(argv, tmp_path) -> TrainConfig:
     """The TrainConfig ``vae-np train argv`` would start (nothing is trained)."""
     parser = train_cli.build_parser()
     args, given = train_cli.parse_args(parser, [*argv, "--out", str(tmp_path / "run")])
-
-    def fail(exc):
-        raise AssertionError(exc)
-
-    return train_cli.check_before_data(parser, args, given, fail)
+    return train_cli.config_before_data(args, given)
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ provides:
     agree(comm, error, **same) where the ranks compare notes before a collective: an
                                error on one rank is raised on all of them (the others
                                raise OtherRankFailed naming it), and values that differ
-                               between ranks (config, data) are a ValueError naming them
+                               between ranks (config, data) are a RanksDiffer naming them
     all_or_none(comm)          a with-block that fails on every rank or on none (agree)
     abort_on_error(comm)       an uncaught exception on any rank ends the whole job (MPI
                                Abort): the fallback where no agree() is reached
@@ -45,7 +45,8 @@ import numpy as np
 from .backend import RNG
 
 __all__ = ["INSTALL_HINT", "Communicator", "DistributedUnavailable", "MPICommunicator",
-           "OtherRankFailed", "RowsOf", "SingleProcess", "abort_on_error", "agree", "all_or_none",
+           "OtherRankFailed", "RanksDiffer", "RowsOf", "SingleProcess", "abort_on_error",
+           "agree", "all_or_none",
            "log_likelihood_chunk_size", "one_line", "shard_bounds", "world"]
 
 INSTALL_HINT = 'pip install -e ".[mpi]" (mpi4py and the MPICH wheel), then mpiexec -n N ...'
@@ -329,12 +330,23 @@ def _select_gpu(local_rank: int) -> None:
 
 
 class OtherRankFailed(RuntimeError):
-    """Raised by :func:`agree` on the ranks that did not fail when another did: ``rank``
-    is the lowest rank that failed, ``message`` its error on one line."""
+    """Raised by :func:`agree` on the ranks that do not report a failure: ``rank`` is the
+    rank that does (the lowest one that failed), ``message`` its error on one line."""
 
     def __init__(self, rank: int, message: str):
         super().__init__(f"rank {rank} failed: {message}")
         self.rank, self.message = rank, message
+
+
+class RanksDiffer(ValueError):
+    """The ranks of a job were given different values (config, data): raised by
+    :func:`agree` on rank 0, while the others raise OtherRankFailed."""
+
+
+#: The attribute :func:`agree` sets on what it raises: the job has agreed on this error
+#: already, so an enclosing ``all_or_none`` lets it pass instead of agreeing again (a
+#: rank that failed early meets the others at their first agreement, whichever it is).
+AGREED = "agreed_by_every_rank"
 
 
 def one_line(error: BaseException) -> str:
@@ -348,16 +360,13 @@ def agree(comm: Communicator, error: BaseException | None = None, **same) -> Non
     (None: it did fine) and of the values ``same`` (JSON-able, or functions returning
     them, called only where there are other ranks to compare with).
 
-    Raises on every rank or on none. Where some rank failed, the lowest such rank
-    re-raises its own ``error`` and the others raise :class:`OtherRankFailed` naming it
-    (an OtherRankFailed passed in as ``error`` keeps the rank it names). Else, where a
-    value of ``same`` differs between ranks, ValueError naming the first field that
-    differs, with rank 0's value and the other rank's.
+    Raises on every rank or on none, and one rank only raises the real error, so that
+    one line says it: where some rank failed, the lowest such rank re-raises its own
+    ``error``; else, where a value of ``same`` differs between ranks, rank 0 raises
+    :class:`RanksDiffer` naming the first field that differs, with rank 0's value and the
+    other rank's. Every other rank raises :class:`OtherRankFailed` naming that rank.
     """
-    if isinstance(error, OtherRankFailed):
-        mine = (error.rank, error.message)
-    else:
-        mine = None if error is None else (comm.rank, one_line(error))
+    mine = None if error is None else (comm.rank, one_line(error))
     values = {}
     if mine is None and comm.size > 1:  # the JSON round trip makes tuples lists everywhere
         values = {name: json.loads(json.dumps(value() if callable(value) else value,
@@ -367,28 +376,36 @@ def agree(comm: Communicator, error: BaseException | None = None, **same) -> Non
     failed = sorted(failure for failure, _ in everyone if failure is not None)
     if failed:
         rank, message = failed[0]
-        if rank == comm.rank and not isinstance(error, OtherRankFailed):
-            raise error
-        raise OtherRankFailed(rank, message)
+        _raise_agreed(error if rank == comm.rank else OtherRankFailed(rank, message))
     for rank, (_, theirs) in enumerate(everyone[1:], start=1):
         for name in sorted(same):
             if theirs[name] != everyone[0][1][name]:
                 field, ours, other = _first_difference(everyone[0][1][name], theirs[name], name)
-                raise ValueError(f"the ranks differ: {field} is {ours!r} on rank 0 but "
-                                 f"{other!r} on rank {rank}; every rank must run the same "
-                                 f"command on the same data")
+                message = (f"the ranks differ: {field} is {ours!r} on rank 0 but {other!r} on "
+                           f"rank {rank}; every rank must run the same command on the same "
+                           f"data")
+                _raise_agreed(RanksDiffer(message) if comm.is_root
+                              else OtherRankFailed(0, message))
+
+
+def _raise_agreed(error: BaseException):
+    setattr(error, AGREED, True)
+    raise error
 
 
 @contextlib.contextmanager
 def all_or_none(comm: Communicator, **same):
     """``with all_or_none(comm):`` the block succeeds on every rank or raises on every rank:
-    an exception in it, on any rank, is raised at its end on all of them, after one
-    :func:`agree` (which also compares the values ``same``). For the rank-local work
-    before a collective, so that no rank is left waiting in it."""
+    an exception in it, on any rank, is raised at its end on all of them (the others
+    raise OtherRankFailed), after one :func:`agree`, which also compares the values
+    ``same``. For the rank-local work before a collective, so that no rank is left
+    waiting in it. An error agreed on already (by an inner block) passes as it is."""
     error = None
     try:
         yield
-    except Exception as exc:  # noqa: BLE001 (raised again by agree, on every rank)
+    except BaseException as exc:  # noqa: BLE001 (raised again by agree, on every rank)
+        if getattr(exc, AGREED, False):
+            raise
         error = exc
     agree(comm, error, **same)
 
@@ -412,6 +429,8 @@ def abort_on_error(comm: Communicator) -> Callable:
     def hook(kind, value, traceback):
         if os.environ.get("VAE_NP_TRACEBACK"):
             previous(kind, value, traceback)
+        if isinstance(value, OtherRankFailed):
+            return  # the failing rank says why (and aborts); exit status 1 here
         comm.abort(f"rank {comm.rank} of {comm.size}: {kind.__name__}: {one_line(value)}", 1)
 
     if comm.size > 1:

