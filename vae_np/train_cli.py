@@ -17,7 +17,10 @@ checkpoints and pictures live in ``vae_np.train`` (see its docstring for what la
 the flags, --out (writable, not used by another run), the run to --resume and the backend.
 Exit status: 0 done, 1 training diverged, the data or the checkpoint could not be read, no
 GPU for --backend cupy, or --out is unusable or in use by another run; 2 a bad flag;
-130 interrupted by Ctrl-C (a checkpoint to --resume from is saved).
+130 interrupted by Ctrl-C (a checkpoint to --resume from is saved). Under mpiexec every
+rank ends each of those stages together: an error is one line from the rank it happened
+on (``error (rank r of N)``), the other ranks exit 1 without a word; ranks given other
+data or flags stop before training, the line naming the first difference.
 """
 
 from __future__ import annotations
