@@ -19,9 +19,8 @@ from .backend import Backend, BackendUnavailableError, get_backend, use_fast_pat
 from .model import VAE, ELBOTerms
 from .objectives import reparameterize, reparameterize_backward
 from .optim import SGD, Adam, clip_grad_norm
+from ._version import __version__
 from .saving import load_model, save_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Adam", "Backend", "BackendUnavailableError", "ELBOTerms", "SGD", "VAE",

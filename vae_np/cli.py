@@ -32,12 +32,11 @@ from . import plotting
 from .backend import BACKEND_NAMES, BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
+from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
+                       nonnegative_int, positive_float, positive_int)
 from .interop import FORMATS, export_model, import_model
 from .likelihoods import LIKELIHOOD_NAMES
 from .saving import SavedModel, read_model, save_model
-from .train.evaluation import log_likelihood_summary
-from .train_cli import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
-                        nonnegative_int, positive_float, positive_int)
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
@@ -49,7 +48,7 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------------------
-# Flags shared by the subcommands (their argument types are the trainer's, train_cli)
+# Flags shared by the subcommands (their argument types: vae_np.cli_args)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -342,6 +341,8 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .train.evaluation import log_likelihood_summary  # here: only eval needs the trainer's
+
     saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)

@@ -121,7 +121,7 @@ class TrainConfig:
         schedule: ``constant`` or ``burda2015`` (see ``SCHEDULES``; ``epochs`` at most
             3,280 then); the trainer sets the learning rate at the start of each epoch.
         conditional: a conditional VAE, q(z | x, y) and p(x | z, y), on the data set's
-            labels (which it then needs); not with ``distributed``.
+            labels (which it then needs).
     Data parallelism:
         distributed: train under ``mpiexec -n N`` (:mod:`vae_np.distributed`): each rank
             trains on its shard of every global batch of ``batch_size`` images (which must
@@ -197,10 +197,6 @@ class TrainConfig:
             raise ValueError(f"epochs: the burda2015 schedule ends after its "
                              f"{BURDA2015_STAGES} stages, {stage_epochs(BURDA2015_STAGES):,} "
                              f"epochs; got {self.epochs}")
-        if self.conditional and self.distributed:
-            raise ValueError("conditional: a conditional VAE does not train --distributed "
-                             "yet (the sharded evaluation takes no labels); drop one of "
-                             "--conditional and --distributed")
         if self.decoder != "bernoulli" and self.binarize in ("static", "dynamic"):
             raise ValueError(
                 f"binarize={self.binarize!r} with decoder={self.decoder!r}: a Gaussian density "
@@ -237,6 +233,12 @@ class TrainConfig:
         if self.objective == "iwae":
             return f"-IWAE k={self.samples} bound"
         return "-ELBO"
+
+    def objective_summary(self) -> dict[str, Any]:
+        """What the reported losses are, for results.json: ``{"name", "samples", "loss",
+        "conditional"}`` (``samples``: S of the ELBO, k of the IWAE bound)."""
+        return {"name": self.objective, "samples": self.samples, "loss": self.loss_name,
+                "conditional": self.conditional}
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
