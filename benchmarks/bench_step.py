@@ -45,11 +45,16 @@ except ImportError:  # run from a source checkout that is not pip-installed
 from vae_np import VAE, Adam
 from vae_np.backend import cuda_available, get_backend, use_fast_paths
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import INPUT_DIM, layer_sizes, make_jax, make_torch  # noqa: E402
+
 CONFIGS = {
     "starting": {"hidden": (512, 512), "latent_dim": 64},
     "small": {"hidden": (400,), "latent_dim": 20},
+    # Burda et al. (2015)'s one-stochastic-layer MNIST model (the burda2015 preset's
+    # layers; its data-logit output bias and uncentred input change no step time)
+    "burda": {"hidden": (200, 200), "latent_dim": 50, "activation": "tanh"},
 }
-INPUT_DIM = 784
 EVAL_SAMPLES = 5000
 
 
@@ -111,11 +116,6 @@ def matmul_peak(backend, sizes=(1024, 1536, 2048), repeats=5) -> float:
 # ------------------------------------------------------------------------------------------
 # The step, counted
 
-def layer_sizes(config: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    hidden, d = tuple(config["hidden"]), config["latent_dim"]
-    return (INPUT_DIM, *hidden, 2 * d), (d, *reversed(hidden), INPUT_DIM)
-
-
 def step_gemm_flops(config: dict, batch: int, samples: int = 1) -> int:
     """Multiply-add flops (2 per multiply-add) of the matrix products one step computes:
     per Linear (in -> out) on M rows, forward 2 M in out, dW 2 M in out and dx 2 M in out,
@@ -135,7 +135,8 @@ def binary_batch(batch: int, seed: int = 0) -> np.ndarray:
 
 
 def make_vae_np(backend, config, batch):
-    model = VAE(INPUT_DIM, config["hidden"], config["latent_dim"], backend=backend, seed=0)
+    model = VAE(INPUT_DIM, config["hidden"], config["latent_dim"], backend=backend, seed=0,
+                activation=config.get("activation", "relu"))
     opt = Adam(model.parameters, lr=1e-3)
     rng = backend.rng(1)
     x = backend.asarray(binary_batch(batch))
@@ -192,56 +193,11 @@ def make_aged_vae_np(backend, config, batch, steps: int):
     return model, opt, step
 
 
-def make_torch(torch, device, dtype_name, config, batch, fused_adam: bool, init_from=None):
-    """The same VAE in PyTorch: Linear/ReLU MLPs, x - 0.5 into the encoder, one
-    reparameterised sample, Bernoulli loss (BCE with logits) + KL, mean over the batch."""
-    nn = torch.nn
-    dtype = getattr(torch, dtype_name)
-    enc_sizes, dec_sizes = layer_sizes(config)
-
-    def mlp(sizes):
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers).to(device=device, dtype=dtype)
-
-    enc, dec = mlp(enc_sizes), mlp(dec_sizes)
-    if init_from is not None:  # start from vae_np's weights (W is in x out there)
-        with torch.no_grad():
-            linears = [m for m in (*enc, *dec) if isinstance(m, nn.Linear)]
-            arrays = list(init_from.values())
-            for lin, (W, b) in zip(linears, zip(arrays[0::2], arrays[1::2])):
-                lin.weight.copy_(torch.as_tensor(np.ascontiguousarray(W.T)))
-                lin.bias.copy_(torch.as_tensor(b))
-    params = [*enc.parameters(), *dec.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if fused_adam else \
-        torch.optim.Adam(params, lr=1e-3)
-    x = torch.as_tensor(binary_batch(batch), dtype=dtype, device=device)
-    d = config["latent_dim"]
-    bce = nn.functional.binary_cross_entropy_with_logits
-
-    def step():
-        h = enc(x - 0.5)
-        mu, logvar = h[:, :d], h[:, d:]
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        logits = dec(z)
-        recon = bce(logits, x, reduction="sum") / batch
-        kl = 0.5 * torch.sum(torch.exp(logvar) - logvar - 1.0 + mu * mu) / batch
-        loss = recon + kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 # ------------------------------------------------------------------------------------------
 # Timing and memory
 
 def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
-                     settle_seconds: float) -> dict:
+                     settle_seconds: float, spread: dict | None = None) -> dict:
     """Median ms/step of each side. Each round runs every side once, in rotating order: a
     pause of ``settle_seconds``, one untimed step, then a block of steps timed as a whole
     (with a device sync at both ends on a GPU).
@@ -276,6 +232,8 @@ def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
                 step()
             sync[name]()
             samples[name].append((time.perf_counter() - start) / reps[name] * 1e3)
+    if spread is not None:
+        spread.update({name: (min(v), max(v)) for name, v in samples.items()})
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -334,6 +292,10 @@ class Row:
     torch_fused_ms: float | None = None
     ratio: float | None = None
     ratio_fused: float | None = None
+    compile_ms: float | None = None
+    jax_ms: float | None = None
+    ratio_jax: float | None = None
+    spread: dict = field(default_factory=dict)   # side -> (min, max) ms over the rounds
 
 
 @dataclass
@@ -352,7 +314,7 @@ def fmt(value, spec, missing="-"):
 def print_table(rows):
     head = (f"{'backend':7} {'config':8} {'dtype':7} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
             f"{'GFLOP/s':>7} {'%peak':>5} {'MiB/step':>8} {'torch ms':>8} {'ratio':>5} "
-            f"{'fused ms':>8} {'ratio':>5}")
+            f"{'fused ms':>8} {'ratio':>5} {'jit ms':>8} {'ratio':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -360,7 +322,8 @@ def print_table(rows):
               f"{r.images_per_s:8.0f} {r.gflops:7.1f} {100 * r.peak_fraction:5.1f} "
               f"{fmt(r.step_peak_mib, '8.1f', '       -')} {fmt(r.torch_ms, '8.2f', '       -')} "
               f"{fmt(r.ratio, '5.2f', '    -')} {fmt(r.torch_fused_ms, '8.2f', '       -')} "
-              f"{fmt(r.ratio_fused, '5.2f', '    -')}")
+              f"{fmt(r.ratio_fused, '5.2f', '    -')} {fmt(r.jax_ms, '8.2f', '       -')} "
+              f"{fmt(r.ratio_jax, '5.2f', '    -')}")
 
 
 def main(argv=None) -> int:
@@ -382,6 +345,9 @@ def main(argv=None) -> int:
                    help="pause before each timed block, so the other side's idle threads "
                         "stop spinning (OpenBLAS spins about 0.1 s)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument("--no-jax", action="store_true", help="skip JAX even if installed")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time torch.compile (compiling takes a minute per row here)")
     p.add_argument("--reference", action="store_true",
                    help="time the readable reference code (every op's fast variant off)")
     p.add_argument("--eval-images", type=int, default=None,
@@ -419,6 +385,13 @@ def main(argv=None) -> int:
         except ImportError:
             torch = None
 
+    jax = None
+    if not args.no_jax:
+        try:
+            import jax
+        except ImportError:
+            jax = None
+
     report = Report()
     report.machine = {
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
@@ -427,6 +400,7 @@ def main(argv=None) -> int:
         "fast_paths": not args.reference,
         "numba": (__import__("numba").__version__ if get_backend("numpy").numba else None),
         "torch": torch.__version__ if torch else None,
+        "jax": jax.__version__ if jax else None,
         "blas": blas_info(),
         "env": {k: os.environ[k] for k in sorted(os.environ)
                 if k.startswith(("OPENBLAS", "OMP_", "MKL_", "NUMBA_", "VAE_NP"))},
@@ -457,13 +431,18 @@ def main(argv=None) -> int:
                     model, opt, step = make_vae_np(backend, config, batch)
                     sides = {"vae_np": step}
                     sync = {"vae_np": backend.synchronize}
+                    init, x_host = model.state_dict(), binary_batch(batch)
                     if use_torch:
-                        torch_sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-                        init = model.state_dict()
-                        for name, fused in (("torch", False), ("torch_fused", True)):
-                            sides[name] = make_torch(torch, device, dtype, config, batch, fused, init)
-                            sync[name] = torch_sync
-                    ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds)
+                        peers = [("torch", {}), ("torch_fused", {"fused_adam": True})]
+                        if args.torch_compile:
+                            peers.append(("torch_compile", {"compile_step": True}))
+                        for name, options in peers:
+                            sides[name], sync[name] = make_torch(
+                                torch, device, dtype, config, x_host, init, **options)
+                    if jax is not None and device == "cpu":
+                        sides["jax"], sync["jax"] = make_jax(jax, dtype, config, x_host, init)
+                    spread: dict = {}
+                    ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds, spread)
                     subnormal = subnormal_moments(backend, opt)
                     flops = step_gemm_flops(config, batch)
                     gflops = flops / (ms["vae_np"] / 1e3) / 1e9
@@ -472,7 +451,10 @@ def main(argv=None) -> int:
                               batch / (ms["vae_np"] / 1e3), gflops,
                               gflops / report.peaks_gflops[f"{backend_name}/{dtype}"],
                               None if step_peak is None else step_peak / 2 ** 20,
-                              subnormal_moments=subnormal)
+                              subnormal_moments=subnormal, spread=spread)
+                    if "jax" in ms:
+                        row.jax_ms, row.ratio_jax = ms["jax"], ms["vae_np"] / ms["jax"]
+                    row.compile_ms = ms.get("torch_compile")
                     if "torch" in ms:
                         row.torch_ms, row.torch_fused_ms = ms["torch"], ms["torch_fused"]
                         row.ratio = ms["vae_np"] / ms["torch"]
@@ -481,7 +463,12 @@ def main(argv=None) -> int:
                     print(f"  {backend_name} {config_name} {dtype} batch {batch}: "
                           f"{row.ms:.2f} ms/step" + (f", PyTorch {row.torch_ms:.2f} / fused "
                                                      f"{row.torch_fused_ms:.2f} ms"
-                                                     if row.torch_ms else ""), flush=True)
+                                                     if row.torch_ms else "")
+                          + (f", torch.compile {row.compile_ms:.2f} ms" if row.compile_ms else "")
+                          + (f", jax.jit {row.jax_ms:.2f} ms" if row.jax_ms else "")
+                          + "; spread (min-max ms) " + ", ".join(
+                              f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in spread.items()),
+                          flush=True)
                     if subnormal:
                         print(f"    note: {subnormal} subnormal Adam moments after the timed "
                               "steps; the step slows down as they accumulate (see "

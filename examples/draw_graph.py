@@ -28,7 +28,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae_np import VAE, use_fast_paths
-from vae_np import model as model_module
+from vae_np import objectives as objectives_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "images" / "vae_graph.png"
@@ -41,14 +41,16 @@ BATCH = 32
 FUNCTIONS = (
     "vae_np.model.VAE.loss",
     "vae_np.layers.MLP.forward",
-    "vae_np.model.VAE._split",
-    "vae_np.model.reparameterize",
+    "vae_np.model.VAE._encoder_output",
+    "vae_np.objectives.ELBO.forward",
+    "vae_np.objectives.reparameterize",
     "vae_np.likelihoods.Bernoulli.nll",
     "vae_np.losses.bernoulli_nll",
     "vae_np.losses.kl_standard_normal",
     "vae_np.model.VAE.backward",
+    "vae_np.objectives.ELBO.backward",
     "vae_np.layers.MLP.backward",
-    "vae_np.model.reparameterize_backward",
+    "vae_np.objectives.reparameterize_backward",
     "vae_np.parameters.Parameters",
     "vae_np.optim.Adam.step",
 )
@@ -66,7 +68,7 @@ def _shape(a) -> tuple:
 def _traced(calls: dict):
     """Record the argument and result shapes of the functions VAE.loss and VAE.backward
     call: module functions are swapped for recording wrappers inside this block only."""
-    originals = {name: getattr(model_module, name)
+    originals = {name: getattr(objectives_module, name)
                  for name in ("reparameterize", "kl_standard_normal", "reparameterize_backward")}
 
     def recorder(name, function):
@@ -77,12 +79,12 @@ def _traced(calls: dict):
         return wrapper
 
     for name, function in originals.items():
-        setattr(model_module, name, recorder(name, function))
+        setattr(objectives_module, name, recorder(name, function))
     try:
         yield recorder
     finally:
         for name, function in originals.items():
-            setattr(model_module, name, function)
+            setattr(objectives_module, name, function)
 
 
 def trace_shapes(model: VAE | None = None, n: int = BATCH, seed: int = 0) -> dict[str, tuple]:
@@ -227,11 +229,11 @@ def draw(shapes: dict, out: Path) -> list[str]:
         w=2.9, h=0.75)
     box("enc", xl, rows["enc"], "encoder MLP", "vae_np.layers.MLP.forward",
         extra="784 → 512 → 512 → 2d, ReLU")
-    box("split", xl, rows["split"], "split", "vae_np.model.VAE._split",
+    box("split", xl, rows["split"], "split", "vae_np.model.VAE._encoder_output",
         extra="μ = h[:, :d],  logvar = h[:, d:]")
     box("mu", xl - 0.8, rows["mulv"], "μ", kind="value", w=0.9, h=0.55)
     box("lv", xl + 0.8, rows["mulv"], "logvar", kind="value", w=1.15, h=0.55)
-    box("rep", xl, rows["rep"], "reparameterise (path 1)", "vae_np.model.reparameterize",
+    box("rep", xl, rows["rep"], "reparameterise (path 1)", "vae_np.objectives.reparameterize",
         extra="z = μ + exp(logvar / 2) ε", w=2.8)
     box("eps", 6.25, 5.45, "ε ~ N(0, I)", kind="data", w=2.0, h=0.62,
         extra=f"(S, N, d) = {fmt(s['eps'])}")
@@ -244,7 +246,7 @@ def draw(shapes: dict, out: Path) -> list[str]:
     ax.text(xl, rows["nll"] - 0.6, "reference: vae_np.losses.bernoulli_nll", ha="center",
             va="center", fontsize=8.2, family=mono, color=MUTED)
     drawn.append("vae_np.losses.bernoulli_nll")
-    box("loss", xm, rows["loss"], "loss L  (nats per image)", "vae_np.model.VAE.loss",
+    box("loss", xm, rows["loss"], "loss L  (nats per image)", "vae_np.objectives.ELBO.forward",
         kind="loss", extra="mean(nll) + β mean(kl)", w=3.1, h=0.95)
 
     lx = xl - 0.15
@@ -283,9 +285,9 @@ def draw(shapes: dict, out: Path) -> list[str]:
         extra="(σ(l) − x) / (SN)")
     box("bdec", xr, rows["dec"], "decoder backward", "vae_np.layers.MLP.backward",
         kind="back", edge=BACKWARD)
-    box("rbwd", xr, rows["rep"], "through the sample", "vae_np.model.reparameterize_backward",
+    box("rbwd", xr, rows["rep"], "through the sample", "vae_np.objectives.reparameterize_backward",
         kind="back", edge=BACKWARD, w=3.6, extra="Σ_s dz,   ½ e^(logvar/2) Σ_s dz ε")
-    box("add", xr, rows["mulv"], "add the two paths", "vae_np.model.VAE.backward",
+    box("add", xr, rows["mulv"], "add the two paths", "vae_np.objectives.ELBO.backward",
         kind="back", edge=BACKWARD, extra="+ (β/N) ∂KL/∂μ,  + (β/N) ∂KL/∂logvar", w=3.4)
     box("cat", xr, rows["split"], "concatenate", kind="back", edge=BACKWARD, w=2.6, h=0.7,
         extra="[∂L/∂μ, ∂L/∂logvar]")
@@ -327,11 +329,11 @@ def draw(shapes: dict, out: Path) -> list[str]:
     label(14.55, 7.4, "decoder.linear0-2 .W, .b", color=BACKWARD, ha="center", rotation=90)
     arrow(at("grad", "l"), at("adam", "r"))
 
-    ax.text(width / 2, 0.45, "VAE.loss keeps logvar, ε, ∂L/∂l and the KL gradients; each MLP "
-            "keeps its layers' inputs; VAE.backward (vae_np.model.VAE.backward) runs the red "
-            "chain once per loss.", ha="center", va="center", fontsize=9.5, color=MUTED,
-            style="italic")
-    drawn.append("vae_np.model.VAE.backward")
+    ax.text(width / 2, 0.45, "vae_np.model.VAE.loss keeps what its objective returns: logvar, "
+            "ε, ∂L/∂l and the KL gradients; each MLP keeps its layers' inputs; "
+            "vae_np.model.VAE.backward runs the red chain once per loss.", ha="center",
+            va="center", fontsize=9.5, color=MUTED, style="italic")
+    drawn.extend(["vae_np.model.VAE.loss", "vae_np.model.VAE.backward"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, metadata={"Software": None})

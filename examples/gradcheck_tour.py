@@ -41,7 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import vae_np
 
 from vae_np import VAE, get_backend, losses
-from vae_np import model as model_module
+from vae_np import objectives
 from vae_np.gradcheck import (DEFAULT_STEP, DEFAULT_TOLERANCE, check_directional,
                               check_layer, check_loss, check_vae, check_vae_directional,
                               numerical_partial)
@@ -221,15 +221,15 @@ def reparameterize_backward_without_half(dz, logvar, eps):
 
 @contextlib.contextmanager
 def patched_reparameterize_backward(replacement):
-    """Swap the function VAE.backward calls, only inside this block (VAE.backward is one
-    method on every path, so the patch is seen exactly where docs/05-whole-model.md shows
-    it)."""
-    original = model_module.reparameterize_backward
-    model_module.reparameterize_backward = replacement
+    """Swap the function VAE.backward's objective calls, only inside this block (the ELBO's
+    backward is one method on every path, so the patch is seen exactly where
+    docs/05-whole-model.md shows it)."""
+    original = objectives.reparameterize_backward
+    objectives.reparameterize_backward = replacement
     try:
         yield
     finally:
-        model_module.reparameterize_backward = original
+        objectives.reparameterize_backward = original
 
 
 def tour_breaks(tally: Tally, seed: int) -> None:

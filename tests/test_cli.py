@@ -131,6 +131,24 @@ def test_help_of_every_subcommand_and_the_loss_scaling(capsys):
     assert "--dataset" in out and "mean over pixels" not in out and "nats per" in out
 
 
+@pytest.mark.slow
+def test_sample_loads_no_trainer_and_no_mpi(files):
+    """vae-np sample needs a model and matplotlib: in a fresh interpreter it must leave the
+    trainer, the vae-np train glue and MPI unloaded (vae_np.cli_args holds what it shares
+    with train)."""
+    out = files / "s.png"
+    code = ("import sys; from vae_np import cli; "
+            f"status = cli.main(['sample', {str(files / 'img_model.npz')!r}, '--n', '4', "
+            f"'--out', {str(out)!r}]); "
+            "print(status, sorted(m for m in sys.modules if m.split('.')[0] == 'mpi4py' or m in "
+            "('vae_np.train', 'vae_np.train_cli', 'vae_np.distributed')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT)),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "0 []" and out.stat().st_size > 0
+
+
 def test_interpolation_paths():
     a, b = np.array([1.0, 0.0]), np.array([0.0, 2.0])
     lin = interpolate_latents(a, b, 5, spherical=False)

@@ -9,6 +9,7 @@ BLAS thread.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,12 +21,15 @@ import numpy as np
 import pytest
 
 from vae_np.backend import get_backend
-from vae_np.distributed import (Communicator, DistributedUnavailable, RowsOf, SingleProcess,
-                                shard_bounds, sharded_log_likelihood, sharded_test_elbo, world)
+from vae_np.data import Dataset
+from vae_np.distributed import (Communicator, DistributedUnavailable, OtherRankFailed,
+                                RanksDiffer, RowsOf, SingleProcess, agree, all_or_none,
+                                shard_bounds, world)
 from vae_np.model import VAE
 from vae_np.optim import Adam
-from vae_np.train import RunData, Stream, Trainer
+from vae_np.train import RESULTS_FILE, RunData, Stream, Trainer, read_run
 from vae_np.train import evaluation  # not its names: pytest would collect test_elbo
+from vae_np.train.rundata import dataset_identity
 
 import helpers
 from helpers import synthetic_dataset
@@ -98,20 +102,39 @@ def test_rows_of_keeps_the_stream_in_step_over_chunks():
 # Sharded evaluation: the single-process numbers
 
 
-def test_sharded_evaluation_adds_up_to_the_single_process_numbers():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_sharded_evaluation_adds_up_to_the_single_process_numbers(conditional):
+    """Each of 3 ranks scores its rows of every batch; the shares add up to one process's
+    numbers, which are those of the model's own loss and log_likelihood on whole batches
+    (labels split with the images, for a conditional model)."""
     backend = get_backend("numpy", "float64")
-    model = VAE(784, hidden=(8,), latent_dim=3, samples=2, backend=backend, seed=1)
+    model = VAE(784, hidden=(8,), latent_dim=3, samples=2, backend=backend, seed=1,
+                num_classes=4 if conditional else None)
     x = backend.asarray(np.random.default_rng(2).random((25, 784)))
+    y = np.random.default_rng(3).integers(0, 4, 25) if conditional else None
     batches = [x[0:10], x[10:20], x[20:25]]
-    elbo = evaluation.test_elbo(model, backend, batches, backend.rng(5))
-    log_px = evaluation.per_image_log_likelihood(model, backend, batches, 7, backend.rng(6))
+    labels = [y[0:10], y[10:20], y[20:25]] if conditional else None
+    labels_of = (lambda b: labels[b]) if conditional else (lambda b: None)
+    elbo = evaluation.test_elbo(model, backend, batches, backend.rng(5), labels=labels)
+    log_px = evaluation.per_image_log_likelihood(model, backend, batches, 7, backend.rng(6),
+                                                 labels=labels)
+    # the plain model calls, batch by batch, on the same streams
+    rng = backend.rng(5)
+    whole = [model.loss(batch, rng=rng, y=labels_of(b)) for b, batch in enumerate(batches)]
+    assert elbo["loss"] == pytest.approx(
+        sum(float(t.loss) * len(batch) for t, batch in zip(whole, batches)) / 25, rel=1e-12)
+    rng = backend.rng(6)
+    np.testing.assert_allclose(log_px, np.concatenate([
+        model.log_likelihood(batch, 7, rng, y=labels_of(b)) for b, batch in enumerate(batches)]),
+        rtol=1e-12)
     size = 3
-    parts = [sharded_test_elbo(model, backend, OneRankOf(r, size), batches, backend.rng(5))
-             for r in range(size)]
+    parts = [evaluation.test_elbo(model, backend, batches, backend.rng(5), labels=labels,
+                                  comm=OneRankOf(r, size)) for r in range(size)]
     for key in ("loss", "kl", "recon"):  # each rank's share of the image-weighted sums
         assert sum(p[key] for p in parts) == pytest.approx(elbo[key], rel=1e-12)
-    rows = [sharded_log_likelihood(model, backend, OneRankOf(r, size), batches, 7,
-                                   backend.rng(6)) for r in range(size)]
+    rows = [evaluation.per_image_log_likelihood(model, backend, batches, 7, backend.rng(6),
+                                                labels=labels, comm=OneRankOf(r, size))
+            for r in range(size)]
     # each rank returns its rows batch by batch: put them back in the batches' order
     pieces, offsets = [], [0] * size
     for batch in batches:
@@ -174,6 +197,71 @@ def test_the_cli_without_mpi4py_says_what_to_install(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# Ranks agree before they meet: an error on one is raised on all, and the ranks compare
+# their config and data first (a stand-in for the other rank's allgather entry)
+
+
+class TwoRanks(Communicator):
+    """Rank ``rank`` of two, whose allgather returns this rank's object and ``theirs``
+    as the other rank's. ``calls`` counts the allgathers."""
+
+    def __init__(self, rank: int, theirs):
+        self.rank, self.size, self.theirs, self.calls = rank, 2, theirs, 0
+
+    def allgather(self, obj) -> list:
+        self.calls += 1
+        return [obj, self.theirs] if self.rank == 0 else [self.theirs, obj]
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_one_rank_saying_it():
+    with pytest.raises(OtherRankFailed, match="rank 1 failed: boom") as info:
+        agree(TwoRanks(0, ((1, "boom"), {})))          # rank 0 did fine, rank 1 did not
+    assert info.value.rank == 1
+    mine = ValueError("mine")
+    with pytest.raises(ValueError) as info:
+        agree(TwoRanks(1, (None, {})), mine)
+    assert info.value is mine
+    with pytest.raises(OtherRankFailed, match="rank 0 failed: first"):  # the lowest says it
+        agree(TwoRanks(1, ((0, "first"), {})), ValueError("second"))
+    agree(TwoRanks(0, (None, {})))                      # no failure: nothing raised
+    # an error agreed in an inner block passes the outer one without a second allgather
+    comm = TwoRanks(0, ((1, "inner"), {}))
+    with pytest.raises(OtherRankFailed):
+        with all_or_none(comm):
+            with all_or_none(comm):
+                pass
+    assert comm.calls == 1
+
+
+def test_ranks_with_other_data_or_config_are_refused_naming_the_difference(tmp_path):
+    """What rank 1 sends when its data set has one pixel changed (the same sizes), or its
+    lr differs: rank 0 names the field with both values, rank 1 raises OtherRankFailed."""
+    dataset = tiny_dataset()
+    changed = tiny_dataset()
+    changed.x_train[3, 100] = 1.0 - changed.x_train[3, 100]
+    config = tiny_config().to_dict()
+
+    def sent(config, data) -> tuple:
+        return None, json.loads(json.dumps({"config": config, "data": dataset_identity(data)}))
+
+    with pytest.raises(RanksDiffer, match=r"data\.sha256 is '[0-9a-f]{64}' on rank 0 but "
+                                          r"'[0-9a-f]{64}' on rank 1; every rank") as info:
+        Trainer(tiny_config(), dataset, tmp_path / "a", log=None, progress=False,
+                pictures=False, comm=TwoRanks(0, sent(config, changed)))
+    assert "\n" not in str(info.value)
+    with pytest.raises(RanksDiffer, match=r"config\.lr is 0\.001 on rank 0 but 0\.01 on rank 1"):
+        Trainer(tiny_config(), dataset, tmp_path / "b", log=None, progress=False,
+                pictures=False, comm=TwoRanks(0, sent({**config, "lr": 0.01}, dataset)))
+    with pytest.raises(OtherRankFailed, match="data.n_train is 72 on rank 0 but 71"):
+        fewer = Dataset(dataset.x_train[:71], dataset.y_train[:71], dataset.x_test,
+                        dataset.y_test, source="synthetic", description="fewer")
+        Trainer(tiny_config(), fewer, tmp_path / "c", log=None, progress=False,
+                pictures=False, comm=TwoRanks(1, sent(config, dataset)))
+    # the same data and config: no error, and the digest is the data's own
+    assert dataset_identity(tiny_dataset()) == dataset_identity(dataset)
+
+
+# --------------------------------------------------------------------------------------
 # mpiexec
 
 
@@ -208,8 +296,9 @@ def mpiexec(ranks: int, mode: str, out: Path, epochs: int, timeout: float = 60):
 
 
 def worker(mode: str, out: str, epochs: str) -> None:
-    """One rank of an mpiexec test: train (``train``), resume (``resume``) or raise on
-    rank 1 (``raise``); every rank saves its final parameters as ``out/rank<r>.npy``."""
+    """One rank of an mpiexec test: train (``train``; ``conditional``: a conditional
+    model), resume (``resume``) or raise on rank 1 (``raise``); every rank saves its final
+    parameters as ``out/rank<r>.npy``."""
     from vae_np.distributed import abort_on_error, world
 
     comm = world("numpy")
@@ -220,33 +309,39 @@ def worker(mode: str, out: str, epochs: str) -> None:
         trainer = Trainer.resume(out_dir / "run", dataset, overrides={"epochs": int(epochs)},
                                  **options)
     else:
-        trainer = Trainer(tiny_config(epochs=int(epochs)), dataset, out_dir / "run", **options)
+        config = tiny_config(epochs=int(epochs), conditional=mode == "conditional")
+        trainer = Trainer(config, dataset, out_dir / "run", **options)
     if mode == "raise" and comm.rank == 1:
         raise RuntimeError("boom on rank 1")
     trainer.fit()
     np.save(out_dir / f"rank{comm.rank}.npy", parameters(trainer))
 
 
-def shard_sum_reference(epochs: int, size: int) -> np.ndarray:
+def shard_sum_reference(epochs: int, size: int, conditional: bool = False) -> np.ndarray:
     """The run of ``tiny_config`` computed in one process, each global batch's gradient
-    the sum, in rank order, of the ``size`` shards' weighted gradients."""
-    config = tiny_config(epochs=epochs)
+    the sum, in rank order, of the ``size`` shards' weighted gradients (each shard with
+    its own rows' labels, for a ``conditional`` model)."""
+    config = tiny_config(epochs=epochs, conditional=conditional)
     backend = get_backend("numpy", "float64")
-    model = VAE(input_dim=784, backend=backend, **config.model_kwargs())
+    model = VAE(input_dim=784, backend=backend, num_classes=10 if conditional else None,
+                **config.model_kwargs())
     opt = Adam(model.parameters, lr=config.lr)
     data = RunData(tiny_dataset(), config, backend)
     for epoch in range(1, epochs + 1):
         order, bounds = data.epoch_batches(epoch)
         x = data.epoch_train_data(epoch, order)
+        y = data.y_train[order]
         noise = backend.rng(data.key(Stream.NOISE, epoch))
         for b in range(len(bounds) - 1):
             batch = x[int(bounds[b]):int(bounds[b + 1])]
+            labels = y[int(bounds[b]):int(bounds[b + 1])]
             n = batch.shape[0]
             eps = noise.normal((config.samples, n, config.latent_dim))
             total = None
             for rank in range(size):
                 lo, hi = shard_bounds(n, size, rank)
-                model.loss(batch[lo:hi], eps=eps[:, lo:hi], check_finite=False)
+                model.loss(batch[lo:hi], eps=eps[:, lo:hi], check_finite=False,
+                           y=labels[lo:hi] if conditional else None)
                 model.backward()
                 g = model.parameters.grad * ((hi - lo) / n)
                 total = g if total is None else total + g
@@ -257,22 +352,30 @@ def shard_sum_reference(epochs: int, size: int) -> np.ndarray:
 
 @pytest.mark.slow
 @needs_mpiexec
-def test_two_ranks_train_the_one_rank_model(tmp_path):
-    done = mpiexec(2, "train", tmp_path, 2)
+@pytest.mark.parametrize("mode", ["train", "conditional"])
+def test_two_ranks_train_the_one_rank_model(tmp_path, mode):
+    conditional = mode == "conditional"
+    done = mpiexec(2, mode, tmp_path, 2)
     assert done.returncode == 0, done.stderr
     two = [np.load(tmp_path / f"rank{r}.npy") for r in range(2)]
     np.testing.assert_array_equal(two[0], two[1])        # every rank took the same steps
-    one = Trainer(tiny_config(), tiny_dataset(), tmp_path / "one", log=None, progress=False,
-                  pictures=False, comm=SingleProcess())
-    one.fit()
+    one = Trainer(tiny_config(conditional=conditional), tiny_dataset(), tmp_path / "one",
+                  log=None, progress=False, pictures=False, comm=SingleProcess())
+    results = one.fit()
     single = parameters(one)
     assert np.linalg.norm(two[0] - single) <= 1e-12 * np.linalg.norm(single)
     # and the same bits as one process summing the two shards in rank order
-    np.testing.assert_array_equal(two[0], shard_sum_reference(2, 2))
+    np.testing.assert_array_equal(two[0], shard_sum_reference(2, 2, conditional))
     # rank 0 wrote the run; the checkpoint records the ranks
-    from vae_np.train import read_run
     saved = read_run(tmp_path / "run")
     assert saved.ranks == 2 and saved.epochs_done == 2
+    assert (saved.model_config["num_classes"] == 10) == conditional
+    # the sharded test ELBO and ln p(x) (with labels) are the one-rank numbers
+    sharded = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
+    assert sharded["final_epoch"]["test_loss"] == pytest.approx(
+        results["final_epoch"]["test_loss"], rel=1e-12)
+    assert sharded["test_log_likelihood"]["mean"] == pytest.approx(
+        results["test_log_likelihood"]["mean"], rel=1e-12)
 
 
 @pytest.mark.slow
@@ -299,6 +402,56 @@ def test_one_rank_raising_ends_the_whole_job(tmp_path):
     assert done.returncode != 0
     assert "rank 1 of 2: RuntimeError: boom on rank 1" in done.stderr
     assert not (tmp_path / "rank0.npy").exists()
+
+
+def write_npz(path: Path, flip: bool = False) -> Path:
+    """tiny_dataset() as an .npz a user would give --dataset (one pixel changed: ``flip``)."""
+    data = tiny_dataset()
+    if flip:
+        data.x_train[0, 0] = 1.0 - data.x_train[0, 0]
+    np.savez(path, x_train=data.x_train, x_test=data.x_test)
+    return path
+
+
+def vae_np_train_on_two_ranks(tmp_path: Path, rank0: list[str], rank1: list[str]):
+    """``mpiexec -n 1 vae-np train ... : -n 1 vae-np train ...``: rank 0 and rank 1 with
+    their own flags (an MPMD launch), a tiny model, one epoch."""
+    common = ["-m", "vae_np", "train", "--distributed", "--no-progress", "--no-pictures",
+              "--hidden", "8", "--latent-dim", "2", "--batch-size", "16", "--epochs", "1",
+              "--eval-samples", "2", "--out", str(tmp_path / "run")]
+    command = [MPIEXEC, "-n", "1", sys.executable, *common, *rank0,
+               ":", "-n", "1", sys.executable, *common, *rank1]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=one_thread_env())
+
+
+@pytest.mark.slow
+@needs_mpiexec
+def test_ranks_given_other_data_sets_stop_at_once_with_one_line(tmp_path):
+    """#19 item 8: two --dataset files of the same sizes; they used to hang forever."""
+    a, b = write_npz(tmp_path / "a.npz"), write_npz(tmp_path / "b.npz", flip=True)
+    done = vae_np_train_on_two_ranks(tmp_path, ["--dataset", str(a)], ["--dataset", str(b)])
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("vae-np train: error (rank 0 of 2): the ranks differ: "
+                               "data.sha256 is '")
+    assert "on rank 1; every rank must run the same command on the same data" in lines[0]
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+# Three of the issue's twenty tries (all twenty passed by hand): the line used to arrive
+# late, not at all, or with an UnboundLocalError after it.
+@pytest.mark.slow
+@needs_mpiexec
+@pytest.mark.parametrize("failing", [1, 1, 0])
+def test_a_data_error_on_one_rank_is_one_line_from_that_rank(tmp_path, failing):
+    good, missing = write_npz(tmp_path / "good.npz"), tmp_path / "missing.npz"
+    flags = [["--dataset", str(good)], ["--dataset", str(good)]]
+    flags[failing] = ["--dataset", str(missing)]
+    done = vae_np_train_on_two_ranks(tmp_path, *flags)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"vae-np train: error (rank {failing} of 2): dataset: no such file {missing}"]
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ import pytest
 from scipy import special, stats
 
 import vae_np.backend as backend_module
-import vae_np.model as model_module
+import vae_np.objectives as objectives_module
 from vae_np import VAE, gradcheck
 from vae_np.backend import get_backend, use_fast_paths
 from vae_np.likelihoods import make_likelihood, scale_rows
-from vae_np.model import iwae_bound, iwae_latent_backward, iwae_log_weights
+from vae_np.objectives import iwae_bound, iwae_latent_backward, iwae_log_weights
 from vae_np.ops import logsumexp_and_softmax
 
 from helpers import (C, D, H, assert_identical, batch, noise, reference_mlp, run_training,
@@ -365,20 +365,20 @@ def test_latent_gradient_three_paths_equal_the_collapsed_form(np64):
 
 def _wrong_without_prior(dz, dloss_dnll, z, logvar, eps):
     """The prior's path into z forgotten."""
-    return model_module.reparameterize_backward(dz, logvar, eps)
+    return objectives_module.reparameterize_backward(dz, logvar, eps)
 
 
 def _wrong_without_half_logvar(dz, dloss_dnll, z, logvar, eps):
     """ln q's direct -1/2 logvar forgotten (as if q's density did not change with sigma)."""
-    xp = model_module.namespace_of(dz)
-    return model_module.reparameterize_backward(dz + xp.expand_dims(dloss_dnll, axis=2) * z,
+    xp = objectives_module.namespace_of(dz)
+    return objectives_module.reparameterize_backward(dz + xp.expand_dims(dloss_dnll, axis=2) * z,
                                                 logvar, eps)
 
 
 @pytest.mark.parametrize("wrong", (_wrong_without_prior, _wrong_without_half_logvar))
 def test_a_wrong_latent_gradient_fails_and_points_at_the_encoder(wrong, monkeypatch,
                                                                  record_check):
-    monkeypatch.setattr(model_module, "iwae_latent_backward", wrong)
+    monkeypatch.setattr(objectives_module, "iwae_latent_backward", wrong)
     model = tiny("gaussian", 3)
     x, eps = batch(), noise(3)
     report = gradcheck.check_vae(model, x, eps, max_entries=None)
@@ -395,14 +395,14 @@ def test_weights_not_held_at_the_softmax_fail():
     S-sample ELBO with a sampled KL) are not the gradient of the bound: the check says so."""
     model = tiny("bernoulli", 5)
     x, eps = batch(), noise(5)
-    original = model_module.iwae_bound
+    original = objectives_module.iwae_bound
 
     def uniform(log_w):
         bound, weights = original(log_w)
         return bound, weights * 0.0 + 1.0 / log_w.shape[0]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model_module, "iwae_bound", uniform)
+        patch.setattr(objectives_module, "iwae_bound", uniform)
         assert not gradcheck.check_vae(model, x, eps, max_entries=6).passed
 
 
@@ -584,7 +584,7 @@ def test_objective_is_recorded_and_vae_stays_the_default():
     ({"objective": None}, r"^objective: "),
     ({"objective": "iwae", "beta": 0.5}, r"^beta: the iwae objective has no KL term"),
     ({"objective": "iwae", "beta": 0.0}, r"^beta: the iwae objective"),
-    ({"objective": "iwae", "samples": 0}, r"^samples: expected a positive integer"),
+    ({"objective": "iwae", "samples": 0}, r"^samples: expected an integer >= 1"),
 ])
 def test_bad_objective_configuration(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -333,7 +333,7 @@ def test_init_is_seeded_and_identical_across_backends_and_dtypes():
     ((2.5, 3), "in_features"), ((True, 3), "in_features"), ((3, "4"), "out_features"),
 ])
 def test_linear_bad_sizes(args, name, np64):
-    with pytest.raises(ValueError, match=rf"^{name}: expected a positive integer"):
+    with pytest.raises(ValueError, match=rf"^{name}: expected an integer >= 1"):
         Linear(*args, np64, np.random.default_rng(0))
 
 
@@ -361,7 +361,7 @@ def test_mlp_bad_sizes(sizes, np64):
 
 
 def test_mlp_bad_hidden_size_names_the_width(np64):
-    with pytest.raises(ValueError, match=r"expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"expected an integer >= 1, got 0"):
         MLP((3, 0, 2), np64, np.random.default_rng(0))
 
 

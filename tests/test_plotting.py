@@ -217,7 +217,7 @@ def test_save_reconstructions_rejects_bad_inputs(tmp_path, rng):
         save_reconstructions(tmp_path / "r.png", x[:, :700], x)
     with pytest.raises(ValueError, match="reconstructions"):
         save_reconstructions(tmp_path / "r.png", x, x + 2.0)
-    with pytest.raises(ValueError, match="n must"):
+    with pytest.raises(ValueError, match="^n: expected an integer >= 1"):
         save_reconstructions(tmp_path / "r.png", x, x, n=0)
     assert not any(tmp_path.iterdir())
 
@@ -398,7 +398,7 @@ def test_plot_manifold_rejects_bad_decoder_output(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"n": 0}, "n must"), ({"extent": (0.0, 0.9)}, "extent"), ({"extent": (0.9, 0.1)}, "extent"),
+    [({"n": 0}, "^n: expected an integer >= 1"), ({"extent": (0.0, 0.9)}, "extent"), ({"extent": (0.9, 0.1)}, "extent"),
      ({"extent": 0.5}, "extent")],
 )
 def test_plot_manifold_rejects_bad_arguments(tmp_path, kwargs, name):

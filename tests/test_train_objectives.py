@@ -75,11 +75,7 @@ def cli_config(argv, tmp_path) -> TrainConfig:
     """The TrainConfig ``vae-np train argv`` would start (nothing is trained)."""
     parser = train_cli.build_parser()
     args, given = train_cli.parse_args(parser, [*argv, "--out", str(tmp_path / "run")])
-
-    def fail(exc):
-        raise AssertionError(exc)
-
-    return train_cli.check_before_data(parser, args, given, fail)
+    return train_cli.config_before_data(args, given)
 
 
 # --------------------------------------------------------------------------------------
@@ -403,11 +399,21 @@ def test_conditional_feature_vectors_draw_a_panel_per_class(tmp_path):
                                                      "loss_curves.png"]
 
 
-def test_conditional_needs_labels_and_no_distribution(tmp_path):
+def test_conditional_needs_labels(tmp_path):
     with pytest.raises(ValueError, match="synthetic bands .* has none"):
         trainer(tiny_config(conditional=True), make_dataset(labels=False), tmp_path)
-    with pytest.raises(ValueError, match="does not train --distributed"):
-        tiny_config(conditional=True, distributed=True)
+
+
+def test_conditional_trains_the_same_bits_on_one_distributed_rank(dataset, tmp_path):
+    """The sharded step and evaluation carry the labels: one rank is the plain run."""
+    config = tiny_config(conditional=True)
+    plain = trainer(config, dataset, tmp_path / "plain")
+    one = trainer(dataclasses.replace(config, distributed=True), dataset, tmp_path / "one",
+                  comm=SingleProcess())
+    a, b = plain.fit(), one.fit()
+    assert same_parameters(plain, one)
+    assert a["final_epoch"]["test_loss"] == b["final_epoch"]["test_loss"]
+    assert a["test_log_likelihood"]["mean"] == b["test_log_likelihood"]["mean"]
 
 
 def test_conditional_end_to_end_from_the_command_line(tmp_path, capsys):
@@ -431,15 +437,12 @@ def test_conditional_end_to_end_from_the_command_line(tmp_path, capsys):
     assert train_cli.main(["--resume", "--out", str(out), "--dataset", str(npz),
                            "--epochs", "3", "--no-progress", "--no-pictures"]) == 0
     assert "epoch   3/3" in capsys.readouterr().out
-    # the errors: no labels (naming the file), and with --distributed
+    # the error: no labels (naming the file)
     plain = write_npz(tmp_path / "unlabelled.npz", labels=False)
     status, err = cli_status(["--dataset", str(plain), "--conditional", "--out",
                               str(tmp_path / "x"), "--no-progress"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "unlabelled.npz" in err and "has none" in err
-    status, err = cli_status(["--conditional", "--distributed", "--out",
-                              str(tmp_path / "y")], capsys)
-    assert status == 2 and err.count("\n") == 1 and "does not train --distributed" in err
 
 
 def test_help_lists_the_new_flags_with_their_defaults(capsys):

@@ -15,10 +15,11 @@ from the host, and the choice of floating dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,6 +61,93 @@ def _numba_kernels():
             module = None
         _numba_module = module
     return _numba_module
+
+
+# ------------------------------------------------------------------------------------------
+# Fast twins: one reference per op, and at most one fast twin of it per device kind.
+#
+# An op is a function on arrays written as its math (the reference) and decorated with
+# ``@fast_twin``. Its twins live in one module per device kind, leaves that import nothing
+# from the package: ``_twins_cpu`` (compiled with numba, for NumPy arrays) and
+# ``_twins_cuda`` (CUDA kernels, for CuPy arrays). Each has ``TWINS``, a dict from the op's
+# name (``"module.qualname"``, e.g. ``"losses.kl_standard_normal"``) to a function taking
+# the same arguments and returning the same results, to the bit on NumPy
+# (tests/test_fast_paths.py), or ``NotImplemented`` for arguments it does not serve (then
+# the reference runs). The math modules name no backend: the device of the op's first
+# array argument picks the table, and ``use_fast_paths(False)``, a missing numba or an
+# array-api-strict array pick the reference.
+
+#: Every op decorated with :func:`fast_twin`: name -> the undecorated reference.
+FAST_OPS: dict[str, Callable] = {}
+_TWIN_TABLES: dict[str, dict[str, Callable]] = {}
+
+
+def _twin_table(kind: str) -> dict[str, Callable]:
+    """The twins of device kind ``kind`` (``"cpu"`` or ``"cuda"``), loaded on first use
+    ({} for the CPU when numba is not installed: the references run)."""
+    table = _TWIN_TABLES.get(kind)
+    if table is None:
+        if kind == "cpu":
+            try:
+                from . import _twins_cpu as module
+            except ImportError as exc:
+                if exc.name != "numba":   # a broken twin module is an error, not a fallback
+                    raise
+                module = None
+        else:
+            from . import _twins_cuda as module
+        table = _TWIN_TABLES[kind] = dict(module.TWINS) if module is not None else {}
+    return table
+
+
+def _device_kind(array) -> str | None:
+    """``"cpu"`` for a NumPy array, ``"cuda"`` for a CuPy one, else None (no twins)."""
+    if type(array) is np.ndarray:
+        return "cpu"
+    module = type(array).__module__
+    return "cuda" if module.startswith("cupy") else None
+
+
+def twin_of(name: str, array) -> Callable | None:
+    """The fast twin of op ``name`` for the device ``array`` lives on, or None when the
+    reference runs there (fast paths off, array-api-strict, no numba, no such twin)."""
+    if not _fast_paths_on:
+        return None
+    kind = _device_kind(array)
+    return None if kind is None else _twin_table(kind).get(name)
+
+
+def fast_twin(reference: Callable) -> Callable:
+    """Decorator: ``reference`` is an op's math; calls run its fast twin for the device of
+    the first array argument when there is one (see the comment above), else it.
+
+    The decorated function keeps the reference as ``.reference`` (for tests and for
+    learners who want the math alone) and its docstring.
+    """
+    name = f"{reference.__module__.rsplit('.', 1)[-1]}.{reference.__qualname__}"
+    if name in FAST_OPS:
+        raise ValueError(f"reference: an op named {name!r} is already registered")
+    FAST_OPS[name] = reference
+
+    @functools.wraps(reference)
+    def op(*args, **kwargs):
+        if _fast_paths_on:
+            for arg in args:
+                kind = _device_kind(arg)
+                if kind is not None:
+                    twin = _twin_table(kind).get(name)
+                    if twin is not None:
+                        result = twin(*args, **kwargs)
+                        if result is not NotImplemented:
+                            return result
+                    break
+                if hasattr(arg, "__array_namespace__"):   # array-api-strict: the reference
+                    break
+        return reference(*args, **kwargs)
+
+    op.reference = reference
+    op.op_name = name
+    return op
 
 
 class BackendUnavailableError(RuntimeError):

@@ -7,6 +7,8 @@
     vae-np interpolate CHECKPOINT --dataset DATA --pairs 8 --steps 10 --out interp.png [--spherical]
     vae-np traverse CHECKPOINT [--dataset DATA] --out traverse.png   one row per latent dimension
     vae-np eval CHECKPOINT --dataset DATA -K 5000             test -ELBO and ln p(x)
+    vae-np export CHECKPOINT --format onnx|safetensors|torch --out PATH   (vae_np.interop)
+    vae-np import STATE_DICT --out model.npz                 a PyTorch / safetensors model
 
 CHECKPOINT is a trainer checkpoint (``results/checkpoint.npz``) or a model-only export
 (:func:`vae_np.save_model`). DATA is ``mnist`` (the default), a ``.npz`` file or a folder
@@ -30,10 +32,11 @@ from . import plotting
 from .backend import BACKEND_NAMES, BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
-from .saving import SavedModel, read_model
-from .train.evaluation import log_likelihood_summary
-from .train_cli import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
-                        nonnegative_int, positive_float, positive_int)
+from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
+                       nonnegative_int, positive_float, positive_int)
+from .interop import FORMATS, export_model, import_model
+from .likelihoods import LIKELIHOOD_NAMES
+from .saving import SavedModel, read_model, save_model
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
@@ -45,7 +48,7 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------------------
-# Flags shared by the subcommands (their argument types are the trainer's, train_cli)
+# Flags shared by the subcommands (their argument types: vae_np.cli_args)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -338,6 +341,8 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .train.evaluation import log_likelihood_summary  # here: only eval needs the trainer's
+
     saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)
@@ -381,6 +386,29 @@ def cmd_eval(args) -> int:
         atomic_write(Path(args.json), lambda fh: fh.write(
             (json.dumps(result, indent=2) + "\n").encode()))
         say(f"wrote {args.json}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    saved = load(args)
+    data = {**saved.data, "image_shape": None if saved.image_shape is None
+            else list(saved.image_shape), "binarize": saved.binarize}
+    paths = export_model(saved.model, args.out, args.format, data=data)
+    say(f"wrote {', '.join(map(str, paths))} ({args.format})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    imported = import_model(args.state_dict, decoder=args.decoder, variance=args.variance,
+                            input_shift=args.input_shift, dtype=args.dtype)
+    model = imported.model
+    out = save_model(model, args.out, image_shape=imported.image_shape,
+                     binarize=imported.data.get("binarize"),
+                     data={k: v for k, v in imported.data.items()
+                           if k not in ("image_shape", "binarize")})
+    say(f"wrote {out}: a {model.config['decoder']} VAE, {model.input_dim}-"
+        f"{'-'.join(map(str, model.hidden))}-{model.latent_dim}, {model.backend.dtype_name}, "
+        f"from a {imported.source} file")
     return 0
 
 
@@ -492,6 +520,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "intensities; static: one seeded draw")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(run=cmd_eval)
+
+    p = subs.add_parser("export", help="write a model as ONNX, safetensors or a PyTorch "
+                                       "state_dict", formatter_class=fmt,
+                        description="onnx: OUT.encoder.onnx and OUT.decoder.onnx; "
+                                    "safetensors: the parameters and the configuration; "
+                                    "torch: a torch.save state_dict in the starting "
+                                    "example's layout (vae_np.interop documents each).")
+    add_model_flags(p)
+    p.add_argument("--format", choices=FORMATS, required=True, help="the file format")
+    p.add_argument("--out", required=True, help="the file to write (onnx: a prefix)")
+    p.set_defaults(run=cmd_export)
+
+    p = subs.add_parser("import", help="a PyTorch or safetensors model as a vae_np model file",
+                        formatter_class=fmt,
+                        description="Read a torch.save state_dict or a safetensors file in "
+                                    "the starting example's layout (or one vae-np export "
+                                    "wrote) and write a vae_np model file that the other "
+                                    "subcommands use. Sizes come from the tensors' shapes.")
+    p.add_argument("state_dict", help="a .pt state_dict or a .safetensors file")
+    p.add_argument("--out", required=True, help="the vae_np model file (.npz) to write")
+    p.add_argument("--decoder", choices=LIKELIHOOD_NAMES, default=None,
+                   help="the decoder's likelihood (default: gaussian for 2c outputs, else "
+                        "bernoulli)")
+    p.add_argument("--variance", type=positive_float, default=None,
+                   help="gaussian-fixed: its variance (default: the starting example's)")
+    p.add_argument("--input-shift", type=float, default=None,
+                   help="subtracted from x before the encoder (default 0.5: x - 0.5)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="floating type (default: the tensors')")
+    p.set_defaults(run=cmd_import)
     return parser
 
 

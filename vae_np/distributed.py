@@ -13,9 +13,13 @@ provides:
     shard_bounds(n, size, r)   rows [lo, hi) of an n-row batch that rank r trains on
     RowsOf(rng, n, lo, hi)     an RNG that draws the whole batch's noise and returns rows
                                lo:hi: N ranks draw exactly the single-process eps
-    sharded_test_elbo, sharded_log_likelihood
-                               the evaluation, sharded, giving the single-process result
-    abort_on_error(comm)       an exception on any rank ends the whole job (MPI Abort)
+    agree(comm, error, **same) where the ranks compare notes before a collective: an
+                               error on one rank is raised on all of them (the others
+                               raise OtherRankFailed naming it), and values that differ
+                               between ranks (config, data) are a RanksDiffer naming them
+    all_or_none(comm)          a with-block that fails on every rank or on none (agree)
+    abort_on_error(comm)       an uncaught exception on any rank ends the whole job (MPI
+                               Abort): the fallback where no agree() is reached
 
 Reductions. NumPy: ``MPI.Allreduce`` in place on the host buffer. CuPy: NCCL
 (``cupy.cuda.nccl.NcclCommunicator``, its unique id broadcast with mpi4py) on the current
@@ -27,20 +31,20 @@ The CuPy/NCCL paths have not been run on a GPU by the author (no GPU where it wa
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .backend import RNG
 
 __all__ = ["INSTALL_HINT", "Communicator", "DistributedUnavailable", "MPICommunicator",
-           "RowsOf", "SingleProcess", "abort_on_error", "check_same_everywhere",
-           "log_likelihood_chunk_size", "shard_bounds", "sharded_log_likelihood",
-           "sharded_test_elbo", "world"]
+           "OtherRankFailed", "RanksDiffer", "RowsOf", "SingleProcess", "abort_on_error",
+           "agree", "all_or_none",
+           "one_line", "shard_bounds", "world"]
 
 INSTALL_HINT = 'pip install -e ".[mpi]" (mpi4py and the MPICH wheel), then mpiexec -n N ...'
 
@@ -77,7 +81,7 @@ class RowsOf(RNG):
         if len(shape) < 2 or shape[1] != self.hi - self.lo:
             raise ValueError(f"RowsOf.normal: expected a shape (S, {self.hi - self.lo}, ...), "
                              f"got {shape}")
-        return self.base.normal((shape[0], self.n, *shape[2:]))[:, self.lo:self.hi]
+        return self.base.normal((shape[0], self.n, *shape[2:]))[:, self.lo:self.hi, ...]
 
     def uniform(self, shape: Sequence[int]):
         raise NotImplementedError("RowsOf draws normal noise only")
@@ -274,6 +278,7 @@ class MPICommunicator(Communicator):
         sys.stderr.flush()
         sys.stdout.flush()
         self.comm.Abort(code)
+        os._exit(code)  # MPI_Abort may return before the job is torn down: never run on
 
 
 def _host_buffer(buffer) -> np.ndarray:
@@ -321,14 +326,94 @@ def _select_gpu(local_rank: int) -> None:
 # Consistency and failure
 
 
-def check_same_everywhere(comm: Communicator, what: str, value: Any) -> None:
-    """ValueError on every rank when ``value`` (JSON-able) differs between ranks."""
-    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-    digests = comm.allgather(digest)
-    differ = [r for r, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise ValueError(f"{what} differs between ranks (rank 0 and rank {differ[0]}); every "
-                         f"rank must run the same command on the same data")
+class OtherRankFailed(RuntimeError):
+    """Raised by :func:`agree` on the ranks that do not report a failure: ``rank`` is the
+    rank that does (the lowest one that failed), ``message`` its error on one line."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank, self.message = rank, message
+
+
+class RanksDiffer(ValueError):
+    """The ranks of a job were given different values (config, data): raised by
+    :func:`agree` on rank 0, while the others raise OtherRankFailed."""
+
+
+#: The attribute :func:`agree` sets on what it raises: the job has agreed on this error
+#: already, so an enclosing ``all_or_none`` lets it pass instead of agreeing again (a
+#: rank that failed early meets the others at their first agreement, whichever it is).
+AGREED = "agreed_by_every_rank"
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (its type's name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def agree(comm: Communicator, error: BaseException | None = None, **same) -> None:
+    """Where the ranks compare notes before a collective that a failed rank would never
+    join (the others would wait in it forever): one allgather of every rank's ``error``
+    (None: it did fine) and of the values ``same`` (JSON-able, or functions returning
+    them, called only where there are other ranks to compare with).
+
+    Raises on every rank or on none, and one rank only raises the real error, so that
+    one line says it: where some rank failed, the lowest such rank re-raises its own
+    ``error``; else, where a value of ``same`` differs between ranks, rank 0 raises
+    :class:`RanksDiffer` naming the first field that differs, with rank 0's value and the
+    other rank's. Every other rank raises :class:`OtherRankFailed` naming that rank.
+    """
+    mine = None if error is None else (comm.rank, one_line(error))
+    values = {}
+    if mine is None and comm.size > 1:  # the JSON round trip makes tuples lists everywhere
+        values = {name: json.loads(json.dumps(value() if callable(value) else value,
+                                              sort_keys=True, default=str))
+                  for name, value in same.items()}
+    everyone = comm.allgather((mine, values))
+    failed = sorted(failure for failure, _ in everyone if failure is not None)
+    if failed:
+        rank, message = failed[0]
+        _raise_agreed(error if rank == comm.rank else OtherRankFailed(rank, message))
+    for rank, (_, theirs) in enumerate(everyone[1:], start=1):
+        for name in sorted(same):
+            if theirs[name] != everyone[0][1][name]:
+                field, ours, other = _first_difference(everyone[0][1][name], theirs[name], name)
+                message = (f"the ranks differ: {field} is {ours!r} on rank 0 but {other!r} on "
+                           f"rank {rank}; every rank must run the same command on the same "
+                           f"data")
+                _raise_agreed(RanksDiffer(message) if comm.is_root
+                              else OtherRankFailed(0, message))
+
+
+def _raise_agreed(error: BaseException):
+    setattr(error, AGREED, True)
+    raise error
+
+
+@contextlib.contextmanager
+def all_or_none(comm: Communicator, **same):
+    """``with all_or_none(comm):`` the block succeeds on every rank or raises on every rank:
+    an exception in it, on any rank, is raised at its end on all of them (the others
+    raise OtherRankFailed), after one :func:`agree`, which also compares the values
+    ``same``. For the rank-local work before a collective, so that no rank is left
+    waiting in it. An error agreed on already (by an inner block) passes as it is."""
+    error = None
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 (raised again by agree, on every rank)
+        if getattr(exc, AGREED, False):
+            raise
+        error = exc
+    agree(comm, error, **same)
+
+
+def _first_difference(a, b, field: str) -> tuple[str, Any, Any]:
+    """(dotted name, a's value, b's value) of the first entry where ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{field}.{key}")
+    return field, a, b
 
 
 def abort_on_error(comm: Communicator) -> Callable:
@@ -341,73 +426,10 @@ def abort_on_error(comm: Communicator) -> Callable:
     def hook(kind, value, traceback):
         if os.environ.get("VAE_NP_TRACEBACK"):
             previous(kind, value, traceback)
-        text = " ".join(str(value).split()) or kind.__name__
-        comm.abort(f"rank {comm.rank} of {comm.size}: {kind.__name__}: {text}", 1)
+        if isinstance(value, OtherRankFailed):
+            return  # the failing rank says why (and aborts); exit status 1 here
+        comm.abort(f"rank {comm.rank} of {comm.size}: {kind.__name__}: {one_line(value)}", 1)
 
     if comm.size > 1:
         sys.excepthook = hook
     return previous
-
-
-# --------------------------------------------------------------------------------------
-# Sharded evaluation: the single-process numbers, up to the order of the sums
-
-
-def sharded_test_elbo(model, backend, comm: Communicator, batches: Iterable, rng,
-                      check: Callable[[], None] | None = None) -> dict[str, float]:
-    """``vae_np.train.evaluation.test_elbo`` with each batch split over the ranks: every
-    rank draws the whole batch's noise (the same draws as one process) and scores its rows;
-    the image-weighted sums are added up with one allreduce at the end."""
-    xp = backend.xp
-    total, count = backend.zeros((3,)), 0
-    for batch in batches:
-        if check is not None:
-            check()
-        n = batch.shape[0]
-        lo, hi = shard_bounds(n, comm.size, comm.rank)
-        eps = rng.normal((model.samples, n, model.latent_dim))
-        if hi > lo:
-            t = model.loss(batch[lo:hi], eps=eps[:, lo:hi], check_finite=False)
-            total = total + xp.stack([t.loss, t.kl, t.recon]) * (hi - lo)
-        count += n
-    comm.allreduce_sum(total)
-    loss, kl, recon = (backend.to_numpy(total).astype(np.float64) / count).tolist()
-    return {"loss": loss, "kl": kl, "recon": recon}
-
-
-def log_likelihood_chunk_size(model, n: int, num_samples: int) -> int:
-    """The K-chunk ``VAE.log_likelihood`` uses by default for an ``n``-image batch (its own
-    formula): the sharded evaluation asks for the same chunks, so that on CuPy, whose RNG
-    keys each draw by its call number, the draws are the single-process ones. (On NumPy the
-    draws do not depend on the chunking.)"""
-    width = model.input_dim * model.likelihood.outputs_per_pixel
-    return max(1, min(num_samples, 2 ** 22 // (n * max(width, *model.hidden, 1))))
-
-
-def sharded_log_likelihood(model, backend, comm: Communicator, batches: Iterable,
-                           num_samples: int, rng, check: Callable[[], None] | None = None,
-                           on_batch: Callable[[], object] | None = None) -> np.ndarray:
-    """``vae_np.train.evaluation.per_image_log_likelihood`` with each batch split over the
-    ranks (the same importance samples as one process); every rank gets all N values,
-    float64 (N,), in the order of ``batches``."""
-    mine = []
-    for batch in batches:
-        if check is not None:
-            check()
-        n = batch.shape[0]
-        lo, hi = shard_bounds(n, comm.size, comm.rank)
-        chunk = log_likelihood_chunk_size(model, n, num_samples)
-        if hi > lo:
-            values = model.log_likelihood(batch[lo:hi], num_samples=num_samples,
-                                          rng=RowsOf(rng, n, lo, hi), chunk_size=chunk,
-                                          check_finite=False)
-            mine.append(backend.to_numpy(values).astype(np.float64))
-        else:  # draw what the other ranks draw, to stay in step with the stream
-            for start in range(0, num_samples, chunk):
-                rng.normal((min(chunk, num_samples - start), n, model.latent_dim))
-            mine.append(np.zeros((0,), dtype=np.float64))
-        if on_batch is not None:
-            on_batch()
-    everyone = comm.allgather(mine)
-    return np.concatenate([np.concatenate([ranks[b] for ranks in everyone])
-                           for b in range(len(mine))]) if mine else np.zeros((0,))

@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .backend import use_fast_paths
+from .validation import check_int, check_number
 
 #: The code paths :func:`check_vae` can exercise: the readable reference of every op, or
 #: the fused variants that NumPy and CuPy run by default (``vae_np.backend.Backend.fast``).
@@ -120,10 +121,8 @@ def _require_float64(arrays: Mapping[str, object]) -> None:
 
 
 def _check_step_and_tolerance(h, tolerance) -> None:
-    for name, value in (("h", h), ("tolerance", tolerance)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) \
-                or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    check_number("h", h, low=0.0, low_open=True)
+    check_number("tolerance", tolerance, low=0.0, low_open=True)
 
 
 def numerical_partial(f: Callable[[], float], array, index: tuple, h: float = DEFAULT_STEP) -> float:
@@ -157,10 +156,7 @@ def check_gradients(f: Callable[[], float], arrays: Mapping[str, object],
     """
     _require_float64(arrays)
     _check_step_and_tolerance(h, tolerance)
-    if max_entries is not None and (not isinstance(max_entries, (int, np.integer))
-                                    or isinstance(max_entries, bool) or max_entries < 1):
-        raise ValueError(f"max_entries: expected an integer >= 1 or None (all entries), "
-                         f"got {max_entries!r}")
+    check_int("max_entries", max_entries, 1, allow_none=True)   # None: every entry
     if not arrays:
         raise ValueError("arrays: expected at least one array to check, got none")
     rng = np.random.default_rng(seed)

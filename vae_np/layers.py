@@ -28,6 +28,7 @@ import numpy as np
 
 from .backend import Backend
 from .ops import sigmoid, softplus
+from .validation import check_int
 
 INITIALISATIONS = ("he", "glorot")
 
@@ -71,9 +72,8 @@ class Linear(Layer):
     def __init__(self, in_features: int, out_features: int, backend: Backend,
                  rng: np.random.Generator, init: str = "he"):
         super().__init__(backend)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        in_features = check_int("in_features", in_features, 1)
+        out_features = check_int("out_features", out_features, 1)
         if init not in INITIALISATIONS:
             raise ValueError(f"init: expected one of {INITIALISATIONS}, got {init!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)

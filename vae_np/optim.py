@@ -6,20 +6,10 @@ clipping the gradient's global L2 norm. Derivations: docs/06-adam.md, "Adam".
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .parameters import Parameters, as_finite_host_array
-
-
-def _check_number(name, value, low=None, high=None, low_open=False):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name}: expected a number {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value >= high:
-        raise ValueError(f"{name}: expected a number < {high}, got {value!r}")
+from .validation import check_number as _check_number
 
 
 def clip_grad_norm(parameters: Parameters, max_norm: float):
@@ -127,8 +117,8 @@ class Adam(Optimizer):
         super().__init__(parameters, lr, clip_norm)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], low=0.0, high=1.0)
-        _check_number("betas[1]", betas[1], low=0.0, high=1.0)
+        _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
         _check_number("eps", eps, low=0.0, low_open=True)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         backend = parameters.backend
@@ -228,7 +218,7 @@ class SGD(Optimizer):
     def __init__(self, parameters: Parameters, lr: float = 1e-2, momentum: float = 0.0,
                  clip_norm: float | None = None):
         super().__init__(parameters, lr, clip_norm)
-        _check_number("momentum", momentum, low=0.0, high=1.0)
+        _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.momentum = float(momentum)
         self.velocity = parameters.backend.zeros((parameters.size,))
 

@@ -20,7 +20,6 @@ Examples that are not images (feature vectors) are drawn as line plots by
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_write
+from .validation import check_int, check_number
 
 __all__ = [
     "image_grid",
@@ -87,12 +87,6 @@ def _save_png(fig, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI))
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _image_shape(image_shape: Any) -> tuple[int, ...]:
     """(H, W) for greyscale, (H, W, 3) for RGB; (H, W, 1) is greyscale, (H, W)."""
     try:
@@ -102,7 +96,7 @@ def _image_shape(image_shape: Any) -> tuple[int, ...]:
     if len(dims) not in (2, 3) or (len(dims) == 3 and dims[2] not in (1, 3)):
         raise ValueError(f"image_shape must be (height, width) or (height, width, 3), "
                          f"got {image_shape!r}")
-    h, w = _positive_int(dims[0], "image_shape[0]"), _positive_int(dims[1], "image_shape[1]")
+    h, w = check_int("image_shape[0]", dims[0], 1), check_int("image_shape[1]", dims[1], 1)
     return (h, w, 3) if len(dims) == 3 and dims[2] == 3 else (h, w)
 
 
@@ -201,17 +195,15 @@ def image_grid(
         non-positive *nrow*; the message names the argument.
     """
     shape = _image_shape(image_shape)
-    nrow = _positive_int(nrow, "nrow")
-    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
-        raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
-    if not 0.0 <= float(pad_value) <= 1.0:
-        raise ValueError(f"pad_value must be in [0, 1], got {pad_value!r}")
+    nrow = check_int("nrow", nrow, 1)
+    p = check_int("padding", padding, 0)
+    pad_value = check_number("pad_value", pad_value, low=0.0, high=1.0)
     imgs = _as_images(images, shape, "images")
 
-    n, (h, w), p = imgs.shape[0], shape[:2], int(padding)
+    n, (h, w) = imgs.shape[0], shape[:2]
     cols = min(nrow, n)
     rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + p) + p, cols * (w + p) + p, *shape[2:]), float(pad_value))
+    grid = np.full((rows * (h + p) + p, cols * (w + p) + p, *shape[2:]), pad_value)
     for i in range(n):
         r, c = divmod(i, nrow)
         top, left = p + r * (h + p), p + c * (w + p)
@@ -274,8 +266,8 @@ def save_reconstructions(
     shapes, mismatched N, empty inputs or values outside ``[0, 1]``.
     """
     shape = _image_shape(image_shape)
-    n = _positive_int(n, "n")
-    ncol = _positive_int(ncol, "ncol")
+    n = check_int("n", n, 1)
+    ncol = check_int("ncol", ncol, 1)
     orig = _as_images(originals, shape, "originals")
     recon = _as_images(reconstructions, shape, "reconstructions")
     if orig.shape[0] != recon.shape[0]:
@@ -492,7 +484,7 @@ def plot_manifold(
     *extent* is the ``(low, high)`` cumulative probability of the outermost
     grid points, with ``0 < low < high < 1``.  Returns the written path.
     """
-    n = _positive_int(n, "n")
+    n = check_int("n", n, 1)
     shape = _image_shape(image_shape)
     try:
         lo, hi = (float(v) for v in extent)
@@ -555,7 +547,7 @@ def plot_feature_vectors(
     an interpolation per panel (k > 2 lines coloured from the first to the last step, no
     legend needed). Values may be any finite numbers. Returns the written path.
     """
-    ncol = _positive_int(ncol, "ncol")
+    ncol = check_int("ncol", ncol, 1)
     if isinstance(panels, np.ndarray):
         panels = list(panels) if panels.ndim == 3 else [panels]
     if len(panels) == 0:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .backend import Backend, get_backend
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import VAE
@@ -83,7 +84,7 @@ def save_model(model: VAE, path: str | os.PathLike, *, image_shape=None,
     summary.update({"image_shape": None if shape is None else list(shape),
                     "binarize": binarize})
     arrays = {PREFIX + name: value for name, value in model.state_dict().items()}
-    metadata = {"format": MODEL_FORMAT, "vae_np_version": _package_version(),
+    metadata = {"format": MODEL_FORMAT, "vae_np_version": __version__,
                 "model_config": model.config, "data": summary}
     save_checkpoint(path, arrays, metadata)
     return Path(path)
@@ -179,9 +180,3 @@ def _check_image_shape(shape, input_dim: int, name: str) -> tuple[int, ...] | No
         raise ValueError(f"{name}: {shape} holds {math.prod(shape)} values, the model's "
                          f"input_dim is {input_dim}")
     return shape
-
-
-def _package_version() -> str:
-    import vae_np  # here, not at the top: the package imports its modules first
-
-    return vae_np.__version__

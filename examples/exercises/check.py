@@ -44,11 +44,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from vae_np import VAE, Adam, get_backend, use_fast_paths
 from vae_np import likelihoods as likelihoods_module
-from vae_np import model as model_module
+from vae_np import objectives as objectives_module
 from vae_np.gradcheck import check_gradients, numerical_partial
 from vae_np.layers import Linear, Sigmoid
 from vae_np.losses import bernoulli_nll, kl_standard_normal
-from vae_np.model import reparameterize_backward
+from vae_np.objectives import reparameterize_backward
 from vae_np.parameters import Parameters
 
 EXERCISES = ("linear_backward", "sigmoid_backward", "bernoulli_nll_grad", "kl_grad",
@@ -62,9 +62,9 @@ WHERE = {
     "bernoulli_nll_grad": ("docs/04-losses.md#bernoulli", "vae_np.losses.bernoulli_nll"),
     "kl_grad": ("docs/04-losses.md#kl-to-the-standard-normal",
                 "vae_np.losses.kl_standard_normal"),
-    "reparameterize": ("docs/02-reparameterization.md#the-trick", "vae_np.model.reparameterize"),
+    "reparameterize": ("docs/02-reparameterization.md#the-trick", "vae_np.objectives.reparameterize"),
     "reparameterize_backward": ("docs/02-reparameterization.md#the-two-derivatives",
-                                "vae_np.model.reparameterize_backward"),
+                                "vae_np.objectives.reparameterize_backward"),
     "adam_step": ("docs/06-adam.md#why-the-bias-correction", "vae_np.optim.Adam"),
 }
 
@@ -118,7 +118,7 @@ LIBRARY: dict[str, Callable] = {
     "sigmoid_backward": _library_sigmoid_backward,
     "bernoulli_nll_grad": lambda x, logits: bernoulli_nll(x, logits)[1],
     "kl_grad": lambda mu, logvar: tuple(g.copy() for g in kl_standard_normal(mu, logvar)[1:]),
-    "reparameterize": model_module.reparameterize,
+    "reparameterize": objectives_module.reparameterize,
     "reparameterize_backward": reparameterize_backward,
     "adam_step": _library_adam_step,
 }
@@ -329,7 +329,7 @@ def check(name: str, impl: Callable, forward: Callable | None = None, seed: int 
             passed, text = _check_reparameterize(impl, rng)
         elif name == "reparameterize_backward":
             passed, text = _check_reparameterize_backward(
-                impl, rng, forward or model_module.reparameterize)
+                impl, rng, forward or objectives_module.reparameterize)
         else:
             passed, text = _check_adam(impl, rng)
     except NotImplementedError:
@@ -382,12 +382,12 @@ def plugged_in(answers: dict[str, Callable], model: VAE, optimizer: Adam):
              lambda x, logits: (bernoulli_nll(x, logits)[0], impl_b(x, logits)))
     if "kl_grad" in answers:
         impl_k = answers["kl_grad"]
-        swap(model_module, "kl_standard_normal",
+        swap(objectives_module, "kl_standard_normal",
              lambda mu, logvar: (kl_standard_normal(mu, logvar)[0], *impl_k(mu, logvar)))
     if "reparameterize" in answers:
-        swap(model_module, "reparameterize", answers["reparameterize"])
+        swap(objectives_module, "reparameterize", answers["reparameterize"])
     if "reparameterize_backward" in answers:
-        swap(model_module, "reparameterize_backward", answers["reparameterize_backward"])
+        swap(objectives_module, "reparameterize_backward", answers["reparameterize_backward"])
     if "adam_step" in answers:
         impl_a = answers["adam_step"]
 
@@ -455,7 +455,7 @@ def train(answers: dict[str, Callable], epochs: int, train_size: int, test_size:
         log_px = float(np.mean(model.log_likelihood(x_eval, num_samples=50, rng=eval_rng)))
         mu, logvar = model.encode(x_eval)
         # the noise scale the forward really used: z - mu for eps = 1
-        forward = answers.get("reparameterize", model_module.reparameterize)
+        forward = answers.get("reparameterize", objectives_module.reparameterize)
         scale = np.abs(forward(np.zeros_like(mu), logvar, np.ones((1, *mu.shape),
                                                                   dtype=mu.dtype))[0])
         used_kl = float(np.mean(kl_standard_normal(mu, 2.0 * np.log(scale))[0]))

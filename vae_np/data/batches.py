@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from ..backend import RNG as BackendRNG
+from ..validation import check_int
 
 __all__ = ["BINARIZE_MODES", "binarize", "iterate_minibatches"]
 
@@ -68,17 +69,15 @@ def iterate_minibatches(
     seed, required); each index appears exactly once per pass. The last,
     smaller batch is yielded unless ``drop_last``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"iterate_minibatches: batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"iterate_minibatches: n must be an integer >= 0, got {n!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    n = check_int("n", n, 0)
     if shuffle:
         if rng is None:
             raise ValueError("iterate_minibatches: shuffle=True needs rng (a numpy.random.Generator or int seed)")
-        order = np.random.default_rng(rng).permutation(int(n)).astype(np.int64, copy=False)
+        order = np.random.default_rng(rng).permutation(n).astype(np.int64, copy=False)
     else:
-        order = np.arange(int(n), dtype=np.int64)
+        order = np.arange(n, dtype=np.int64)
     stop = n - n % batch_size if drop_last else n
     # Arguments are checked above, at call time; only the slicing is lazy.
-    return (order[start:start + batch_size] for start in range(0, stop, int(batch_size)))
+    return (order[start:start + batch_size] for start in range(0, stop, batch_size))
 

@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..validation import check_choice, check_number
 from .dataset import Dataset
 from .mnist import load_mnist
 
@@ -238,10 +239,9 @@ def load_image_folder(directory: str | os.PathLike, decoder: str = "bernoulli",
     Intensities are pixel / 255 in [0, 1], so every decoder fits them.
     """
     directory = Path(directory)
-    if color not in ("gray", "rgb"):
-        raise ValueError(f"color: expected 'gray' or 'rgb', got {color!r}")
-    if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    check_choice("color", color, ("gray", "rgb"))
+    test_fraction = check_number("test_fraction", test_fraction, low=0.0, high=1.0,
+                                 low_open=True, high_open=True)
     if not directory.is_dir():
         raise FileNotFoundError(f"dataset: no such folder {directory}")
     try:

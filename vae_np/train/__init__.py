@@ -53,13 +53,17 @@ One concern per module:
     config      TrainConfig: what defines a run, its checks, what a resume may change;
                 presets (burda2015) and the learning-rate schedules
     streams     Stream: the keyed random streams behind reproducibility
-    rundata     RunData: the run's images on the backend, selected, binarized, batched
-    trainer     Trainer: the parts put together, and the loop (fit, one epoch)
+    rundata     RunData: the run's images on the backend, selected, binarized, batched;
+                dataset_identity, what the ranks of a job compare before they meet
+    trainer     Trainer: the parts put together, and the loop (fit, one epoch); one
+                process is a communicator of one rank (vae_np.distributed.SingleProcess)
+    step        one batch's loss and gradient, sharded over the communicator's ranks
     guards      Ctrl-C at a batch boundary; non-finite losses and parameters
     state       what a checkpoint holds; writing it, and checking every field on resume
     outdir      the output directory checked before any work, and its lock
     metrics     per-batch terms, metrics.jsonl, results.json
     evaluation  test negative ELBO; importance-sampled ln p(x) and its standard error
+                (each batch sharded over the ranks, with a conditional model's labels)
     pictures    the PNGs of each epoch
     report      what is printed: messages, progress bars, the epoch line
 """

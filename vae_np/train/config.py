@@ -7,31 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from ..backend import BACKEND_NAMES, DTYPE_NAMES, get_backend
 from ..data import BINARIZE_MODES
 from ..layers import ACTIVATIONS
 from ..likelihoods import make_likelihood
-from ..model import OBJECTIVES
+from ..objectives import OBJECTIVES
+from ..validation import check_bool, check_choice, check_int, check_number
 
 __all__ = ["OUTPUT_BIASES", "PRESETS", "SCHEDULES", "TrainConfig", "check_choice", "check_int",
            "preset", "stage_epochs"]
-
-def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
-    """ValueError naming ``name`` unless ``value`` is an integer >= ``minimum`` (bools are
-    not integers here), or None when ``allow_none``."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> None:
-    """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 #: Initialisations of the decoder's output bias: ``zero`` (every Linear's own), or
@@ -137,7 +121,7 @@ class TrainConfig:
         schedule: ``constant`` or ``burda2015`` (see ``SCHEDULES``; ``epochs`` at most
             3,280 then); the trainer sets the learning rate at the start of each epoch.
         conditional: a conditional VAE, q(z | x, y) and p(x | z, y), on the data set's
-            labels (which it then needs); not with ``distributed``.
+            labels (which it then needs).
     Data parallelism:
         distributed: train under ``mpiexec -n N`` (:mod:`vae_np.distributed`): each rank
             trains on its shard of every global batch of ``batch_size`` images (which must
@@ -188,10 +172,7 @@ class TrainConfig:
         check_int("seed", self.seed, 0)
         check_int("eval_samples", self.eval_samples, 0)
         for name in ("distributed", "conditional"):
-            value = getattr(self, name)
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name}: expected True or False, got {value!r}")
-            setattr(self, name, bool(value))
+            setattr(self, name, check_bool(name, getattr(self, name)))
         check_int("limit_train", self.limit_train, 1, allow_none=True)
         check_int("limit_test", self.limit_test, 1, allow_none=True)
         check_choice("binarize", self.binarize, ("auto", *BINARIZE_MODES))
@@ -202,10 +183,7 @@ class TrainConfig:
         check_choice("activation", self.activation, tuple(sorted(ACTIVATIONS)))
         check_choice("output_bias", self.output_bias, OUTPUT_BIASES)
         check_choice("schedule", self.schedule, SCHEDULES)
-        if isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float)) \
-                or not (0 < self.adam_eps < float("inf")):
-            raise ValueError(f"adam_eps: expected a finite number > 0, got {self.adam_eps!r}")
-        self.adam_eps = float(self.adam_eps)
+        self.adam_eps = check_number("adam_eps", self.adam_eps, low=0.0, low_open=True)
         if self.objective == "iwae" and self.beta != 1:
             raise ValueError(
                 f"beta: the iwae objective has no KL term to weight, so beta must stay 1 "
@@ -219,10 +197,6 @@ class TrainConfig:
             raise ValueError(f"epochs: the burda2015 schedule ends after its "
                              f"{BURDA2015_STAGES} stages, {stage_epochs(BURDA2015_STAGES):,} "
                              f"epochs; got {self.epochs}")
-        if self.conditional and self.distributed:
-            raise ValueError("conditional: a conditional VAE does not train --distributed "
-                             "yet (the sharded evaluation takes no labels); drop one of "
-                             "--conditional and --distributed")
         if self.decoder != "bernoulli" and self.binarize in ("static", "dynamic"):
             raise ValueError(
                 f"binarize={self.binarize!r} with decoder={self.decoder!r}: a Gaussian density "
@@ -259,6 +233,12 @@ class TrainConfig:
         if self.objective == "iwae":
             return f"-IWAE k={self.samples} bound"
         return "-ELBO"
+
+    def objective_summary(self) -> dict[str, Any]:
+        """What the reported losses are, for results.json: ``{"name", "samples", "loss",
+        "conditional"}`` (``samples``: S of the ELBO, k of the IWAE bound)."""
+        return {"name": self.objective, "samples": self.samples, "loss": self.loss_name,
+                "conditional": self.conditional}
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -15,8 +15,9 @@ import numpy as np
 
 from ..checkpoint import atomic_write
 
-__all__ = ["EPOCH_METRICS", "METRICS_FILE", "RESULTS_FILE", "BatchTerms", "weighted_mean",
-           "write_metrics", "write_results"]
+__all__ = ["EPOCH_METRICS", "METRICS_FILE", "RESULTS_FILE", "BatchTerms", "epoch_entry",
+           "prepare_files", "run_results", "weighted_mean", "write_metrics",
+           "write_results"]
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -29,6 +30,41 @@ EPOCH_METRICS = (
     "train_seconds", "images_per_second",        # the training pass only (no evaluation)
     "eval_seconds", "updates",                   # test ELBO time; optimizer steps so far
 )
+
+
+def epoch_entry(epoch: int, train: np.ndarray, test: Mapping[str, float], seconds: float,
+                images: int, eval_seconds: float, updates: int) -> dict[str, Any]:
+    """One epoch's entry of the history (keys ``EPOCH_METRICS``): ``train`` (3,) its mean
+    (loss, KL, recon); ``test`` the test set's ``{"loss", "kl", "recon"}``; ``seconds``
+    and ``images`` its training pass; ``updates`` the optimizer's steps so far."""
+    return {
+        "epoch": epoch,
+        "train_loss": float(train[0]), "train_kl": float(train[1]),
+        "train_recon": float(train[2]),
+        "test_loss": test["loss"], "test_kl": test["kl"], "test_recon": test["recon"],
+        "train_seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else None,
+        "eval_seconds": eval_seconds, "updates": updates,
+    }
+
+
+def run_results(config, data: Mapping[str, Any], backend, model,
+                history: Sequence[Mapping[str, Any]],
+                log_likelihood: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What ``results.json`` holds after a run: its config (a ``TrainConfig``), data
+    (``RunData.summary()``), backend, model size, objective, the last epoch's metrics of
+    ``history``, the test ln p(x) (None when not estimated) and the total training time."""
+    return {
+        "config": config.to_dict(),
+        "data": dict(data),
+        "backend": f"{backend.name}/{backend.dtype_name}",
+        "num_parameters": model.num_parameters,
+        "objective": config.objective_summary(),
+        "epochs": len(history),
+        "final_epoch": history[-1],
+        "test_log_likelihood": log_likelihood,
+        "train_seconds_total": sum(e["train_seconds"] for e in history),
+    }
 
 
 def weighted_mean(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -81,6 +117,17 @@ def write_metrics(out_dir: Path, history: Sequence[Mapping[str, Any]]) -> Path:
     lines = "".join(json.dumps(entry) + "\n" for entry in history)
     # Rewritten whole from the history, so after a resume it matches the checkpoint.
     return write_text(out_dir / METRICS_FILE, lines)
+
+
+def prepare_files(out_dir: Path, history: Sequence[Mapping[str, Any]], fresh: bool) -> None:
+    """Before a run trains into ``out_dir``: a ``fresh`` one removes the metrics and
+    results of an earlier run there (they no longer apply); a resumed one rewrites
+    metrics.jsonl from ``history``, in step with its checkpoint."""
+    if fresh:
+        for name in (RESULTS_FILE, METRICS_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    else:
+        write_metrics(out_dir, history)
 
 
 def write_results(out_dir: Path, results: Mapping[str, Any]) -> Path:

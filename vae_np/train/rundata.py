@@ -12,11 +12,26 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..checkpoint import arrays_digest
 from ..data import Dataset, binarize, iterate_minibatches
 from .config import TrainConfig
 from .streams import Stream, stream_key
 
-__all__ = ["RunData"]
+__all__ = ["RunData", "dataset_identity"]
+
+
+def dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    """What a run iterates, given its config: the split sizes, the features per image and
+    their shape, and a SHA-256 of the arrays (``vae_np.checkpoint.arrays_digest`` of
+    x_train, x_test and the labels, if any). Ranks of a distributed run compare it before
+    their first collective: a rank with other data would take other batches and wait in
+    an allreduce the others never reach."""
+    arrays = {name: getattr(dataset, name) for name in ("x_train", "x_test", "y_train", "y_test")
+              if getattr(dataset, name) is not None}
+    return {"n_train": dataset.n_train, "n_test": dataset.n_test,
+            "n_features": dataset.n_features, "num_classes": dataset.num_classes,
+            "image_shape": None if dataset.image_shape is None else list(dataset.image_shape),
+            "sha256": arrays_digest(arrays)}
 
 
 class RunData:
@@ -31,6 +46,13 @@ class RunData:
 
     def __init__(self, dataset: Dataset, config: TrainConfig, backend):
         self.dataset, self.config, self.backend = dataset, config, backend
+        if config.conditional and dataset.y_train is None:
+            raise ValueError(f"conditional: a conditional VAE trains on labels, and the data "
+                             f"set {dataset.description} ({dataset.source}) has none (an .npz "
+                             f"needs y_train and y_test; a folder of images, one subfolder "
+                             f"per class)")
+        #: The classes of a conditional run's model (None: unconditional).
+        self.num_classes = dataset.num_classes if config.conditional else None
         subset_rng = np.random.default_rng(self.key(Stream.SUBSET))
         x_train, y_train = _limit(dataset.x_train, dataset.y_train, config.limit_train,
                                   "limit_train", subset_rng)
@@ -75,6 +97,14 @@ class RunData:
                                            np.random.default_rng(self.key(Stream.SHUFFLE, epoch))))
         bounds = np.cumsum([0] + [len(b) for b in batches])
         return np.concatenate(batches), bounds
+
+    def mean_pixel_logits(self):
+        """``output_bias="data-logit"``: ln(p / (1 - p)) of the training set's mean pixels
+        p (:meth:`train_pixel_means`), clipped to [1e-3, 1 - 1e-3], on the backend (D,):
+        the decoder's output bias that makes a fresh model's Bernoulli means the average
+        image, as Burda et al.'s code starts, so the first updates need not learn it."""
+        p = np.clip(self.train_pixel_means(), 1e-3, 1.0 - 1e-3)
+        return self.backend.asarray(np.log(p / (1.0 - p)))
 
     def train_pixel_means(self) -> np.ndarray:
         """The mean of each feature over the run's training images (grey levels, before

@@ -31,7 +31,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -39,7 +39,8 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import EPOCH_METRICS
 
-__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "SavedRun", "read_run", "write_run"]
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "PartialEpoch", "SavedRun", "check_resumable", "load_states",
+           "read_run", "resumable_run", "write_run"]
 
 CHECKPOINT_FILE = "checkpoint.npz"
 
@@ -49,6 +50,23 @@ ADDED_FIELDS = ("distributed", "objective", "activation", "adam_eps", "output_bi
                 "schedule", "conditional", "input_shift")
 _DEFAULTS = TrainConfig()
 CHECKPOINT_FORMAT = "vae_np.train checkpoint"  # metadata["format"] of a trainer checkpoint
+
+
+@dataclass
+class PartialEpoch:
+    """The unfinished epoch after a mid-epoch interrupt (empty otherwise): ``terms``, the
+    (loss, KL, recon) of its trained batches, host (batches_done, 3), nats per image;
+    ``noise_state``, the training noise stream's ``RNG.state()`` after them (None before
+    the first); ``seconds`` and ``images``, its training time and images so far."""
+
+    terms: np.ndarray
+    noise_state: dict | None = None
+    seconds: float = 0.0
+    images: int = 0
+
+    @classmethod
+    def empty(cls, dtype) -> "PartialEpoch":
+        return cls(np.zeros((0, 3), dtype=dtype))
 
 
 @dataclass
@@ -76,6 +94,11 @@ class SavedRun:
     version: str
     path: Path | None = None  # the file it was read from
     ranks: int = 1            # MPI ranks of a --distributed run (1 otherwise)
+
+    @property
+    def partial(self) -> PartialEpoch:
+        return PartialEpoch(self.partial_terms, self.noise_state, self.partial_seconds,
+                            self.partial_images)
 
 
 def write_run(path: Path, run: SavedRun) -> Path:
@@ -182,6 +205,63 @@ def read_run(out_dir: str | Path) -> SavedRun:
         partial_terms=terms, noise_state=noise_state, partial_seconds=float(seconds),
         partial_images=images, data=data, version=check.get(meta, "vae_np_version", str),
         path=path)
+
+
+def resumable_run(out_dir: str | Path, overrides: Mapping[str, Any]) -> tuple[SavedRun,
+                                                                           TrainConfig]:
+    """The run checkpointed in ``out_dir`` (:func:`read_run`) and its config with
+    ``overrides`` (``TrainConfig.continued``: ValueError for a field a resume may not
+    change, or for fewer epochs than the run has done)."""
+    saved = read_run(out_dir)
+    config = saved.config.continued(overrides, out_dir)
+    if config.epochs < saved.epochs_done:
+        raise ValueError(f"epochs: the run in {out_dir} has already finished "
+                         f"{saved.epochs_done} epochs; ask for at least that")
+    return saved, config
+
+
+def check_resumable(saved: SavedRun, out_dir: Path, ranks: int, data: dict[str, Any],
+                    num_classes: int | None) -> None:
+    """ValueError unless the run ``saved`` (checkpointed in ``out_dir``) continues in a
+    job of ``ranks`` MPI ranks, on the data ``data`` (``RunData.summary()``), with a model
+    of ``num_classes`` classes (None: unconditional)."""
+    if saved.ranks != ranks:
+        raise ValueError(f"the run in {out_dir} was trained on {saved.ranks} MPI "
+                         f"rank(s) and resumes only on as many (mpiexec -n {saved.ranks}"
+                         f"{' ... --distributed' if saved.ranks > 1 else ''}); "
+                         f"this job has {ranks}")
+    classes = saved.model_config.get("num_classes")
+    if classes != num_classes:
+        raise ValueError(f"dataset: the run's conditional model has "
+                         f"{classes} classes, the data set {num_classes}")
+    was = saved.data
+    for key in ("source", "n_train", "n_test"):
+        if data[key] != was[key]:
+            raise ValueError(f"dataset: the run was trained on {was['description']} "
+                             f"({was['n_train']} train / {was['n_test']} test images), "
+                             f"got {data['description']} ({data['n_train']} / "
+                             f"{data['n_test']})")
+
+
+def load_states(saved: SavedRun, model, optimizer, backend) -> None:
+    """The checkpoint's parameters and optimizer state into ``model`` and ``optimizer``;
+    CheckpointError (naming the file) when they, or the training noise stream's state,
+    do not fit them or ``backend``."""
+    for what, load, state in (("model", model.load_state_dict, saved.model_state),
+                              ("optimizer", optimizer.load_state_dict,
+                               saved.optimizer_state)):
+        try:
+            load(state)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{saved.path}: {what}/* arrays do not fit the "
+                                  f"{what} of this config: {exc}") from exc
+    if saved.noise_state is not None:
+        try:  # the stream's own check, on a scratch stream of this backend
+            backend.rng(0).set_state(saved.noise_state)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{saved.path}: trainer metadata "
+                                  f"partial_epoch.noise_state: not a state of this "
+                                  f"backend's noise stream ({exc!r})") from exc
 
 
 class _Fields:

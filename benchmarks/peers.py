@@ -1,0 +1,155 @@
+"""The peers vae_np's training step is timed against, each the same model and step:
+PyTorch eager (default and fused Adam), torch.compile, and a whole step under ``jax.jit``.
+
+The same model everywhere: Linear layers with the configuration's activation between them
+(ReLU, or tanh for the Burda configuration), ``x - input_shift`` into the encoder, whose
+last layer gives [mu, logvar]; one reparameterised sample; the Bernoulli loss with logits
+plus the closed-form KL, summed over pixels and latent units and averaged over the batch;
+Adam (lr 1e-3, betas 0.9 / 0.999, eps 1e-8). Every peer starts from vae_np's own weights
+(``init_from``: a ``VAE.state_dict()``, W stored in x out), so the initialisation scheme
+is the same too. Each builder returns ``(step, sync)``: ``step()`` runs one training step,
+``sync()`` waits until the device has finished it (``block_until_ready`` for JAX), so a
+clock read after ``sync()`` times finished work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INPUT_DIM = 784
+
+
+def layer_sizes(config: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(encoder sizes, decoder sizes) of a configuration: 784 -> hidden -> 2d, d -> 784."""
+    hidden, d = tuple(config["hidden"]), config["latent_dim"]
+    return (INPUT_DIM, *hidden, 2 * d), (d, *reversed(hidden), INPUT_DIM)
+
+
+def _weights(init_from: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(W, b) per Linear, encoder first, from a VAE state_dict (W is in x out)."""
+    arrays = list(init_from.values())
+    return list(zip(arrays[0::2], arrays[1::2]))
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def make_torch(torch, device, dtype_name, config, x_host, init_from, fused_adam: bool = False,
+               compile_step: bool = False):
+    """The step in PyTorch eager (``compile_step``: its forward and loss under
+    ``torch.compile``; backward and Adam stay eager, as torch.compile leaves them)."""
+    nn = torch.nn
+    dtype = getattr(torch, dtype_name)
+    enc_sizes, dec_sizes = layer_sizes(config)
+    activation = {"relu": nn.ReLU, "tanh": nn.Tanh}[config.get("activation", "relu")]
+
+    def mlp(sizes):
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(activation())
+        return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+    enc, dec = mlp(enc_sizes), mlp(dec_sizes)
+    with torch.no_grad():
+        linears = [m for m in (*enc, *dec) if isinstance(m, nn.Linear)]
+        for lin, (W, b) in zip(linears, _weights(init_from)):
+            lin.weight.copy_(torch.as_tensor(np.ascontiguousarray(W.T)))
+            lin.bias.copy_(torch.as_tensor(b))
+    params = [*enc.parameters(), *dec.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3, fused=fused_adam)
+    x = torch.as_tensor(x_host, dtype=dtype, device=device)
+    batch, d, shift = x.shape[0], config["latent_dim"], config.get("input_shift", 0.5)
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def loss_fn(x):
+        h = enc(x - shift)
+        mu, logvar = h[:, :d], h[:, d:]
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits = dec(z)
+        recon = bce(logits, x, reduction="sum") / batch
+        kl = 0.5 * torch.sum(torch.exp(logvar) - logvar - 1.0 + mu * mu) / batch
+        return recon + kl
+
+    if compile_step:
+        loss_fn = torch.compile(loss_fn)
+
+    def step():
+        loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return step, sync
+
+
+# ------------------------------------------------------------------------------------------
+# JAX
+
+
+def jax_loss(jnp, params, x, eps, config):
+    """The negative ELBO of a batch in JAX, at given noise ``eps`` (N, d): the function
+    ``jax.grad`` differentiates (and tests/test_bench_peers.py compares with vae_np's)."""
+    act = {"relu": lambda h: jnp.maximum(h, 0.0), "tanh": jnp.tanh}[
+        config.get("activation", "relu")]
+    n_enc = len(config["hidden"]) + 1
+    d = config["latent_dim"]
+
+    def mlp(layers, h):
+        for i, (W, b) in enumerate(layers):
+            h = h @ W + b
+            if i < len(layers) - 1:
+                h = act(h)
+        return h
+
+    h = mlp(params[:n_enc], x - config.get("input_shift", 0.5))
+    mu, logvar = h[:, :d], h[:, d:]
+    z = mu + jnp.exp(0.5 * logvar) * eps
+    logits = mlp(params[n_enc:], z)
+    # Bernoulli nll with logits l: softplus(l) - x l, the stable form
+    recon = jnp.sum(jnp.logaddexp(0.0, logits) - x * logits)
+    kl = 0.5 * jnp.sum(jnp.exp(logvar) - logvar - 1.0 + mu * mu)
+    return (recon + kl) / x.shape[0]
+
+
+def make_jax(jax, dtype_name, config, x_host, init_from, seed: int = 0):
+    """The whole step (noise, forward, backward, Adam) as one ``jax.jit`` function whose
+    parameter and moment buffers are donated (updated in place, as vae_np's are)."""
+    jnp = jax.numpy
+    if dtype_name == "float64":
+        jax.config.update("jax_enable_x64", True)
+    dtype = getattr(jnp, dtype_name)
+    params = [(jnp.asarray(W, dtype), jnp.asarray(b, dtype)) for W, b in _weights(init_from)]
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    x = jnp.asarray(x_host, dtype)
+    d = config["latent_dim"]
+    lr, b1, b2, eps_adam = 1e-3, 0.9, 0.999, 1e-8
+    grad_fn = jax.value_and_grad(lambda p, x, e: jax_loss(jnp, p, x, e, config))
+
+    def train_step(params, m, v, t, key, x):
+        key, sub = jax.random.split(key)
+        noise = jax.random.normal(sub, (x.shape[0], d), dtype)
+        loss, grads = grad_fn(params, x, noise)
+        t = t + 1
+        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        params = jax.tree_util.tree_map(
+            lambda p, m, v: p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps_adam), params, m, v)
+        return params, m, v, t, key, loss
+
+    jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    state = [params, zeros, jax.tree_util.tree_map(jnp.zeros_like, params),
+             jnp.asarray(0.0, dtype), jax.random.PRNGKey(seed)]
+
+    def step():
+        *new, _loss = jitted(*state, x)
+        state[:] = new
+
+    def sync():
+        jax.block_until_ready(state[0])
+
+    return step, sync
