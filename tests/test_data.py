@@ -61,7 +61,9 @@ def tiny_mnist(tmp_path, monkeypatch):
     for role, name in data.MNIST_FILES.items():
         blob = gzip.compress(idx_bytes(TINY[role]))
         blobs[name] = blob
-        monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(blob).hexdigest())
+        # the published sums are of the decompressed IDX content (gzipped or not)
+        monkeypatch.setitem(data.MNIST_SHA256, name,
+                            hashlib.sha256(idx_bytes(TINY[role])).hexdigest())
         (tmp_path / name).write_bytes(blob)
     return tmp_path, blobs
 
@@ -267,7 +269,8 @@ def test_load_mnist_downloads_when_missing(tmp_path, monkeypatch):
     blobs = {}
     for role, name in data.MNIST_FILES.items():
         blobs[name] = gzip.compress(idx_bytes(TINY[role]))
-        monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(blobs[name]).hexdigest())
+        monkeypatch.setitem(data.MNIST_SHA256, name,
+                            hashlib.sha256(idx_bytes(TINY[role])).hexdigest())
     monkeypatch.setattr(download, "_fetch_url", lambda url, out, timeout: out.write(blobs[url.rsplit("/", 1)[1]]))
     ds = load_mnist(tmp_path / "new" / "dir", log=None)
     assert ds.source == "mnist" and ds.n_train == 6
@@ -349,17 +352,18 @@ def test_format_error_with_matching_checksum_is_raised(tmp_path, monkeypatch, no
         arr = TINY[role]
         if role == "test_labels":
             arr = arr[:-1]  # 3 labels for 4 images
-        blob = gzip.compress(idx_bytes(arr))
+        payload = idx_bytes(arr)
         if role == "train_images":
-            blob = gzip.compress(idx_bytes(arr)[:-5])  # truncated payload
-        monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(blob).hexdigest())
+            payload = payload[:-5]  # truncated payload
+        blob = gzip.compress(payload)
+        monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(payload).hexdigest())
         (tmp_path / name).write_bytes(blob)
     with pytest.raises(MNISTFormatError, match="train-images-idx3-ubyte.gz.*truncated"):
         load_mnist(tmp_path, log=None)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(TINY["train_images"])))
     monkeypatch.setitem(
         data.MNIST_SHA256, "train-images-idx3-ubyte.gz",
-        hashlib.sha256((tmp_path / "train-images-idx3-ubyte.gz").read_bytes()).hexdigest(),
+        hashlib.sha256(idx_bytes(TINY["train_images"])).hexdigest(),
     )
     with pytest.raises(MNISTFormatError, match="4 images but .* 3 labels"):
         load_mnist(tmp_path, log=None)
