@@ -3,10 +3,11 @@ another object's private state.
 
 Layers, ground floor up (a module may import only from strictly lower layers):
 
-    0  _numba_kernels, _cuda_kernels      compiled kernels: leaves, importing nothing
-    1  backend, ops                       the array library (which loads the kernels),
+    0  _twins_cpu, _twins_cuda            the ops' fast twins (numba, CUDA): leaves,
+                                          importing nothing
+    1  backend, ops                       the array library (which loads the twins),
                                           stable primitives
-    2  layers, losses, parameters         the math with its fast variants beside it
+    2  layers, losses, parameters         the math: each op its reference
     3  likelihoods, optim
     4  model
     5  gradcheck, distributed             checks any of the above; data parallelism over MPI
@@ -30,7 +31,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_np"
 
 LAYERS = {
-    "_numba_kernels": 0, "_cuda_kernels": 0, "_twins_cpu": 0, "_twins_cuda": 0,
+    "_twins_cpu": 0, "_twins_cuda": 0,
     "backend": 1, "ops": 1,
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
@@ -127,8 +128,8 @@ def test_imports_run_one_way(name):
             f"imports must point down (see this file's docstring)")
 
 
-def test_compiled_kernels_are_leaves():
-    for leaf in ("_numba_kernels", "_cuda_kernels"):
+def test_the_twins_are_leaves():
+    for leaf in ("_twins_cpu", "_twins_cuda"):
         assert imports_of(MODULES[leaf]) == set(), leaf
 
 
