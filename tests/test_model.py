@@ -744,20 +744,16 @@ def test_float32_model_runs_in_float32_and_gradcheck_refuses_it():
 # One model: the op chooses its variant, a cache belongs to the backward that reads it
 
 
-PATHS = ("numba", "numpy-only", "reference", "array_api_strict")
+PATHS = ("numba", "reference", "array_api_strict")
 
 
 @pytest.fixture(params=PATHS)
-def every_path(request, monkeypatch):
-    """Each way a step can run: NumPy with its compiled kernels, NumPy's fast variants
-    without numba, the readable reference, and array-api-strict (reference only)."""
-    import vae_np.backend as backend_module
+def every_path(request):
+    """Each way a step can run: NumPy with its ops' compiled twins, the readable reference
+    (what NumPy without numba runs), and array-api-strict (reference only)."""
     from vae_np.backend import use_fast_paths
     if request.param == "numba":
         pytest.importorskip("numba")
-        yield "numpy"
-    elif request.param == "numpy-only":
-        monkeypatch.setattr(backend_module, "_numba_module", None)
         yield "numpy"
     elif request.param == "reference":
         with use_fast_paths(False):
