@@ -27,7 +27,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vae_np.backend as backend_module
 from vae_np import VAE, Adam
 from vae_np.backend import FAST_OPS, _twin_table, fast_paths_enabled, get_backend, use_fast_paths
 from vae_np.layers import MLP
