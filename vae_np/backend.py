@@ -67,7 +67,9 @@ def fast_paths_enabled(backend: "Backend | None" = None) -> bool:
 # name (``"module.qualname"``, e.g. ``"losses.kl_standard_normal"``) to a function taking
 # the same arguments and returning the same results, to the bit on NumPy
 # (tests/test_fast_paths.py), or ``NotImplemented`` for arguments it does not serve (then
-# the reference runs). The math modules name no backend: the device of the op's first
+# the reference runs). A twin validates nothing: arguments of the wrong shape or of mixed
+# dtypes are outside what it serves, so the reference runs and raises the error (or
+# promotes) as documented. The math modules name no backend: the device of the op's first
 # array argument picks the table, and ``use_fast_paths(False)``, a missing numba or an
 # array-api-strict array pick the reference.
 

@@ -268,13 +268,17 @@ class MLP(Layer):
         return self._run(x, keep=False)
 
     def _run(self, x, keep: bool):
+        """The layers in turn, writing their caches (``keep``, as ``forward``) or not
+        (inference). A Linear and the ReLU right after it (exactly those classes: a
+        subclass runs its own code) are one op, which leaves the caches the two forwards
+        would: the Linear's input and the ReLU's output."""
         layers, i = self.layers, 0
         while i < len(layers):
-            layer = layers[i]
-            if type(layer) is Linear and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if type(layer) is Linear and type(after) is ReLU:
                 out = linear_relu_forward(x, layer.params["W"], layer.params["b"])
-                if keep:                            # the caches Linear and ReLU keep
-                    layer.cache, layers[i + 1].cache = x, out
+                if keep:
+                    layer.cache, after.cache = x, out
                 x, i = out, i + 2
             else:
                 x, i = (layer.forward(x) if keep else layer(x)), i + 1
