@@ -120,3 +120,22 @@ def test_the_transitional_backend_members_go_once_objectives_is_merged():
     assert left == [], (f"delete Backend.{', Backend.'.join(left)} (the TRANSITIONAL block in "
                         f"vae_np/backend.py) and the model.py fallback of reference_of in "
                         f"tests/test_fast_paths.py: objectives.py replaces their last users")
+
+
+@pytest.mark.parametrize("kind", ("cpu", "cuda"))
+def test_every_twin_takes_its_references_arguments(kind):
+    """Same parameter names, kinds and defaults as the reference, so a call by keyword or
+    with a default means the same to both (the CUDA twins cannot run without a GPU: this
+    is what the CPU-only suite can check of them)."""
+    import inspect
+    try:
+        table = _twin_table(kind)
+    except ImportError:
+        pytest.skip(f"the {kind} twins cannot be imported here")
+    if not table:
+        pytest.skip(f"no {kind} twins here (numba missing)")
+    for name in sorted(set(table) & set(FAST_OPS)):
+        def shape(function):
+            return [(p.name, p.kind, p.default)
+                    for p in inspect.signature(function).parameters.values()]
+        assert shape(table[name]) == shape(FAST_OPS[name]), name
