@@ -43,7 +43,7 @@ except ImportError:  # run from a source checkout that is not pip-installed
     import vae_np
 
 from vae_np import VAE, Adam
-from vae_np.backend import cuda_available, get_backend, use_fast_paths
+from vae_np.backend import cuda_available, fast_paths_enabled, get_backend, use_fast_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import INPUT_DIM, layer_sizes, make_jax, make_torch  # noqa: E402
@@ -398,7 +398,8 @@ def main(argv=None) -> int:
         "python": platform.python_version(), "numpy": np.__version__,
         "vae_np": vae_np.__version__,
         "fast_paths": not args.reference,
-        "numba": (__import__("numba").__version__ if get_backend("numpy").numba else None),
+        "numba": (__import__("numba").__version__
+                  if fast_paths_enabled(get_backend("numpy")) else None),
         "torch": torch.__version__ if torch else None,
         "jax": jax.__version__ if jax else None,
         "blas": blas_info(),

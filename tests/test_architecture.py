@@ -3,11 +3,11 @@ another object's private state.
 
 Layers, ground floor up (a module may import only from strictly lower layers):
 
-    0  _numba_kernels, _cuda_kernels,     compiled kernels and the fast twins: leaves,
-       _twins_cpu, _twins_cuda, _version  importing nothing (_version: the package's version)
-    1  backend, ops, validation           the array library (which loads the kernels),
+    0  _twins_cpu, _twins_cuda, _version  the ops' fast twins (numba, CUDA) and the package's
+                                          version: leaves, importing nothing
+    1  backend, ops, validation           the array library (which loads the twins),
                                           stable primitives, the input checks
-    2  layers, losses, parameters         the math (each op's reference; twins on floor 0)
+    2  layers, losses, parameters         the math: each op its reference
     3  likelihoods, optim
     4  objectives                         the ELBO and the importance-weighted bound
     5  model
@@ -34,7 +34,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_np"
 
 LAYERS = {
-    "_numba_kernels": 0, "_cuda_kernels": 0, "_twins_cpu": 0, "_twins_cuda": 0, "_version": 0,
+    "_twins_cpu": 0, "_twins_cuda": 0, "_version": 0,
     "backend": 1, "ops": 1, "validation": 1,
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
@@ -134,7 +134,7 @@ def test_imports_run_one_way(name):
 
 
 def test_leaves_import_nothing():
-    for leaf in ("_numba_kernels", "_cuda_kernels", "_version", "validation"):
+    for leaf in ("_twins_cpu", "_twins_cuda", "_version", "validation"):
         assert imports_of(MODULES[leaf]) == set(), leaf
 
 

@@ -2,7 +2,7 @@
 
 NVRTC, CUDA's runtime compiler, is a plain shared library: the ``nvidia-cuda-nvrtc-cu12``
 wheel brings it, and it compiles without a driver or a device. So every kernel body in
-``vae_np._cuda_kernels.SOURCES`` (and every raw source in ``RAW_SOURCES``, if the module
+``vae_np._twins_cuda.SOURCES`` (and every raw source in ``RAW_SOURCES``, if the module
 ever holds one) is compiled here, in the ordinary suite, for compute capabilities 8.0
 (A100) and 9.0 (H100/H200), in float32 and float64, with the package's ``OPTIONS``:
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae_np import _cuda_kernels
+from vae_np import _twins_cuda
 
 ARCHS = ("compute_80", "compute_90")
 DTYPES = ("float32", "float64")
@@ -184,9 +184,9 @@ class Kernel:
 
     @classmethod
     def from_sources(cls, name: str) -> "Kernel":
-        in_params, out_params, body, *rest = _cuda_kernels.SOURCES[name]
+        in_params, out_params, body, *rest = _twins_cuda.SOURCES[name]
         extra = rest[0] if rest and isinstance(rest[0], dict) else {}
-        scalars = getattr(_cuda_kernels, "SCALAR_INPUTS", {}).get(name, ())
+        scalars = getattr(_twins_cuda, "SCALAR_INPUTS", {}).get(name, ())
         return cls(name, in_params, out_params, body, extra.get("preamble", ""),
                    tuple(scalars))
 
@@ -260,7 +260,7 @@ def cupy_source(kernel: Kernel, dtype: str) -> str:
     with the headers CuPy prepends."""
     ek = cupy.ElementwiseKernel(kernel.in_params, kernel.out_params, kernel.body,
                                 f"vae_np_{kernel.name}", preamble=kernel.preamble,
-                                options=_cuda_kernels.OPTIONS)
+                                options=_twins_cuda.OPTIONS)
     np_dtype = np.dtype(dtype)
     in_dtypes = tuple(None if p.name in kernel.scalars else np_dtype for p in ek.in_params)
     out_dtypes = tuple(np_dtype for _ in ek.out_params)
@@ -284,7 +284,7 @@ def cupy_options() -> tuple[str, ...]:
     """CuPy's compiler options around the package's (what ``compile_with_cache`` passes
     NVRTC, less the architecture). Without CUDA headers CuPy itself cannot compile (it
     asks for ``cupy-cuda12x[ctk]``); the test extra brings them (nvidia-cuda-runtime-cu12)."""
-    return tuple(_cupy_core.assemble_cupy_compiler_options(tuple(_cuda_kernels.OPTIONS)))
+    return tuple(_cupy_core.assemble_cupy_compiler_options(tuple(_twins_cuda.OPTIONS)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def compile_kernel(nvrtc: _Nvrtc, kernel: Kernel, arch: str, dtype: str, how: st
     if how == "cupy":
         source, options = cupy_source(kernel, dtype), cupy_options()
     else:
-        source, options = plain_source(kernel, dtype), tuple(_cuda_kernels.OPTIONS)
+        source, options = plain_source(kernel, dtype), tuple(_twins_cuda.OPTIONS)
     options = (*options, f"--gpu-architecture={arch}")
     filename = f"vae_np_{kernel.name}.cu"
     ok, log, ptx = nvrtc.compile(source, options, filename)
@@ -364,7 +364,7 @@ def assert_no_double_arithmetic(result: Compiled) -> None:
 
 def _cases():
     cases = [pytest.param(name, arch, dtype, id=f"{name}-{arch}-{dtype}")
-             for name in sorted(_cuda_kernels.SOURCES) for arch in ARCHS for dtype in DTYPES]
+             for name in sorted(_twins_cuda.SOURCES) for arch in ARCHS for dtype in DTYPES]
     return cases
 
 
@@ -375,12 +375,12 @@ def _needs_cupy():
 
 
 def test_the_package_has_kernels_and_options():
-    assert _cuda_kernels.SOURCES, "no CUDA sources to compile"
-    assert "--fmad=false" in _cuda_kernels.OPTIONS
-    for name, entry in _cuda_kernels.SOURCES.items():
+    assert _twins_cuda.SOURCES, "no CUDA sources to compile"
+    assert "--fmad=false" in _twins_cuda.OPTIONS
+    for name, entry in _twins_cuda.SOURCES.items():
         in_params, out_params, body = entry[:3]
         assert _params(in_params) and _params(out_params) and body.strip(), name
-        for scalar in getattr(_cuda_kernels, "SCALAR_INPUTS", {}).get(name, ()):
+        for scalar in getattr(_twins_cuda, "SCALAR_INPUTS", {}).get(name, ()):
             assert scalar in [n for _, n in _params(in_params)], (name, scalar)
 
 
@@ -407,8 +407,8 @@ def test_raw_sources_compile(nvrtc, arch):
     """RawKernel / RawModule sources (``RAW_SOURCES``: name -> CUDA C), compiled as CuPy
     compiles a RawModule: no CuPy header prepended, CuPy's options around the package's.
     The module holds none today; the test then checks only that NVRTC runs."""
-    raw = getattr(_cuda_kernels, "RAW_SOURCES", {})
-    options = cupy_options() if cupy is not None else tuple(_cuda_kernels.OPTIONS)
+    raw = getattr(_twins_cuda, "RAW_SOURCES", {})
+    options = cupy_options() if cupy is not None else tuple(_twins_cuda.OPTIONS)
     sources = dict(raw) or {"empty": 'extern "C" __global__ void vae_np_empty() {}\n'}
     for name, source in sources.items():
         ok, log, ptx = nvrtc.compile(source, (*options, f"--gpu-architecture={arch}"),
@@ -456,8 +456,8 @@ def test_a_broken_kernel_in_sources_fails_the_suite(nvrtc, monkeypatch, how):
     math function, put there, makes them fail."""
     if how == "cupy":
         _needs_cupy()
-    in_params, out_params, _ = _cuda_kernels.SOURCES["relu_backward"][:3]
-    monkeypatch.setitem(_cuda_kernels.SOURCES, "relu_backward",
+    in_params, out_params, _ = _twins_cuda.SOURCES["relu_backward"][:3]
+    monkeypatch.setitem(_twins_cuda.SOURCES, "relu_backward",
                         (in_params, out_params, "dout = out > (T)0 ?\n  dout : expp(out);"))
     test = (test_kernel_compiles_as_cupy_builds_it if how == "cupy"
             else test_kernel_compiles_in_a_plain_wrapper)

@@ -1,5 +1,6 @@
-"""The fast variants of every op (beside their reference code in layers, likelihoods,
-losses, model and optim) against that reference, to the last bit.
+"""The fast twins of every op (``backend.fast_twin``: the reference in layers, losses, optim
+and objectives, its twins in _twins_cpu and _twins_cuda) against that reference, to the
+last bit.
 
 Tolerance: none. Each fast path performs the reference's IEEE-754 operations, in the same
 order, on the same dtype, with every Python-float constant rounded to that dtype once (as
@@ -8,9 +9,10 @@ shapes, transposes and thread count, and only write to a different place. Every 
 therefore bit-identical, and these tests compare with exact equality (``==`` on losses,
 ``array_equal`` on arrays) -- in float32 and float64, for every decoder, with S = 1 and 3,
 through several Adam steps, so that a reordered sum, a contracted multiply-add or a
-constant rounded differently would fail. numba (the compiled Adam kernel) is optional: the
-NumPy-only fallback is checked the same way, in this process and in one where numba cannot
-be imported. No timing here: speed lives in benchmarks/.
+constant rounded differently would fail. Every op with a CPU twin is also compared alone
+(``test_every_cpu_twin_is_bit_identical_to_its_reference``). numba (the CPU twins) is
+optional: without it the references run, checked in a process where numba cannot be
+imported. No timing here: speed lives in benchmarks/.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vae_np.backend as backend_module
 from vae_np import VAE, Adam
-from vae_np.backend import get_backend, use_fast_paths
+from vae_np.backend import FAST_OPS, _twin_table, fast_paths_enabled, get_backend, use_fast_paths
 from vae_np.layers import MLP
 from vae_np.likelihoods import Bernoulli
 from vae_np.parameters import Parameters
@@ -119,22 +120,12 @@ def test_skipping_the_input_gradient_changes_no_parameter_gradient(np64):
     assert all(np.array_equal(a, b) for a, b in zip(*grads))
 
 
-def without_numba(monkeypatch):
-    """Make ``Backend.numba`` report numba as missing (the NumPy-only fast variants)."""
-    monkeypatch.setattr(backend_module, "_numba_module", None)
-    assert get_backend("numpy", "float32").numba is None
-
-
-@pytest.mark.parametrize("compiled", (True, False))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypatch):
-    """Including logits far past float32's exp range and the row blocks of the tail."""
+def test_fast_bernoulli_tail_matches_the_loss_function(dtype, monkeypatch):
+    """Including logits far past float32's exp range and the row blocks of the CPU twin."""
     from vae_np.losses import bernoulli_nll
-    if compiled:
-        pytest.importorskip("numba")
-    else:
-        without_numba(monkeypatch)
-    monkeypatch.setattr(Bernoulli, "TAIL_BLOCK", 20)  # several blocks of one or two rows
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    monkeypatch.setattr(twins, "BERNOULLI_BLOCK", 20)  # several blocks of one or two rows
     backend = get_backend("numpy", dtype)
     rng = np.random.default_rng(7)
     logits = backend.asarray(np.concatenate([rng.standard_normal((5, 13)) * 4,
@@ -143,13 +134,13 @@ def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypa
     x = backend.asarray((rng.random(logits.shape) < 0.5).astype(dtype))
     with use_fast_paths(False):
         nll, grad = Bernoulli().nll(x, logits)
-    reference_nll, reference_grad = bernoulli_nll(x, logits)
+    reference_nll, reference_grad = bernoulli_nll.reference(x, logits)
     assert np.array_equal(nll, reference_nll) and np.array_equal(grad, reference_grad)
     fast_nll, fast_grad = Bernoulli().nll(x, logits)
     bits = f"u{np.dtype(dtype).itemsize}"  # signed zeros too
     assert np.array_equal(nll.view(bits), fast_nll.view(bits))
     assert np.array_equal(grad.view(bits), fast_grad.view(bits))
-    # the gradient scaled by the model's 1 / (S N) as it is written
+    # the gradient scaled by the model's 1 / (S N)
     fast_nll, fast_grad = Bernoulli().nll(x, logits, grad_scale=1.0 / 7)
     assert np.array_equal(nll, fast_nll) and np.array_equal(grad * (1.0 / 7), fast_grad)
 
@@ -158,17 +149,17 @@ def test_fast_bernoulli_tail_matches_the_loss_function(dtype, compiled, monkeypa
 def test_numba_relu_kernels_match_numpy_on_signed_zeros_and_nan(dtype):
     """bias + ReLU and ReLU's backward against numpy.maximum and where(), bit for bit, on
     the values where they could differ: -0.0, +0.0, NaN, +-inf."""
-    compiled = pytest.importorskip("numba") and get_backend("numpy", dtype).numba
+    twins = pytest.importorskip("vae_np._twins_cpu")
     special = np.array([-0.0, 0.0, np.nan, -np.inf, np.inf, -1.5, 2.5, 1e-45], dtype=dtype)
     y = np.tile(special, (3, 1)).copy()
     b = np.array([0.0, -0.0, 0.0, 0.0, 0.0, 0.0, -2.5, 0.0], dtype=dtype)
     expected = np.maximum(y + b, 0.0)
-    compiled.bias_relu(y, b)
+    twins.bias_relu(y, b)
     assert np.array_equal(y.view(f"u{y.itemsize}"), expected.view(f"u{y.itemsize}"))
     dout = np.tile(special[::-1], (3, 1)).copy()
     expected = np.where(y > 0, dout, 0.0)
-    compiled.relu_backward(y, dout)
-    assert np.array_equal(dout.view(f"u{y.itemsize}"), expected.view(f"u{y.itemsize}"))
+    got = twins.relu_backward(y, dout)
+    assert np.array_equal(got.view(f"u{y.itemsize}"), expected.view(f"u{y.itemsize}"))
 
 
 def random_adam_buffers(dtype, n, seed=0):
@@ -204,8 +195,9 @@ def reference_adam_step(p, g, m, v, t, lr, betas, eps):
     p[...] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
-def adam_run(dtype, n, path, monkeypatch=None, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
-    """Four Adam steps over n parameters through ``path``: reference, numba or numpy."""
+def adam_run(dtype, n, path, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
+    """Four Adam steps over n parameters: ``path`` "reference" (written out here) or
+    "numba" (vae_np's Adam, which runs its CPU twin)."""
     backend = get_backend("numpy", dtype)
     p, grads = random_adam_buffers(dtype, n)
     m, v = np.zeros(n, dtype), np.zeros(n, dtype)
@@ -213,8 +205,6 @@ def adam_run(dtype, n, path, monkeypatch=None, lr=3e-3, betas=(0.9, 0.999), eps=
         for t, g in enumerate(grads, start=1):
             reference_adam_step(p, g, m, v, t, lr, betas, eps)
         return p, m, v
-    if path == "numpy":
-        without_numba(monkeypatch)
     params, opt = adam_on_buffer(backend, p, lr=lr, betas=betas, eps=eps)
     for g in grads:
         params.grad[...] = g
@@ -222,42 +212,25 @@ def adam_run(dtype, n, path, monkeypatch=None, lr=3e-3, betas=(0.9, 0.999), eps=
     return params.data, opt.m, opt.v
 
 
-@pytest.mark.parametrize("n", (1, 1000, Adam.CHUNK + 7, 3 * Adam.CHUNK))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_adam_numpy_fallback_is_bit_identical(dtype, n, monkeypatch):
-    """The chunked NumPy loop (no numba), across chunk boundaries."""
-    for a, b in zip(adam_run(dtype, n, "numpy", monkeypatch), adam_run(dtype, n, "reference")):
-        assert np.array_equal(a, b)
-
-
-@pytest.mark.parametrize("n", (1, 1000, 3 * Adam.CHUNK + 7))
+@pytest.mark.parametrize("n", (1, 1000, 100_007))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adam_numba_kernel_is_bit_identical(dtype, n):
     pytest.importorskip("numba")
-    assert get_backend("numpy", dtype).numba is not None
+    assert fast_paths_enabled(get_backend("numpy", dtype))
     for a, b in zip(adam_run(dtype, n, "numba"), adam_run(dtype, n, "reference")):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("samples", (1, 3))
-@pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_whole_step_without_numba_is_bit_identical(dtype, decoder, samples, monkeypatch):
-    """The NumPy-only fast paths (Adam in chunks, the in-place tails, where() for ReLU)."""
-    without_numba(monkeypatch)
-    assert_identical(run_training(True, dtype, decoder, samples),
-                     run_training(False, dtype, decoder, samples))
-
-
 @pytest.mark.slow
 def test_vae_np_trains_where_numba_cannot_be_imported():
-    """A fresh process with numba blocked: the import works, Adam takes the NumPy loop,
-    and the step equals the reference."""
+    """A fresh process with numba blocked: the import works, every op runs its reference
+    (no CPU twins), and the step equals the one with the fast paths switched off."""
     code = (
         "import sys; sys.modules['numba'] = None\n"
         "import numpy as np\n"
         "from vae_np import VAE, Adam, get_backend, use_fast_paths\n"
-        "assert get_backend('numpy').numba is None\n"
+        "from vae_np.backend import fast_paths_enabled\n"
+        "assert not fast_paths_enabled(get_backend('numpy'))\n"
         "out = []\n"
         "for fast in (True, False):\n"
         "    with use_fast_paths(fast):\n"
@@ -277,16 +250,168 @@ def test_vae_np_trains_where_numba_cannot_be_imported():
 
 
 # ------------------------------------------------------------------------------------------
+# Every op alone: its CPU twin against its reference, on awkward values
+
+
+def _specials(dtype, shape, rng, scale=3.0):
+    """Random values with -0.0, +0.0, NaN, +-inf and magnitudes past float32's exp range."""
+    a = rng.standard_normal(shape) * scale
+    flat = a.reshape(-1)
+    flat[:8] = [-0.0, 0.0, np.nan, np.inf, -np.inf, 60.0, -60.0, 1e-30][:flat.size]
+    return a.astype(dtype)
+
+
+def _case_linear_relu_forward(dtype, rng):
+    x = rng.standard_normal((7, 5)).astype(dtype)
+    x[0] = 0.0                                     # a row whose output is the bias alone
+    return (x, rng.standard_normal((5, 8)).astype(dtype), _specials(dtype, (8,), rng)), {}
+
+
+def _case_relu_backward(dtype, rng):
+    return (_specials(dtype, (6, 9), rng), _specials(dtype, (6, 9), rng)[::-1].copy()), {}
+
+
+def _case_matmul_into(dtype, rng):
+    a = rng.standard_normal((5, 6)).astype(dtype).T          # a transposed view, as x.T
+    return (np.full((6, 4), 7.0, dtype), a, rng.standard_normal((5, 4)).astype(dtype)), {}
+
+
+def _case_kl_standard_normal(dtype, rng):
+    logvar = rng.standard_normal((9, 4)).astype(dtype) * 2
+    logvar[0] = [0.0, -0.0, 1e-8, -1e-8]                     # where expm1 matters
+    return (rng.standard_normal((9, 4)).astype(dtype), logvar), {}
+
+
+def _case_bernoulli_nll(dtype, rng):
+    logits = _specials(dtype, (11, 13), rng, scale=4.0)
+    logits[3, 2] = 0.5                             # no NaN in the row that x = 0.5 meets
+    x = (rng.random((11, 13)) < 0.5).astype(dtype)
+    x[3] = 0.5                                     # intensities, not only binary targets
+    return (x, logits), {}
+
+
+def _case_adam_update(dtype, rng):
+    n = 1003
+    p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(dtype, n, seed=3)
+    return (p, adam_gradients(dtype, n, dead, tiny_g, 1), m, v, 3, 1e-3, 0.9, 0.999, 1e-8), {}
+
+
+def _case_reparameterize(dtype, rng):
+    mu, logvar = (rng.standard_normal((5, 3)).astype(dtype) * s for s in (1.0, 3.0))
+    return (mu, logvar, rng.standard_normal((4, 5, 3)).astype(dtype)), {}
+
+
+def _case_iwae_bound(dtype, rng):
+    log_w = rng.standard_normal((6, 5)) * 30
+    log_w[:, 1] = -np.inf
+    log_w[:, 2] -= 1e4
+    log_w[0, 3] = -0.0
+    return (log_w.astype(dtype),), {}
+
+
+def _case_iwae_latent_backward(dtype, rng):
+    dz, z, eps = (rng.standard_normal((9, 5, 3)).astype(dtype) for _ in range(3))
+    a = (rng.random((9, 5)) / 5).astype(dtype)
+    return (dz, a, z, rng.standard_normal((5, 3)).astype(dtype), eps), {}
+
+
+#: op name -> inputs (args, kwargs) for a dtype; every op with a CPU twin needs one here.
+TWIN_CASES = {
+    "layers.linear_relu_forward": _case_linear_relu_forward,
+    "layers.relu_backward": _case_relu_backward,
+    "layers.matmul_into": _case_matmul_into,
+    "losses.kl_standard_normal": _case_kl_standard_normal,
+    "losses.bernoulli_nll": _case_bernoulli_nll,
+    "optim.adam_update": _case_adam_update,
+    "objectives.reparameterize": _case_reparameterize,
+    "objectives.iwae_bound": _case_iwae_bound,
+    "objectives.iwae_latent_backward": _case_iwae_latent_backward,
+}
+
+
+def reference_of(name):
+    """The undecorated reference of op ``name``."""
+    return FAST_OPS[name]
+
+
+def _arrays_of(result):
+    if isinstance(result, tuple):
+        return [a for r in result for a in _arrays_of(r)]
+    return [] if result is None else [np.asarray(result)]
+
+
+def _bits(a):
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def test_every_op_with_a_cpu_twin_has_a_case():
+    pytest.importorskip("numba")
+    missing = sorted(set(_twin_table("cpu")) - set(TWIN_CASES))
+    assert missing == [], f"CPU twins without a bit-exact case in TWIN_CASES: {missing}"
+    assert set(FAST_OPS) & set(_twin_table("cpu")), "no op has a CPU twin"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(TWIN_CASES))
+def test_every_cpu_twin_is_bit_identical_to_its_reference(name, dtype):
+    """The twin's results, and what it writes into its arguments (Adam's buffers, the
+    product's destination), equal the reference's to the bit, signed zeros and NaN
+    included; and the twin does serve the case (it does not hand back NotImplemented)."""
+    pytest.importorskip("numba")
+    twin = _twin_table("cpu")[name]
+    args, kwargs = TWIN_CASES[name](dtype, np.random.default_rng(11))
+    copies = [[np.copy(a) if isinstance(a, np.ndarray) else a for a in args] for _ in (0, 1)]
+    with np.errstate(all="ignore"):
+        expected = reference_of(name)(*copies[0], **kwargs)
+        got = twin(*copies[1], **kwargs)
+    assert got is not NotImplemented, f"{name}: the twin declined its own case"
+    expected, got = _arrays_of(expected), _arrays_of(got)
+    assert len(expected) == len(got)
+    for e, g in zip(expected, got):
+        assert e.dtype == g.dtype == np.dtype(dtype) and e.shape == g.shape, name
+        assert np.array_equal(_bits(e), _bits(g)), f"{name}: results differ"
+    for i, (e, g) in enumerate(zip(*copies)):
+        if isinstance(e, np.ndarray):
+            assert np.array_equal(_bits(e), _bits(g)), f"{name}: argument {i} differs"
+
+
+def test_twins_decline_what_they_do_not_serve_and_the_reference_answers(np64):
+    """A twin hands back NotImplemented outside its case; the op's reference then runs:
+    its reduction, its promotion of mixed dtypes, its error for mismatched shapes."""
+    pytest.importorskip("numba")
+    from vae_np.layers import relu_backward
+    from vae_np.losses import bernoulli_nll, kl_standard_normal
+    rng = np.random.default_rng(0)
+    mu, logvar = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    twins = _twin_table("cpu")
+    assert twins["losses.kl_standard_normal"](mu, logvar, reduction="sum") is NotImplemented
+    np.testing.assert_array_equal(kl_standard_normal(mu, logvar, reduction="sum")[0],
+                                  kl_standard_normal.reference(mu, logvar, reduction="sum")[0])
+    x32 = (rng.random((4, 3)) < 0.5).astype(np.float32)
+    assert twins["losses.bernoulli_nll"](x32, mu) is NotImplemented
+    assert bernoulli_nll(x32, mu)[0].dtype == np.float64
+    out_f = np.asfortranarray(rng.standard_normal((5, 4)))
+    assert twins["layers.relu_backward"](out_f, out_f) is NotImplemented
+    np.testing.assert_array_equal(relu_backward(out_f, out_f), np.where(out_f > 0, out_f, 0.0))
+    with pytest.raises(ValueError, match="logvar: expected shape"):
+        kl_standard_normal(mu, logvar[:, :2])
+    with pytest.raises(ValueError, match="logits: expected shape"):
+        bernoulli_nll(mu, logvar[:3])
+
+
+# ------------------------------------------------------------------------------------------
 # Where the fast paths run
 
 
 def test_fast_paths_are_selected_by_backend_name():
-    assert get_backend("numpy", "float32").fast
-    assert not get_backend("array_api_strict", "float64").fast
+    pytest.importorskip("numba")
+    assert fast_paths_enabled() and fast_paths_enabled(get_backend("numpy", "float32"))
+    pytest.importorskip("array_api_strict")
+    assert not fast_paths_enabled(get_backend("array_api_strict", "float64"))
     with use_fast_paths(False):
-        assert not get_backend("numpy", "float32").fast
-        assert get_backend("numpy", "float32").numba is None
-    assert get_backend("numpy", "float32").fast
+        assert not fast_paths_enabled()
+        assert not fast_paths_enabled(get_backend("numpy", "float32"))
+    assert fast_paths_enabled(get_backend("numpy", "float32"))
 
 
 def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np64):
@@ -298,7 +423,7 @@ def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np6
         opt = Adam(model.parameters, lr=1e-2)
         x = backend.asarray(np.random.default_rng(0).random((4, 12)))
         eps = backend.asarray(np.random.default_rng(1).standard_normal((1, 4, 3)))
-        assert backend.fast == (backend is np64)
+        assert fast_paths_enabled(backend) == (backend is np64)
         for _ in range(2):
             model.loss(x, eps=eps)
             model.backward()
@@ -309,8 +434,8 @@ def test_array_api_strict_runs_the_reference_and_agrees_with_numpy(strict64, np6
 
 @pytest.mark.slow
 def test_environment_variable_switches_the_fast_paths_off():
-    code = ("from vae_np import get_backend\n"
-            "print(get_backend('numpy', 'float32').fast)\n")
+    code = ("from vae_np.backend import fast_paths_enabled\n"
+            "print(fast_paths_enabled())\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "VAE_NP_FAST_PATHS": "0"})
     assert result.returncode == 0, result.stderr
@@ -431,16 +556,14 @@ def subnormal_count(a) -> int:
     return int(np.count_nonzero((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)))
 
 
-@pytest.mark.parametrize("path", ("numba", "numpy", "reference-object"))
+@pytest.mark.parametrize("path", ("numba", "reference-object"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adam_flushes_subnormal_moments_on_every_path(dtype, path, monkeypatch):
+def test_adam_flushes_subnormal_moments_on_every_path(dtype, path):
     """Through dead lanes, tiny gradients and subnormal inputs, every path gives the
     reference's bits (signed zeros included) and no moment is subnormal after a step."""
     if path == "numba":
         pytest.importorskip("numba")
-    elif path == "numpy":
-        without_numba(monkeypatch)
-    n = 3 * Adam.CHUNK // 2 + 123 if path == "numpy" else 5000
+    n = 5000
     backend = get_backend("numpy", dtype)
     p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(dtype, n)
     assert subnormal_count(m) > n // 10                       # the start is subnormal

@@ -7,7 +7,7 @@ Skipped as a whole where CuPy is missing or cannot use a GPU (the reason is the 
 own one-line message), so the CPU suite stays green; on a machine with one, run
 ``pytest -m gpu`` (``benchmarks/gpu_check.sh`` does, with everything else to check there).
 Only public entry points are used: ``VAE.loss``/``backward``, ``Adam``, ``Trainer``, the
-backend (``get_backend``, ``cuda_kernel``, ``use_fast_paths``, ``rng``).
+backend (``get_backend``, ``_twins_cuda.kernel``, ``use_fast_paths``, ``rng``).
 
 Tolerances. CuPy float64 against NumPy float64: cuBLAS sums in another order than OpenBLAS
 and CUDA's exp/tanh/log1p differ from NumPy's by an ulp or two, so values agree to about
@@ -32,7 +32,7 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from vae_np import VAE, Adam, use_fast_paths  # noqa: E402
-from vae_np._cuda_kernels import SOURCES  # noqa: E402
+from vae_np._twins_cuda import SOURCES, kernel  # noqa: E402
 from vae_np.backend import cuda_available, cuda_unavailable_reason, get_backend  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -103,8 +103,9 @@ def _bias_relu_case(rng, dt):
 
 def _relu_backward_case(rng, dt):
     out = np.maximum(rng.standard_normal((31, 17)), 0).astype(dt)
-    values = dict(out=out, dout=rng.standard_normal((31, 17)).astype(dt))
-    return values, lambda a: ({"dout": np.where(a["out"] > 0, a["dout"], dt(0))}, {}), 0
+    values = dict(out=out, dout=rng.standard_normal((31, 17)).astype(dt),
+                  dx=np.zeros((31, 17), dt))
+    return values, lambda a: ({"dx": np.where(a["out"] > 0, a["dout"], dt(0))}, {}), 0
 
 
 def _reparameterize_case(rng, dt):
@@ -224,7 +225,7 @@ def _names(spec):
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_each_fused_kernel_matches_numpy(name, dtype):
     if name not in KERNEL_CASES:
-        pytest.fail(f"kernel {name!r} of _cuda_kernels.SOURCES has no NumPy reference in "
+        pytest.fail(f"kernel {name!r} of _twins_cuda.SOURCES has no NumPy reference in "
                     f"tests/test_gpu.py (KERNEL_CASES): add one")
     dt = np.dtype(dtype).type
     values, reference, ulps = KERNEL_CASES[name](np.random.default_rng(0), dt)
@@ -234,7 +235,7 @@ def test_each_fused_kernel_matches_numpy(name, dtype):
     want, scales = reference({k: np.copy(v) for k, v in values.items()})
     backend = get_backend("cupy", dtype)
     device = {k: (v if np.ndim(v) == 0 else backend.asarray(v)) for k, v in values.items()}
-    backend.cuda_kernel(name)(*[device[k] for k in ins + outs])
+    kernel(name)(*[device[k] for k in ins + outs])
     for out in outs:
         got = backend.to_numpy(device[out])
         expected = np.asarray(want[out]).astype(dtype)

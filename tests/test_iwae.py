@@ -11,7 +11,7 @@
   the three-path derivative of ln q against the collapsed form ``iwae_latent_backward``
   uses; deliberately wrong latent gradients fail;
 - fast paths: the whole IWAE step (several Adam steps) fast against
-  ``use_fast_paths(False)``, with and without numba, bit for bit, both dtypes, every
+  ``use_fast_paths(False)``, bit for bit, both dtypes, every
   decoder, k in {1, 2, 5}; the per-row ``grad_scale`` of every likelihood; no host read;
 - configuration: the objective is checked, recorded, and refuses beta != 1.
 
@@ -454,16 +454,6 @@ def test_fast_iwae_step_is_bit_identical_to_the_reference(dtype, decoder, k):
     assert_identical(run_iwae(True, dtype, decoder, k), run_iwae(False, dtype, decoder, k))
 
 
-@pytest.mark.parametrize("k", (1, 5))
-@pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_iwae_step_without_numba_is_bit_identical(dtype, decoder, k, monkeypatch):
-    """The NumPy-only fast variants (in-place tails, where() for ReLU)."""
-    monkeypatch.setattr(backend_module, "_numba_module", None)
-    assert get_backend("numpy", dtype).numba is None
-    assert_identical(run_iwae(True, dtype, decoder, k), run_iwae(False, dtype, decoder, k))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_iwae_step_with_many_samples_and_a_batch_of_one(dtype):
     """k = 50 (NumPy's sums over 50 samples regroup past eight terms: both paths must use
@@ -498,20 +488,14 @@ def test_fast_bound_and_latent_backward_match_the_reference(dtype):
         assert np.array_equal(fast_array.view(bits), reference_array.view(bits))
 
 
-@pytest.mark.parametrize("compiled", (True, False))
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_per_row_grad_scale_is_bit_identical_on_every_path(dtype, decoder, compiled,
-                                                           monkeypatch):
+def test_per_row_grad_scale_is_bit_identical_on_every_path(dtype, decoder, monkeypatch):
     """nll(x, out, grad_scale=(M,) array) multiplies row r of the gradient by grad_scale[r]:
-    on the fast path (the Bernoulli tail's row blocks included) the reference's
+    on the fast path (the Bernoulli twin's row blocks included) the reference's
     grad * scale[:, None] to the bit; scale_rows does the same to a gradient in hand."""
-    if compiled:
-        pytest.importorskip("numba")
-    else:
-        monkeypatch.setattr(backend_module, "_numba_module", None)
-    from vae_np.likelihoods import Bernoulli
-    monkeypatch.setattr(Bernoulli, "TAIL_BLOCK", 20)    # several blocks of rows
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    monkeypatch.setattr(twins, "BERNOULLI_BLOCK", 20)   # several blocks of rows
     backend = get_backend("numpy", dtype)
     likelihood = make_likelihood(decoder, 0.3 if decoder == "gaussian-fixed" else None)
     rng = np.random.default_rng(4)

@@ -25,7 +25,7 @@ from scipy import special, stats
 
 import vae_np.objectives as objectives_module
 from vae_np import VAE, gradcheck, reparameterize, reparameterize_backward
-from vae_np.backend import get_backend
+from vae_np.backend import fast_paths_enabled, get_backend
 from vae_np.losses import kl_standard_normal
 
 from helpers import C, D, H, N, batch, jitter_biases, noise, reference_mlp, tiny_vae
@@ -719,20 +719,16 @@ def test_float32_model_runs_in_float32_and_gradcheck_refuses_it():
 # One model: the op chooses its variant, a cache belongs to the backward that reads it
 
 
-PATHS = ("numba", "numpy-only", "reference", "array_api_strict")
+PATHS = ("numba", "reference", "array_api_strict")
 
 
 @pytest.fixture(params=PATHS)
-def every_path(request, monkeypatch):
-    """Each way a step can run: NumPy with its compiled kernels, NumPy's fast variants
-    without numba, the readable reference, and array-api-strict (reference only)."""
-    import vae_np.backend as backend_module
+def every_path(request):
+    """Each way a step can run: NumPy with its ops' compiled twins, the readable reference
+    (what NumPy without numba runs), and array-api-strict (reference only)."""
     from vae_np.backend import use_fast_paths
     if request.param == "numba":
         pytest.importorskip("numba")
-        yield "numpy"
-    elif request.param == "numpy-only":
-        monkeypatch.setattr(backend_module, "_numba_module", None)
         yield "numpy"
     elif request.param == "reference":
         with use_fast_paths(False):
@@ -830,7 +826,7 @@ def test_patching_a_function_of_the_model_reaches_the_default_path(monkeypatch):
         return 2.0 * dmu, dlogvar
 
     monkeypatch.setattr(objectives_module, "reparameterize_backward", doubled)
-    assert model.backend.fast
+    assert fast_paths_enabled(model.backend)
     patched = gradients(model, x, eps)
     assert calls and not np.array_equal(patched, clean)
 

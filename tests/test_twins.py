@@ -105,3 +105,29 @@ def test_decorated_op_keeps_its_reference_and_docstring():
         assert halve.__doc__ == "x / 2: (N,) -> (N,)."
     finally:
         del FAST_OPS[halve.op_name]
+
+
+def test_the_backend_names_no_fast_path():
+    """The old per-backend switches (Backend.fast, .numba, .cuda_kernel) are gone: the
+    twins are reached only through fast_twin, and fast_paths_enabled is the one predicate."""
+    from vae_np.backend import Backend
+    assert [n for n in ("fast", "numba", "cuda_kernel") if hasattr(Backend, n)] == []
+
+
+@pytest.mark.parametrize("kind", ("cpu", "cuda"))
+def test_every_twin_takes_its_references_arguments(kind):
+    """Same parameter names, kinds and defaults as the reference, so a call by keyword or
+    with a default means the same to both (the CUDA twins cannot run without a GPU: this
+    is what the CPU-only suite can check of them)."""
+    import inspect
+    try:
+        table = _twin_table(kind)
+    except ImportError:
+        pytest.skip(f"the {kind} twins cannot be imported here")
+    if not table:
+        pytest.skip(f"no {kind} twins here (numba missing)")
+    for name in sorted(set(table) & set(FAST_OPS)):
+        def shape(function):
+            return [(p.name, p.kind, p.default)
+                    for p in inspect.signature(function).parameters.values()]
+        assert shape(table[name]) == shape(FAST_OPS[name]), name

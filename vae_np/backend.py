@@ -26,9 +26,8 @@ import numpy as np
 BACKEND_NAMES = ("numpy", "cupy", "array_api_strict", "auto")
 DTYPE_NAMES = ("float32", "float64")
 
-# The fast paths: each op that has one (a fused CuPy kernel, a compiled numba loop, an
-# in-place NumPy sequence) runs it on these backends, and its readable reference elsewhere.
-FAST_BACKENDS = ("numpy", "cupy")
+# The fast paths (every op's twin, see "Fast twins" below) are on unless switched off here
+# or with the environment variable.
 _fast_paths_on = os.environ.get("VAE_NP_FAST_PATHS", "1").strip().lower() not in (
     "0", "false", "no", "off")
 
@@ -46,21 +45,16 @@ def use_fast_paths(on: bool = True):
         _fast_paths_on = previous
 
 
-_NUMBA_UNLOADED = object()
-_numba_module = _NUMBA_UNLOADED
-
-
-def _numba_kernels():
-    """The compiled kernels module, or None without numba (imported lazily: numba takes a
-    tenth of a second to import)."""
-    global _numba_module
-    if _numba_module is _NUMBA_UNLOADED:
-        try:
-            from . import _numba_kernels as module
-        except ImportError:
-            module = None
-        _numba_module = module
-    return _numba_module
+def fast_paths_enabled(backend: "Backend | None" = None) -> bool:
+    """True when the ops run their fast twins: not switched off (:func:`use_fast_paths`,
+    ``VAE_NP_FAST_PATHS=0``) and, given a ``backend``, one whose arrays have twins (NumPy
+    with numba installed, CuPy; array-api-strict runs the references)."""
+    if not _fast_paths_on:
+        return False
+    if backend is None:
+        return True
+    kind = {"numpy": "cpu", "cupy": "cuda"}.get(backend.name)
+    return kind is not None and bool(_twin_table(kind))
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,7 +67,9 @@ def _numba_kernels():
 # name (``"module.qualname"``, e.g. ``"losses.kl_standard_normal"``) to a function taking
 # the same arguments and returning the same results, to the bit on NumPy
 # (tests/test_fast_paths.py), or ``NotImplemented`` for arguments it does not serve (then
-# the reference runs). The math modules name no backend: the device of the op's first
+# the reference runs). A twin validates nothing: arguments of the wrong shape or of mixed
+# dtypes are outside what it serves, so the reference runs and raises the error (or
+# promotes) as documented. The math modules name no backend: the device of the op's first
 # array argument picks the table, and ``use_fast_paths(False)``, a missing numba or an
 # array-api-strict array pick the reference.
 
@@ -184,7 +180,7 @@ def _probe_gpu(cupy) -> str | None:
     back (NVRTC and the CUDA headers, as the fused kernels are built; the read-back makes
     a launch failure, e.g. no kernel image for this GPU, surface here). None when all
     work, else one line naming the library that failed and what to install."""
-    from ._cuda_kernels import OPTIONS
+    from ._twins_cuda import OPTIONS
 
     try:
         philox = cupy.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10
@@ -393,26 +389,6 @@ class Backend:
     def zeros(self, shape: Sequence[int]):
         return self.xp.zeros(tuple(shape), dtype=self.dtype)
 
-    # ----------------------------------------------------------------------------------
-    # The fast paths: one predicate, and the kernels behind it
-
-    @property
-    def fast(self) -> bool:
-        """True when ops run their fast variants here (NumPy or CuPy, and not switched off
-        with :func:`use_fast_paths` or ``VAE_NP_FAST_PATHS=0``)."""
-        return _fast_paths_on and self.name in FAST_BACKENDS
-
-    @property
-    def numba(self):
-        """The compiled CPU kernels (``vae_np._numba_kernels``) when this is a fast NumPy
-        backend and numba is installed, else None."""
-        return _numba_kernels() if self.fast and self.name == "numpy" else None
-
-    def cuda_kernel(self, name: str):
-        """The fused CuPy kernel ``name`` (``vae_np._cuda_kernels.SOURCES``)."""
-        from ._cuda_kernels import kernel
-        return kernel(self, name)
-
 
 def get_backend(name: str | Backend = "numpy", dtype: str | None = None) -> Backend:
     """Resolve a backend by name.
@@ -470,7 +446,7 @@ _BACKENDS_OF: dict = {}
 
 def backend_of(array) -> Backend:
     """The :class:`Backend` an array lives on (its library and its floating dtype), for
-    functions that take arrays rather than a backend and need ``Backend.fast``."""
+    functions that take arrays rather than a backend."""
     if type(array) is np.ndarray:               # the hot case, without array_namespace
         backend = _BACKENDS_OF.get(array.dtype)
         if backend is not None:

@@ -28,11 +28,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .backend import use_fast_paths
+from .backend import fast_paths_enabled, use_fast_paths
 from .validation import check_int, check_number
 
 #: The code paths :func:`check_vae` can exercise: the readable reference of every op, or
-#: the fused variants that NumPy and CuPy run by default (``vae_np.backend.Backend.fast``).
+#: the fast twins that NumPy (with numba) and CuPy run by default
+#: (``vae_np.backend.fast_paths_enabled``).
 PATHS = ("reference", "fast")
 
 DEFAULT_STEP = 1e-6
@@ -296,16 +297,17 @@ def check_loss(loss_fn: Callable, inputs: Mapping[str, object], *, wrt: tuple[st
 
 def model_path(model, path: str | None = None) -> str:
     """The code path a check of ``model`` runs: ``path`` if given (``"fast"`` needs a
-    backend with fast variants, NumPy or CuPy), else the one the model runs by default."""
+    backend with fast twins, NumPy with numba or CuPy), else the one the model runs by
+    default."""
     backend = model.backend
-    default = "fast" if backend.fast else "reference"
+    default = "fast" if fast_paths_enabled(backend) else "reference"
     if path is None:
         return default
     if path not in PATHS:
         raise ValueError(f"path: expected one of {', '.join(PATHS)} or None, got {path!r}")
     if path == "fast" and default != "fast":
         raise ValueError(f"path: the {backend.name!r} backend has no fast path here (fast "
-                         f"paths run on numpy and cupy, unless switched off)")
+                         f"paths run on numpy with numba and on cupy, unless switched off)")
     return path
 
 

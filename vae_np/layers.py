@@ -9,9 +9,9 @@ Every layer follows one contract (the CS231n forward/backward pair, kept on the 
   ``forward`` stays as it was, so an inference call between a training forward and its
   backward changes nothing.
 
-A cache is read only by the backward of the layer that wrote it. The MLP's fast variant
-(``MLP._forward_fused``, beside ``MLP.forward``) keeps its own cache in the MLP, and the
-MLP's backward takes the variant that its forward took.
+A cache is read only by the backward of the layer that wrote it. Where a Linear is followed
+by a ReLU, the MLP runs the two forwards as one op (:func:`linear_relu_forward`) and writes
+both layers' caches, so every backward is the layer's own.
 
 Gradients are *written* (``grads[k][...] = ...``), not rebound, because the model may
 point ``params`` and ``grads`` at views of one flat buffer (see ``vae_np.parameters``).
@@ -26,11 +26,39 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, fast_twin, namespace_of
 from .ops import sigmoid, softplus
 from .validation import check_int
 
 INITIALISATIONS = ("he", "glorot")
+
+
+# ------------------------------------------------------------------------------------------
+# The ops on arrays the layers are made of (each with its fast twins, backend.fast_twin)
+
+
+@fast_twin
+def linear_relu_forward(x, W, b):
+    """max(x @ W + b, 0): a Linear and the ReLU after it. x (N, D_in), W (D_in, D_out),
+    b (D_out,) -> (N, D_out). (Its twins add the bias and clip in one pass over the
+    product.)"""
+    return namespace_of(x).maximum(x @ W + b, 0.0)
+
+
+@fast_twin
+def relu_backward(out, dout):
+    """dL/dx of y = max(x, 0) from its output ``out`` and dL/dy ``dout``, both (N, D): dout
+    where out > 0, else 0 (the kink at 0 gets 0; out > 0 exactly where x > 0)."""
+    return namespace_of(out).where(out > 0, dout, 0.0)
+
+
+@fast_twin
+def matmul_into(out, a, b):
+    """out[...] = a @ b for a (M, K), b (K, N) and out (M, N) (a gradient's view of the
+    flat buffer, ``vae_np.parameters``); returns out. (Its twins write the product
+    straight into out, without a temporary and a copy.)"""
+    out[...] = a @ b
+    return out
 
 
 class Layer:
@@ -96,7 +124,7 @@ class Linear(Layer):
         its dx is the largest matrix product of the first layer's backward."""
         x = self._cached()
         W = self.params["W"]
-        self.grads["W"][...] = x.T @ dout
+        matmul_into(self.grads["W"], x.T, dout)                 # dW = x^T dout
         self.grads["b"][...] = self.backend.xp.sum(dout, axis=0)
         return dout @ W.T if input_grad else None
 
@@ -111,8 +139,7 @@ class ReLU(Layer):
         return out
 
     def backward(self, dout):
-        out = self._cached()
-        return self.backend.xp.where(out > 0, dout, 0.0)
+        return relu_backward(self._cached(), dout)
 
 
 class LeakyReLU(Layer):
@@ -196,9 +223,10 @@ class MLP(Layer):
     uses Glorot. Backward runs the layers in reverse, each taking its successor's dx.
     Parameters are named ``linear{i}.W`` and ``linear{i}.b``.
 
-    On a fast backend (``backend.fast``) a Linear followed by a ReLU runs fused (see
-    ``_forward_fused``); other layers, and subclasses of Linear or ReLU, run their own
-    ``forward``/``backward``. Either way the results are the reference's to the last bit.
+    A Linear followed by a ReLU runs its forward as one op, :func:`linear_relu_forward`,
+    which keeps the two layers' caches as their own forwards would (a subclass of Linear
+    or ReLU runs its own code). The MLP keeps ``cache`` only to allow one backward per
+    forward.
     """
 
     def __init__(self, sizes: Sequence[int], backend: Backend, rng: np.random.Generator,
@@ -229,118 +257,41 @@ class MLP(Layer):
                 yield f"{prefix}linear{i}.{key}", linear, key
 
     def forward(self, x):
-        """(N, D_0) -> (N, D_L). Keeps what :meth:`backward` needs: the layers' own caches
-        (reference), or this MLP's record of the fused variant."""
-        if self.backend.fast:
-            out, self.cache = self._forward_fused(x, keep=True)
-            return out
-        for layer in self.layers:
-            x = layer.forward(x)
-        self.cache = _LAYER_CACHES
+        """(N, D_0) -> (N, D_L): the layers in turn, each keeping what its backward reads."""
+        self.cache = None
+        x = self._run(x, keep=True)
+        self.cache = _FORWARD_DONE
         return x
 
     def __call__(self, x):
         """Inference: the output of :meth:`forward`; no cache is touched."""
-        if self.backend.fast:
-            return self._forward_fused(x, keep=False)[0]
-        for layer in self.layers:
-            x = layer(x)
+        return self._run(x, keep=False)
+
+    def _run(self, x, keep: bool):
+        """The layers in turn, writing their caches (``keep``, as ``forward``) or not
+        (inference). A Linear and the ReLU right after it (exactly those classes: a
+        subclass runs its own code) are one op, which leaves the caches the two forwards
+        would: the Linear's input and the ReLU's output."""
+        layers, i = self.layers, 0
+        while i < len(layers):
+            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if type(layer) is Linear and type(after) is ReLU:
+                out = linear_relu_forward(x, layer.params["W"], layer.params["b"])
+                if keep:
+                    layer.cache, after.cache = x, out
+                x, i = out, i + 2
+            else:
+                x, i = (layer.forward(x) if keep else layer(x)), i + 1
         return x
 
     def backward(self, dout, input_grad: bool = True):
         """dL/d(input), or None with ``input_grad=False`` (the first Linear skips its dx)."""
-        cache = self._cached()
+        self._cached()
         self.cache = None                   # one backward per forward
-        if cache is not _LAYER_CACHES:
-            return self._backward_fused(dout, cache, input_grad)
         for layer in reversed(self.layers[1:]):
             dout = layer.backward(dout)
         return self.layers[0].backward(dout, input_grad=input_grad)
 
-    # ----------------------------------------------------------------------------------
-    # The fast variant: the same operations with fewer passes over memory and no copies.
-    # Each Linear's product lands in a fresh array, so its bias add and the ReLU after it
-    # run in place on it (one compiled pass with numba, one kernel on CuPy); backward
-    # writes dW and db straight into their views of the flat gradient buffer and applies
-    # ReLU's mask in place on the fresh dx. Bit-identical to the layers' own code on
-    # NumPy (tests/test_fast_paths.py).
 
-    def _fused_relu_after(self, i: int) -> bool:
-        """Layer i is exactly a Linear and layer i + 1 exactly a ReLU (a subclass may
-        change the math, so it runs its own code)."""
-        return (type(self.layers[i]) is Linear and i + 1 < len(self.layers)
-                and type(self.layers[i + 1]) is ReLU)
-
-    def _forward_fused(self, x, keep: bool):
-        """(output, record): ``record[i]`` is what the fused backward of layer i reads (a
-        Linear's input, a fused ReLU's output); other layers keep their own caches."""
-        backend, nx = self.backend, self.backend.native
-        record: list = [None] * len(self.layers)
-        i = 0
-        while i < len(self.layers):
-            layer = self.layers[i]
-            if type(layer) is not Linear:               # its own code, and its own cache
-                x = layer.forward(x) if keep else layer(x)
-                i += 1
-                continue
-            record[i] = x
-            out = nx.matmul(x, layer.params["W"])            # fresh: ours to change in place
-            if self._fused_relu_after(i):
-                if backend.name == "cupy":
-                    backend.cuda_kernel("bias_relu")(layer.params["b"], out)
-                elif backend.numba is not None:
-                    backend.numba.bias_relu(out, layer.params["b"])
-                else:
-                    out += layer.params["b"]
-                    nx.maximum(out, 0.0, out=out)
-                record[i + 1] = out
-                i += 1
-            else:
-                out += layer.params["b"]
-            x = out
-            i += 1
-        return x, (_FusedRecord(record) if keep else None)
-
-    def _backward_fused(self, dout, record, input_grad: bool):
-        """:meth:`backward` for a record of :meth:`_forward_fused`; ``dout`` is only read."""
-        backend, nx = self.backend, self.backend.native
-        bias_grad_done = False
-        for k in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[k]
-            if type(layer) is Linear:
-                x = record[k]
-                nx.matmul(x.T, dout, out=layer.grads["W"])
-                if not bias_grad_done:
-                    nx.sum(dout, axis=0, out=layer.grads["b"])
-                bias_grad_done = False
-                if k == 0 and not input_grad:
-                    return None
-                dout = nx.matmul(dout, layer.params["W"].T)   # fresh: ours to change in place
-            elif k > 0 and self._fused_relu_after(k - 1):
-                out = record[k]
-                below = self.layers[k - 1]
-                if backend.name == "cupy":
-                    backend.cuda_kernel("relu_backward")(out, dout)
-                elif backend.numba is not None and dout.shape[1] >= 2 and dout.flags.c_contiguous:
-                    # the mask and the bias gradient of the Linear below in one pass
-                    backend.numba.relu_backward_bias_grad(out, dout, below.grads["b"])
-                    bias_grad_done = True
-                elif backend.numba is not None:
-                    backend.numba.relu_backward(out, dout)
-                else:
-                    # NumPy's where() allocates; multiplying by the mask instead would
-                    # give -0.0 for negative dout and keep NaN where the reference has 0
-                    dout = nx.where(out > 0, dout, 0.0)
-            elif k == 0:                                  # a Linear subclass first
-                return layer.backward(dout, input_grad=input_grad)
-            else:
-                dout = layer.backward(dout)
-        return dout
-
-
-class _FusedRecord(list):
-    """What ``MLP._forward_fused`` keeps for ``MLP._backward_fused``: one entry per layer."""
-
-
-# MLP.cache when the layers hold their own caches (the reference variant ran).
-_LAYER_CACHES = "layer caches"
+# MLP.cache after a forward (the layers hold the caches themselves).
+_FORWARD_DONE = "forward done"

@@ -6,8 +6,7 @@ the distribution's mean (the usual picture) and how to draw a true sample.
 Shapes: M rows (examples times samples), c pixels; decoder outputs are (M, c * outputs).
 
 ``nll(x, out, grad_scale)`` returns the gradient of ``grad_scale * sum(nll)``: the model
-passes its 1 / (S N) so that the gradient comes back as d loss / d out, with the scaling
-done while the array is being written rather than in a pass of its own. ``grad_scale`` may
+passes its 1 / (S N) so that the gradient comes back as d loss / d out. ``grad_scale`` may
 also be an (M,) array, one factor per row (the gradient of ``sum_r grad_scale_r nll_r``):
 the importance-weighted objective weights each sample's row by its normalised importance
 weight. :func:`scale_rows` applies such factors to a gradient already computed (the IWAE
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import backend_of, namespace_of
+from .backend import namespace_of
 from .losses import bernoulli_nll, gaussian_fixed_nll, gaussian_nll
 from .ops import sigmoid
 
@@ -34,53 +33,8 @@ class Bernoulli:
     def nll(self, x, out, grad_scale=None):
         """(nll (M,), grad_scale * d nll / d out (M, c)); ``grad_scale``: None, a number,
         or an (M,) array (one factor per row)."""
-        backend = backend_of(out)
-        if backend.fast:
-            return self._nll_fused(backend, x, out, grad_scale)
         value, grad = bernoulli_nll(x, out)
         return value, _scaled(grad, grad_scale)
-
-    # Elements per row block of the compiled tail: four such float64 blocks fit in a 2 MiB
-    # L2 cache across its six passes.
-    TAIL_BLOCK = 1 << 16
-
-    def _nll_fused(self, backend, x, logits, grad_scale):
-        """:meth:`nll` with three arrays instead of a dozen, the same bits on NumPy: one
-        kernel on CuPy; with numba, compiled passes around NumPy's own exp, log1p and tanh
-        (whose last bits a compiled loop would not reproduce), in blocks of rows that stay
-        in cache, the per-pixel terms living only in one block-sized scratch; without
-        numba, the reference's operations in place."""
-        nx = backend.native
-        if backend.name == "cupy":
-            term, grad = backend.cuda_kernel("bernoulli")(x, logits)
-            return nx.sum(term, axis=1), _scaled(grad, grad_scale)
-        grad_scale = _broadcastable_scale(logits, grad_scale)
-        if backend.numba is None:
-            return _bernoulli_nll_in_place(nx, x, logits, grad_scale)
-        dt = backend.numpy_dtype.type
-        h = dt(0.5)
-        # a scale of 1 multiplies exactly: the plain gradient. Per-row factors multiply
-        # each block right after it is written, while it is in cache: (g * 1) * s_r = g s_r.
-        rows_scale = grad_scale if getattr(grad_scale, "ndim", 0) == 2 else None
-        scale = dt(1.0 if grad_scale is None or rows_scale is not None else grad_scale)
-        m, c = logits.shape
-        grad = nx.empty_like(logits)
-        nll = nx.empty(m, dtype=logits.dtype)
-        rows = max(1, min(m, self.TAIL_BLOCK // c))
-        scratch = nx.empty((rows, c), dtype=logits.dtype)
-        for lo in range(0, m, rows):       # rows are independent: blocks change no result
-            block = slice(lo, lo + rows)
-            lb, u = logits[block], grad[block]
-            t = scratch[:lb.shape[0]]
-            backend.numba.bernoulli_split(lb, t, u, h)        # t = -|l|, u = l / 2
-            nx.exp(t, out=t)
-            nx.log1p(t, out=t)                                 # t = log1p(exp(-|l|))
-            nx.tanh(u, out=u)                                  # u = tanh(l / 2)
-            backend.numba.bernoulli_combine(x[block], lb, t, u, h, scale)
-            if rows_scale is not None:
-                u *= rows_scale[block]
-            nx.sum(t, axis=1, out=nll[block])                  # t = term, u = scaled grad
-        return nll, grad
 
     def mean(self, xp, out):
         return sigmoid(xp, out)
@@ -141,23 +95,16 @@ class FixedGaussian:
 
 
 def _scaled(grad, grad_scale):
-    """``grad * grad_scale`` (a fresh array the caller owns: scaled in place where the
-    backend allows it, the same bits), or ``grad`` itself for None. An (M,) ``grad_scale``
+    """``grad * grad_scale``, or ``grad`` itself for None. An (M,) ``grad_scale``
     multiplies row r by grad_scale[r]."""
     if grad_scale is None:
         return grad
-    grad_scale = _broadcastable_scale(grad, grad_scale)
-    if backend_of(grad).fast:
-        grad *= grad_scale
-        return grad
-    return grad * grad_scale
+    return grad * _broadcastable_scale(grad, grad_scale)
 
 
 def scale_rows(grad, scale):
     """Row r of an (M, width) gradient times ``scale[r]``, ``scale`` (M,): the gradient of
-    ``sum_r scale_r nll_r`` from that of ``sum_r nll_r``. In place on fast backends (``grad``
-    must be a fresh array the caller owns, as ``nll`` returns), the same bits as the
-    reference's ``grad * scale[:, None]``."""
+    ``sum_r scale_r nll_r`` from that of ``sum_r nll_r``: ``grad * scale[:, None]``."""
     if getattr(scale, "ndim", None) != 1:
         raise ValueError(f"scale: expected an array of shape ({grad.shape[0]},), one factor "
                          f"per row, got {type(scale).__name__} of shape "
@@ -171,8 +118,6 @@ def _broadcastable_scale(grad, grad_scale):
     if grad_scale is None or getattr(grad_scale, "ndim", 0) == 0:
         return grad_scale
     shape = tuple(grad_scale.shape)
-    if shape == (grad.shape[0], 1):
-        return grad_scale                     # already a column (the fused Bernoulli passes one on)
     if shape != (grad.shape[0],):
         raise ValueError(f"grad_scale: expected a number or an array of shape "
                          f"({grad.shape[0]},), one factor per row, got shape {shape}")
@@ -180,31 +125,6 @@ def _broadcastable_scale(grad, grad_scale):
     if grad_scale.dtype != grad.dtype:
         grad_scale = xp.astype(grad_scale, grad.dtype)
     return xp.reshape(grad_scale, (grad.shape[0], 1))
-
-
-def _bernoulli_nll_in_place(nx, x, logits, grad_scale):
-    """``losses.bernoulli_nll`` (with ops.softplus and ops.sigmoid written out), each
-    operation in place on two arrays: NumPy without numba."""
-    # softplus(l) = max(l, 0) + log1p(exp(-|l|))
-    t = nx.abs(logits)
-    nx.negative(t, out=t)
-    nx.exp(t, out=t)
-    nx.log1p(t, out=t)
-    term = nx.maximum(logits, 0.0)
-    term += t
-    # nll = sum_i softplus(l_i) - x_i l_i
-    nx.multiply(x, logits, out=t)
-    term -= t
-    nll = nx.sum(term, axis=1)
-    # d nll / d l = sigmoid(l) - x, sigmoid(l) = 0.5 + 0.5 tanh(l / 2)
-    grad = nx.multiply(logits, 0.5, out=term)
-    nx.tanh(grad, out=grad)
-    grad *= 0.5
-    grad += 0.5
-    grad -= x
-    if grad_scale is not None:
-        grad *= grad_scale
-    return nll, grad
 
 
 # The starting example's loss 1/2 sum (x - mu)^2 + lambda KL with lambda = 0.00025 * 784 / 2.

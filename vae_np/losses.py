@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import backend_of, namespace_of
+from .backend import fast_twin, namespace_of
 from .ops import LOG_2PI, sigmoid, softplus
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -43,6 +43,7 @@ def _reduce(xp, per_example, grads, reduction):
     raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
 
 
+@fast_twin
 def kl_standard_normal(mu, logvar, reduction: str = "none"):
     """KL( N(mu, diag exp(logvar)) || N(0, I) ) and its gradient.
 
@@ -56,32 +57,12 @@ def kl_standard_normal(mu, logvar, reduction: str = "none"):
         (kl, dkl_dmu, dkl_dlogvar): kl (N,) nats (or reduced); grads (N, d).
     """
     _check_pair("mu", mu, "logvar", logvar)
-    backend = backend_of(mu)
-    if reduction == "none" and backend.fast and (backend.name == "cupy" or backend.numba):
-        return _kl_standard_normal_fused(backend, mu, logvar)
-    xp = backend.xp
+    xp = namespace_of(mu, logvar)
     # exp(logvar) - 1 as expm1(logvar): for logvar near 0, exp(logvar) - 1 - logvar
     # cancels to round-off and can come out negative; expm1(t) - t >= 0 holds exactly.
     var_minus_one = xp.expm1(logvar)
     kl = 0.5 * xp.sum(var_minus_one - logvar + mu * mu, axis=1)
     return _reduce(xp, kl, (mu, 0.5 * var_minus_one), reduction)
-
-
-def _kl_standard_normal_fused(backend, mu, logvar):
-    """:func:`kl_standard_normal` (reduction "none") in fewer passes, the same bits on
-    NumPy: one kernel on CuPy; with numba, one compiled pass after NumPy's own expm1
-    (whose last bits a compiled loop would not reproduce)."""
-    nx = backend.native
-    if backend.name == "cupy":
-        term, dlogvar = backend.cuda_kernel("kl")(mu, logvar)
-        return 0.5 * nx.sum(term, axis=1), mu, dlogvar
-    dlogvar = nx.expm1(logvar)
-    term = nx.empty_like(dlogvar)
-    # term = (expm1(logvar) - logvar) + mu mu; dlogvar = 0.5 expm1(logvar), in place
-    backend.numba.kl_terms(mu, logvar, dlogvar, term, backend.numpy_dtype.type(0.5))
-    kl = nx.sum(term, axis=1)
-    kl *= 0.5
-    return kl, mu, dlogvar
 
 
 def kl_diagonal_gaussians(mu_q, logvar_q, mu_p, logvar_p, reduction: str = "none"):
@@ -163,6 +144,7 @@ def gaussian_fixed_nll(x, mu, variance: float, reduction: str = "none"):
     return _reduce(xp, nll, (diff / variance,), reduction)
 
 
+@fast_twin
 def bernoulli_nll(x, logits, reduction: str = "none"):
     """-ln Bernoulli(x | sigmoid(logits)), stable for logits of any size.
 

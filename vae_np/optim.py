@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backend import fast_twin, namespace_of
 from .parameters import Parameters, as_finite_host_array
 from .validation import check_number as _check_number
 
@@ -121,88 +122,29 @@ class Adam(Optimizer):
         _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
         _check_number("eps", eps, low=0.0, low_open=True)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        backend = parameters.backend
-        self.m = backend.zeros((parameters.size,))
-        self.v = backend.zeros((parameters.size,))
-        # the smallest normal number of the parameters' dtype: moments below it are flushed
-        self.tiny = float(np.finfo(backend.numpy_dtype).tiny)
+        self.m = parameters.backend.zeros((parameters.size,))
+        self.v = parameters.backend.zeros((parameters.size,))
 
     def _update(self) -> None:
-        if self.parameters.backend.fast:
-            self._update_fused()
-        else:
-            self._update_reference()
+        adam_update(self.parameters.data, self.parameters.grad, self.m, self.v, self.t,
+                    self.lr, self.beta1, self.beta2, self.eps)
 
-    def _update_reference(self) -> None:
-        """Algorithm 1 as written above, one array expression per line."""
-        xp = self.parameters.backend.xp
-        g = self.parameters.grad
-        self.m[...] = self.beta1 * self.m + (1.0 - self.beta1) * g
-        self.v[...] = self.beta2 * self.v + (1.0 - self.beta2) * (g * g)
-        self.m[...] = xp.where(xp.abs(self.m) < self.tiny, 0.0, self.m)
-        self.v[...] = xp.where(self.v < self.tiny, 0.0, self.v)
-        m_hat = self.m / (1.0 - self.beta1 ** self.t)
-        v_hat = self.v / (1.0 - self.beta2 ** self.t)
-        self.parameters.data[...] = self.parameters.data - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
-    # ----------------------------------------------------------------------------------
-    # The fast variant: the reference's operations in one pass over the flat buffers,
-    # without temporaries (the reference makes some sixteen passes and five temporaries
-    # over 1.4 M parameters): one ElementwiseKernel on CuPy, a compiled loop with numba,
-    # else cache-sized chunks with a few scratch buffers. The same bits on NumPy
-    # (tests/test_fast_paths.py).
-
-    # Elements per chunk of the NumPy loop: the chunk-sized operands and scratch stay in a
-    # 2 MiB L2 cache in float64, so the passes read main memory once instead of each time.
-    CHUNK = 1 << 15
-
-    def _update_fused(self) -> None:
-        params = self.parameters
-        backend = params.backend
-        p, g, m, v, t = params.data, params.grad, self.m, self.v, self.t
-        dt = backend.numpy_dtype.type
-        # Round each Python-float constant to the array dtype once, as NumPy does when a
-        # Python float meets an array (c1 = 1 - beta1 is formed in double first, as there).
-        consts = (dt(self.beta1), dt(1.0 - self.beta1), dt(self.beta2), dt(1.0 - self.beta2),
-                  dt(1.0 - self.beta1 ** t), dt(1.0 - self.beta2 ** t), dt(self.lr), dt(self.eps),
-                  dt(self.tiny))
-        if backend.name == "cupy":
-            backend.cuda_kernel("adam")(g, *consts, p, m, v)
-        elif backend.numba is not None:
-            backend.numba.adam(p, g, m, v, *consts)
-        else:
-            self._update_chunked(backend.native, p, g, m, v, *consts)
-
-    @classmethod
-    def _update_chunked(cls, nx, p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps, tiny):
-        """The reference's operations, chunk by chunk, into scratch buffers."""
-        n = p.shape[0]
-        size = min(n, cls.CHUNK)
-        s1, s2 = nx.empty(size, dtype=p.dtype), nx.empty(size, dtype=p.dtype)
-        small = nx.empty(size, dtype=bool)
-        for lo in range(0, n, size):
-            hi = min(lo + size, n)
-            pc, gc, mc, vc = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
-            t1, t2, flush = s1[:hi - lo], s2[:hi - lo], small[:hi - lo]
-            nx.multiply(mc, b1, out=mc)           # m = beta1 m + (1 - beta1) g
-            nx.multiply(gc, c1, out=t1)
-            nx.add(mc, t1, out=mc)
-            nx.multiply(gc, gc, out=t1)           # v = beta2 v + (1 - beta2) g^2
-            nx.multiply(t1, c2, out=t1)
-            nx.multiply(vc, b2, out=vc)
-            nx.add(vc, t1, out=vc)
-            nx.abs(mc, out=t1)                    # moments below tiny become +0
-            nx.less(t1, tiny, out=flush)
-            nx.copyto(mc, 0.0, where=flush)
-            nx.less(vc, tiny, out=flush)
-            nx.copyto(vc, 0.0, where=flush)
-            nx.divide(vc, d2, out=t1)             # sqrt(v_hat) + eps
-            nx.sqrt(t1, out=t1)
-            nx.add(t1, eps, out=t1)
-            nx.divide(mc, d1, out=t2)             # lr m_hat / (sqrt(v_hat) + eps)
-            nx.multiply(t2, lr, out=t2)
-            nx.divide(t2, t1, out=t2)
-            nx.subtract(pc, t2, out=pc)
+@fast_twin
+def adam_update(p, g, m, v, t: int, lr: float, beta1: float, beta2: float, eps: float):
+    """Step t >= 1 of Adam (:class:`Adam`'s Algorithm 1, one array expression per line),
+    in place on the flat buffers p (parameters), m and v (moments) from the gradient g,
+    all (P,) of one float dtype. (Its twins make one pass without temporaries; the
+    reference makes some sixteen and five.)"""
+    xp = namespace_of(p)
+    tiny = xp.finfo(p.dtype).smallest_normal
+    m[...] = beta1 * m + (1.0 - beta1) * g
+    v[...] = beta2 * v + (1.0 - beta2) * (g * g)
+    m[...] = xp.where(xp.abs(m) < tiny, 0.0, m)
+    v[...] = xp.where(v < tiny, 0.0, v)
+    m_hat = m / (1.0 - beta1 ** t)
+    v_hat = v / (1.0 - beta2 ** t)
+    p[...] = p - lr * m_hat / (xp.sqrt(v_hat) + eps)
 
 
 class SGD(Optimizer):

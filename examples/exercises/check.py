@@ -396,8 +396,8 @@ def plugged_in(answers: dict[str, Callable], model: VAE, optimizer: Adam):
             theta, m, v = impl_a(p.data.copy(), p.grad.copy(), o.m.copy(), o.v.copy(), o.t,
                                  lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps)
             p.data[...], o.m[...], o.v[...] = theta, m, v
-        # Adam.step calls the reference update on the reference path
-        swap(optimizer, "_update_reference", adam_update)
+        # Adam.step calls its _update, which hands the buffers to optim.adam_update
+        swap(optimizer, "_update", adam_update)
     try:
         with use_fast_paths(False):
             yield
