@@ -7,13 +7,14 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     1  backend, ops                       the array library (which loads the kernels),
                                           stable primitives
     2  layers, losses, parameters         the math with its fast variants beside it
-    3  likelihoods, optim
-    4  model
-    5  gradcheck, distributed             checks any of the above; data parallelism over MPI
-    6  everything else (training, self-check, saving: a model's files)
-    7  train_cli                          vae-np train (examples/train_mnist.py), on train
-    8  cli                                the vae-np command, built on the floors below
-    9  __main__                           python -m vae_np, which runs cli
+    3  likelihoods, optim, conv           conv: image layers on layers.Layer
+    4  networks                           Sequential, the convolutional encoder/decoder
+    5  model
+    6  gradcheck, distributed             checks any of the above; data parallelism over MPI
+    7  everything else (training, self-check, saving: a model's files)
+    8  train_cli                          vae-np train (examples/train_mnist.py), on train
+    9  cli                                the vae-np command, built on the floors below
+    10 __main__                           python -m vae_np, which runs cli
 
 ``data``, ``checkpoint`` and ``plotting`` sit apart: they import nothing from the package
 but the backend and each other's public names. A module not named here is on the top
@@ -33,13 +34,14 @@ LAYERS = {
     "_numba_kernels": 0, "_cuda_kernels": 0, "_twins_cpu": 0, "_twins_cuda": 0,
     "backend": 1, "ops": 1,
     "layers": 2, "losses": 2, "parameters": 2,
-    "likelihoods": 3, "optim": 3,
-    "model": 4,
-    "gradcheck": 5, "distributed": 5,
-    "saving": 6,
-    "train_cli": 7, "cli": 8, "__main__": 9,
+    "likelihoods": 3, "optim": 3, "conv": 3,
+    "networks": 4,
+    "model": 5,
+    "gradcheck": 6, "distributed": 6,
+    "saving": 7,
+    "train_cli": 8, "cli": 9, "__main__": 10,
 }
-TOP = 6
+TOP = 7
 # Modules that import nothing from the package but the backend and each other.
 APART = ("data", "checkpoint", "plotting")
 
