@@ -14,16 +14,17 @@ TWINS: dict = {}
 
 
 # ---- convolution twins (vae_np/conv.py) ---------------------------------------------------
-# im2col: the input's k x k windows as the rows of one matrix, so that each product of the
-# convolution's math is ONE matrix product (BLAS); col2im, its transpose, adds the column
-# gradients back onto the pixels they came from. Rows are output positions (n, p, q),
-# columns the window entries (c, i, j), the order of W.reshape(O, C kh kw). The products
-# sum the same terms as the references in conv.py in another order (tolerance in
-# tests/test_conv.py); col2im adds the offsets (i, j) in the reference's order, and the
-# max-pool loops compare exactly, so those are the references' bits.
+# im2col: the input's k x k windows as the columns of one matrix, so that each product of
+# the convolution's math is ONE matrix product (BLAS); col2im, its transpose, adds the
+# column gradients back onto the pixels they came from. Rows are the window entries
+# (c, i, j), the order of W.reshape(O, C kh kw); columns the output positions (n, p, q).
+# This layout (not its transpose) is built by kh kw strided copies that write contiguous
+# blocks (measured 13x faster than one 6-d transposing copy at 32 channels), and col2im is
+# kh kw strided adds: plain NumPy. The products sum the references' terms in another order
+# (tolerance in tests/test_conv.py); col2im adds the offsets (i, j) in the reference's
+# order; the max-pool loops compare and copy, so they are the references' bits.
 
 import numpy as np  # noqa: E402
-from numpy.lib.stride_tricks import sliding_window_view as _sliding_window_view  # noqa: E402
 
 _CONV_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -34,8 +35,16 @@ def _conv_serves(*arrays) -> bool:
         and all(a.dtype == arrays[0].dtype for a in arrays)
 
 
+def _offset_region(i, j, rows, cols, stride):
+    """The pixels of the padded image that kernel offset (i, j) reads, as slices."""
+    sh, sw = stride
+    return (slice(None), slice(None), slice(i, i + sh * (rows - 1) + 1, sh),
+            slice(j, j + sw * (cols - 1) + 1, sw))
+
+
 def _im2col(x, kh, kw, stride, padding):
-    """(columns (N Ho Wo, C kh kw), Ho, Wo) of x (N, C, H, W), zero-padded."""
+    """(columns (C kh kw, N Ho Wo), Ho, Wo) of x (N, C, H, W), zero-padded:
+    columns[(c, i, j), (n, p, q)] = xpad[n, c, s_h p + i, s_w q + j]."""
     (sh, sw), (ph, pw) = stride, padding
     n, c, h, w = x.shape
     if ph or pw:
@@ -43,47 +52,26 @@ def _im2col(x, kh, kw, stride, padding):
         xpad[:, :, ph:ph + h, pw:pw + w] = x
     else:
         xpad = x
-    windows = _sliding_window_view(xpad, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-    rows, cols = windows.shape[2], windows.shape[3]
-    # (N, Ho, Wo, C, kh, kw): the copy that makes it a matrix
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * rows * cols, c * kh * kw), rows, cols
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _col2im(dcols, dx, sh, sw, ph, pw):  # pragma: no cover - compiled
-    """dx[n, c, y, x] = sum over offsets (i, j), in row-major order from 0, of
-    dcols[n, p, q, c, i, j] where y + ph = sh p + i and x + pw = sw q + j: every window
-    entry that read pixel (y, x). dcols (N, Ho, Wo, C, kh, kw), dx (N, C, H, W)."""
-    n_, rows, cols, c_, kh, kw = dcols.shape
-    h_, w_ = dx.shape[2], dx.shape[3]
-    zero = dx.dtype.type(0)
-    for n in range(n_):
-        for c in range(c_):
-            for y in range(h_):
-                for x in range(w_):
-                    total = zero
-                    for i in range(kh):
-                        a = y + ph - i
-                        if a < 0 or a % sh != 0 or a // sh >= rows:
-                            continue
-                        for j in range(kw):
-                            b = x + pw - j
-                            if b < 0 or b % sw != 0 or b // sw >= cols:
-                                continue
-                            total += dcols[n, a // sh, b // sw, c, i, j]
-                    dx[n, c, y, x] = total
+    rows = (h + 2 * ph - kh) // sh + 1
+    cols = (w + 2 * pw - kw) // sw + 1
+    columns = np.empty((c, kh, kw, n, rows, cols), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            columns[:, i, j] = xpad[_offset_region(i, j, rows, cols, stride)].transpose(1, 0, 2, 3)
+    return columns.reshape(c * kh * kw, n * rows * cols), rows, cols
 
 
 def conv2d_forward(x, weight, bias, stride, padding):
     if not _conv_serves(x, weight, bias):
         return NotImplemented
     o, _, kh, kw = weight.shape
+    n = x.shape[0]
     columns, rows, cols = _im2col(x, kh, kw, stride, padding)
-    product = columns @ weight.reshape(o, -1).T                     # (N Ho Wo, O)
-    out = np.empty((x.shape[0], o, rows, cols), dtype=x.dtype)
+    product = weight.reshape(o, -1) @ columns                       # (O, N Ho Wo)
+    out = np.empty((n, o, rows, cols), dtype=x.dtype)
     # to (N, O, Ho, Wo) and the bias, in one pass
-    np.add(product.reshape(x.shape[0], rows, cols, o).transpose(0, 3, 1, 2),
-           bias.reshape(o, 1, 1), out=out)
+    np.add(product.reshape(o, n, rows, cols).transpose(1, 0, 2, 3), bias.reshape(o, 1, 1),
+           out=out)
     return out
 
 
@@ -94,14 +82,18 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     n, _, rows, cols = dout.shape
     columns, _, _ = _im2col(x, kh, kw, stride, padding)
     dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
-    drows = np.ascontiguousarray(dout.transpose(0, 2, 3, 1)).reshape(n * rows * cols, o)
-    dweight = (drows.T @ columns).reshape(weight.shape)
+    grad_rows = np.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, n * rows * cols)
+    dweight = (grad_rows @ columns.T).reshape(weight.shape)
     if not input_grad:
         return None, dweight, dbias
-    dcols = (drows @ weight.reshape(o, -1)).reshape(n, rows, cols, c, kh, kw)
-    dx = np.empty(x.shape, dtype=x.dtype)
-    _col2im(dcols, dx, stride[0], stride[1], padding[0], padding[1])
-    return dx, dweight, dbias
+    dcolumns = (weight.reshape(o, -1).T @ grad_rows).reshape(c, kh, kw, n, rows, cols)
+    (ph, pw), (_, _, h, w) = padding, x.shape
+    dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+    for i in range(kh):                       # col2im: the offsets in the reference's order
+        for j in range(kw):
+            region = _offset_region(i, j, rows, cols, stride)
+            dxpad[region] += dcolumns[:, i, j].transpose(1, 0, 2, 3)
+    return dxpad[:, :, ph:ph + h, pw:pw + w], dweight, dbias
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

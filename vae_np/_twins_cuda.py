@@ -11,11 +11,11 @@ TWINS: dict = {}
 
 
 # ---- convolution twins (vae_np/conv.py) ---------------------------------------------------
-# The same im2col / col2im as the CPU twins: each product of the math is ONE cuBLAS matrix
-# product; the gathers around it are one kernel each (im2col reads the zero padding
-# without a padded copy, col2im sums the offsets (i, j) in the reference's order, one
-# thread per pixel: no atomics, the same bits every run), and max-pool is one pass each
-# way. CONV_SOURCE is one translation unit with T typedef'd to float or double in front
+# The same im2col / col2im as the CPU twins, in the same (C kh kw, N Ho Wo) layout: each
+# product of the math is ONE cuBLAS matrix product; the gathers around it are one kernel
+# each (im2col reads the zero padding without a padded copy, col2im sums the offsets
+# (i, j) in the reference's order, one thread per pixel: no atomics, the same bits every
+# run), and max-pool is one pass each way. CONV_SOURCE is one translation unit with T typedef'd to float or double in front
 # (CONV_CTYPES); tests/test_conv_cuda.py compiles it with NVRTC, without a GPU.
 
 CONV_OPTIONS = ("--fmad=false",)
@@ -27,26 +27,26 @@ CONV_SOURCE = r"""
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (total); \
        i += (long long)blockDim.x * gridDim.x)
 
-// cols[(n, p, q), (c, i, j)] = x[n, c, sh p + i - ph, sw q + j - pw], 0 outside the image.
+// cols[(c, i, j), (n, p, q)] = x[n, c, sh p + i - ph, sw q + j - pw], 0 outside the image.
 extern "C" __global__ void vae_np_im2col(
     const T *x, T *cols, long long N, long long C, long long H, long long W,
     long long kh, long long kw, long long sh, long long sw, long long ph, long long pw,
     long long Ho, long long Wo) {
   GRID_STRIDE_LOOP(idx, N * Ho * Wo * C * kh * kw) {
     long long t = idx;
-    const long long j = t % kw; t /= kw;
-    const long long i = t % kh; t /= kh;
-    const long long c = t % C; t /= C;
     const long long q = t % Wo; t /= Wo;
-    const long long p = t % Ho;
-    const long long n = t / Ho;
+    const long long p = t % Ho; t /= Ho;
+    const long long n = t % N; t /= N;
+    const long long j = t % kw; t /= kw;
+    const long long i = t % kh;
+    const long long c = t / kh;
     const long long y = sh * p + i - ph, xx = sw * q + j - pw;
     cols[idx] = (y >= 0 && y < H && xx >= 0 && xx < W) ? x[((n * C + c) * H + y) * W + xx]
                                                        : (T)0;
   }
 }
 
-// dx[n, c, y, x] = sum over (i, j), row-major from 0, of dcols[n, p, q, c, i, j] with
+// dx[n, c, y, x] = sum over (i, j), row-major from 0, of dcols[(c, i, j), (n, p, q)] with
 // y + ph = sh p + i, x + pw = sw q + j (0 <= p < Ho, 0 <= q < Wo).
 extern "C" __global__ void vae_np_col2im(
     const T *dcols, T *dx, long long N, long long C, long long H, long long W,
@@ -65,7 +65,7 @@ extern "C" __global__ void vae_np_col2im(
       for (long long j = 0; j < kw; ++j) {
         const long long b = xx + pw - j;
         if (b < 0 || b % sw != 0 || b / sw >= Wo) continue;
-        total += dcols[((((n * Ho + a / sh) * Wo + b / sw) * C + c) * kh + i) * kw + j];
+        total += dcols[((((c * kh + i) * kw + j) * N + n) * Ho + a / sh) * Wo + b / sw];
       }
     }
     dx[idx] = total;
@@ -151,7 +151,7 @@ def _im2col_cuda(cupy, x, kh, kw, stride, padding):
     n, c, h, w = x.shape
     rows = (h + 2 * padding[0] - kh) // stride[0] + 1
     cols = (w + 2 * padding[1] - kw) // stride[1] + 1
-    columns = cupy.empty((n * rows * cols, c * kh * kw), dtype=x.dtype)
+    columns = cupy.empty((c * kh * kw, n * rows * cols), dtype=x.dtype)
     _launch(_conv_kernel(cupy, x.dtype, "vae_np_im2col"), columns.size, x, columns,
             n, c, h, w, kh, kw, *stride, *padding, rows, cols)
     return columns, rows, cols
@@ -163,10 +163,11 @@ def conv2d_forward(x, weight, bias, stride, padding):
         return NotImplemented
     o, _, kh, kw = weight.shape
     columns, rows, cols = _im2col_cuda(cupy, x, kh, kw, stride, padding)
-    product = cupy.matmul(columns, weight.reshape(o, -1).T)                 # cuBLAS
-    out = cupy.empty((x.shape[0], o, rows, cols), dtype=x.dtype)
-    cupy.add(product.reshape(x.shape[0], rows, cols, o).transpose(0, 3, 1, 2),
-             bias.reshape(o, 1, 1), out=out)
+    n = x.shape[0]
+    product = cupy.matmul(weight.reshape(o, -1), columns)            # cuBLAS: (O, N Ho Wo)
+    out = cupy.empty((n, o, rows, cols), dtype=x.dtype)
+    cupy.add(product.reshape(o, n, rows, cols).transpose(1, 0, 2, 3), bias.reshape(o, 1, 1),
+             out=out)
     return out
 
 
@@ -178,11 +179,11 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     n, _, rows, cols = dout.shape
     columns, _, _ = _im2col_cuda(cupy, x, kh, kw, stride, padding)
     dbias = cupy.sum(dout, axis=(0, 2, 3))
-    drows = cupy.ascontiguousarray(dout.transpose(0, 2, 3, 1)).reshape(n * rows * cols, o)
-    dweight = cupy.matmul(drows.T, columns).reshape(weight.shape)
+    grad_rows = cupy.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, n * rows * cols)
+    dweight = cupy.matmul(grad_rows, columns.T).reshape(weight.shape)
     if not input_grad:
         return None, dweight, dbias
-    dcols = cupy.matmul(drows, weight.reshape(o, -1))
+    dcols = cupy.matmul(weight.reshape(o, -1).T, grad_rows)          # (C kh kw, N Ho Wo)
     dx = cupy.empty(x.shape, dtype=x.dtype)
     _launch(_conv_kernel(cupy, x.dtype, "vae_np_col2im"), dx.size, dcols, dx,
             n, c, x.shape[2], x.shape[3], kh, kw, *stride, *padding, rows, cols)
