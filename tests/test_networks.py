@@ -263,7 +263,13 @@ def test_inference_and_input_grad_false(np64, code_path):
     np.testing.assert_array_equal(enc(x), enc.forward(x))
     np.testing.assert_array_equal(enc.backward(dout), dx)
     enc.forward(x)
+    calls = []
+    first_conv = enc.layers[1]
+    original = first_conv.backward
+    first_conv.backward = lambda g, input_grad=True: calls.append(input_grad) or original(
+        g, input_grad=input_grad)
     assert enc.backward(dout, input_grad=False) is None
+    assert calls == [False]                   # the first convolution skipped its col2im
     for name, layer, key in enc.named_parameters():
         np.testing.assert_array_equal(layer.grads[key], grads[name])
     with pytest.raises(RuntimeError, match="backward called before forward"):

@@ -278,7 +278,7 @@ class Upsample(Layer):
     y[n, c, p, q] = x[n, c, floor(p / f), floor(q / f)]: x (N, C, H, W), y (N, C, f H, f W).
     Each x entry is copied into an f x f block of y, so dL/dx is the sum of dout over
     its block: dx[n, c, h, w] = sum_{a, b < f} dout[n, c, f h + a, f w + b].
-    No parameters, no cache beyond nothing (the shapes come with dout).
+    No parameters; backward needs only dout's shape.
     """
 
     def __init__(self, scale_factor: int, backend: Backend):

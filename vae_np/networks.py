@@ -69,6 +69,9 @@ class Sequential(Layer):
             names.append(f"{kind}{counts.get(kind, 0)}")
             counts[kind] = counts.get(kind, 0) + 1
         self.names = names
+        self._first_with_parameters = next(       # a nested network counts as having some
+            (i for i, layer in enumerate(self.layers)
+             if layer.params or hasattr(layer, "named_parameters")), len(self.layers))
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Layer, str]]:
         """Yield ``(full name, owning layer, key)`` for every parameter, in order."""
@@ -107,24 +110,26 @@ class Sequential(Layer):
         return self._run(x, train=False)
 
     def backward(self, dout, input_grad: bool = True):
-        """dL/d(input) for dout = dL/d(output), or None with ``input_grad=False`` (the first
-        layer then skips its dx when it can: Linear and Conv2d take ``input_grad``)."""
+        """dL/d(input) for dout = dL/d(output), or None with ``input_grad=False``: then the
+        layers before the first one with parameters are skipped (their dx would only
+        feed the input) and that layer skips its own dx when it can (Linear, Conv2d and
+        Sequential take ``input_grad``: the encoder's first convolution drops its col2im)."""
         self._cached()
         self.cache = None                       # one backward per forward
-        xp, dextras = self.backend.xp, None
-        for i in range(len(self.layers) - 1, 0, -1):
-            dout = self.layers[i].backward(dout)
-            if i == self.extra_at:
+        stop = 0 if input_grad else self._first_with_parameters
+        dextras = None
+        for i in range(len(self.layers) - 1, stop - 1, -1):
+            layer = self.layers[i]
+            if i == stop and not input_grad and isinstance(layer, (Linear, Conv2d, Sequential)):
+                dout = layer.backward(dout, input_grad=False)
+            else:
+                dout = layer.backward(dout)
+            if i == self.extra_at and dout is not None:
                 cut = dout.shape[1] - self.extra_features
                 dout, dextras = dout[:, :cut], dout[:, cut:]
-        first = self.layers[0]
-        if isinstance(first, (Linear, Conv2d, Sequential)):
-            dx = first.backward(dout, input_grad=input_grad)
-        else:
-            dx = first.backward(dout)
         if not input_grad:
             return None
-        return dx if dextras is None else xp.concat([dx, dextras], axis=1)
+        return dout if dextras is None else self.backend.xp.concat([dout, dextras], axis=1)
 
 
 def image_layout(image_shape) -> tuple[int, int, int, bool]:
