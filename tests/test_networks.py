@@ -327,3 +327,30 @@ def test_array_api_strict_runs_the_references(strict64):
     z = np.random.default_rng(17).standard_normal((2, 2))
     np.testing.assert_allclose(strict64.to_numpy(dec.forward(strict64.asarray(z))),
                                dec_np.forward(z), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_cupy_networks_match_numpy_and_pass_the_directional_check(outputs, record_check):
+    """The CuPy twins through the whole networks: the NumPy reference's outputs and
+    gradients (float64, reordered sums: 1e-10 relative), and a directional check."""
+    cp64 = get_backend("cupy", "float64")
+    np64 = get_backend("numpy", "float64")
+    nets = {b.name: conv_networks((4, 8, 3), 2, outputs, b, np.random.default_rng(0),
+                                  extra_features=3, **SMALL) for b in (cp64, np64)}
+    x = np.random.default_rng(18).uniform(size=(3, 96 + 3))
+    for k, (enc, enc_np) in enumerate(((nets["cupy"][0], nets["numpy"][0]),
+                                       (nets["cupy"][1], nets["numpy"][1]))):
+        inp = x if k == 0 else np.random.default_rng(19).standard_normal((3, 5))
+        out_np = enc_np.forward(inp)
+        dout = np.random.default_rng(20).standard_normal(out_np.shape)
+        dx_np = enc_np.backward(dout)
+        out = enc.forward(cp64.asarray(inp))
+        dx = enc.backward(cp64.asarray(dout))
+        np.testing.assert_allclose(cp64.to_numpy(out), out_np, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(cp64.to_numpy(dx), dx_np, rtol=1e-10, atol=1e-12)
+        for (_, layer, key), (_, layer_np, _) in zip(enc.named_parameters(),
+                                                     enc_np.named_parameters()):
+            np.testing.assert_allclose(cp64.to_numpy(layer.grads[key]), layer_np.grads[key],
+                                       rtol=1e-10, atol=1e-12)
+        check_network(enc, inp, cp64, record_check, "networks on cupy", max_entries=4)
