@@ -289,6 +289,21 @@ def test_conv_twin_within_the_reordered_sum_bound(case, dtype):
     np.testing.assert_array_equal(db, db0)                     # the same call
 
 
+def test_conv_twin_in_chunks_of_one_image(monkeypatch):
+    """The CPU twin runs large batches in chunks of images (CONV_CHUNK_BYTES); with one
+    image per chunk every path through the chunks is taken, within the same bound."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    monkeypatch.setattr(twins, "CONV_CHUNK_BYTES", 1)
+    test_conv_twin_within_the_reordered_sum_bound(CONV_CASES[1], "float32")
+    test_conv_twin_within_the_reordered_sum_bound(CONV_CASES[2], "float64")
+    layer, x = make_conv(CONV_CASES[1], get_backend("numpy", "float64"))
+    dout = np.ones(layer.forward(x).shape)
+    _, dw, db = conv.conv2d_backward(dout, x, layer.params["W"], layer.stride, layer.padding,
+                                     input_grad=False)
+    dx1, dw1, _ = conv.conv2d_backward(dout, x, layer.params["W"], layer.stride, layer.padding)
+    np.testing.assert_array_equal(dw, dw1)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_maxpool_twin_is_bit_identical(dtype):
     x = np.round(np.random.default_rng(11).standard_normal((3, 2, 6, 8)), 1).astype(dtype)

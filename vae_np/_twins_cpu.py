@@ -20,7 +20,7 @@ TWINS: dict = {}
 # (c, i, j), the order of W.reshape(O, C kh kw); columns the output positions (n, p, q).
 # This layout (not its transpose) is built by kh kw strided copies that write contiguous
 # blocks (measured 13x faster than one 6-d transposing copy at 32 channels), and col2im is
-# kh kw strided adds: plain NumPy. The products sum the references' terms in another order
+# kh kw strided adds: plain NumPy. See CONV_CHUNK_BYTES for the batch's chunks. The products sum the references' terms in another order
 # (tolerance in tests/test_conv.py); col2im adds the offsets (i, j) in the reference's
 # order; the max-pool loops compare and copy, so they are the references' bits.
 
@@ -61,17 +61,34 @@ def _im2col(x, kh, kw, stride, padding):
     return columns.reshape(c * kh * kw, n * rows * cols), rows, cols
 
 
+# The columns of a whole batch are 9 C times the input (115 MB for 128 images of 32
+# channels at 28x28): written, read back by BLAS and freed on every call, they made the
+# layer memory-bound. So the twins run the batch in chunks of images whose columns fit in
+# CONV_CHUNK_BYTES (cache-sized), one matrix product per product of the math per chunk:
+# 1.5-4x faster at batch 128 here (benchmarks/README.md). dW sums its chunks' products.
+CONV_CHUNK_BYTES = 2 << 20
+
+
+def _chunks(x, kh, kw, rows, cols):
+    """Slices of images whose columns take at most CONV_CHUNK_BYTES (one image at least)."""
+    per_image = x.shape[1] * kh * kw * rows * cols * x.itemsize
+    step = max(1, CONV_CHUNK_BYTES // per_image)
+    return [slice(n, n + step) for n in range(0, x.shape[0], step)]
+
+
 def conv2d_forward(x, weight, bias, stride, padding):
     if not _conv_serves(x, weight, bias):
         return NotImplemented
     o, _, kh, kw = weight.shape
-    n = x.shape[0]
-    columns, rows, cols = _im2col(x, kh, kw, stride, padding)
-    product = weight.reshape(o, -1) @ columns                       # (O, N Ho Wo)
-    out = np.empty((n, o, rows, cols), dtype=x.dtype)
-    # to (N, O, Ho, Wo) and the bias, in one pass
-    np.add(product.reshape(o, n, rows, cols).transpose(1, 0, 2, 3), bias.reshape(o, 1, 1),
-           out=out)
+    rows = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    cols = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    out = np.empty((x.shape[0], o, rows, cols), dtype=x.dtype)
+    for chunk in _chunks(x, kh, kw, rows, cols):
+        columns, _, _ = _im2col(x[chunk], kh, kw, stride, padding)
+        product = weight.reshape(o, -1) @ columns                   # (O, n Ho Wo)
+        # to (n, O, Ho, Wo) and the bias, in one pass
+        np.add(product.reshape(o, -1, rows, cols).transpose(1, 0, 2, 3),
+               bias.reshape(o, 1, 1), out=out[chunk])
     return out
 
 
@@ -79,21 +96,26 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     if not _conv_serves(dout, x, weight):
         return NotImplemented
     o, c, kh, kw = weight.shape
-    n, _, rows, cols = dout.shape
-    columns, _, _ = _im2col(x, kh, kw, stride, padding)
-    dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
-    grad_rows = np.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(o, n * rows * cols)
-    dweight = (grad_rows @ columns.T).reshape(weight.shape)
-    if not input_grad:
-        return None, dweight, dbias
-    dcolumns = (weight.reshape(o, -1).T @ grad_rows).reshape(c, kh, kw, n, rows, cols)
+    _, _, rows, cols = dout.shape
     (ph, pw), (_, _, h, w) = padding, x.shape
-    dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-    for i in range(kh):                       # col2im: the offsets in the reference's order
-        for j in range(kw):
-            region = _offset_region(i, j, rows, cols, stride)
-            dxpad[region] += dcolumns[:, i, j].transpose(1, 0, 2, 3)
-    return dxpad[:, :, ph:ph + h, pw:pw + w], dweight, dbias
+    dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
+    dweight = np.zeros((o, c * kh * kw), dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
+    for chunk in _chunks(x, kh, kw, rows, cols):
+        columns, _, _ = _im2col(x[chunk], kh, kw, stride, padding)
+        grad_rows = np.ascontiguousarray(dout[chunk].transpose(1, 0, 2, 3)).reshape(o, -1)
+        dweight += grad_rows @ columns.T
+        if not input_grad:
+            continue
+        n = columns.shape[1] // (rows * cols)
+        dcolumns = (weight.reshape(o, -1).T @ grad_rows).reshape(c, kh, kw, n, rows, cols)
+        dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+        for i in range(kh):                   # col2im: the offsets in the reference's order
+            for j in range(kw):
+                region = _offset_region(i, j, rows, cols, stride)
+                dxpad[region] += dcolumns[:, i, j].transpose(1, 0, 2, 3)
+        dx[chunk] = dxpad[:, :, ph:ph + h, pw:pw + w]
+    return dx, dweight.reshape(weight.shape), dbias
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
