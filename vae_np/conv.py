@@ -7,8 +7,8 @@ on arrays (``conv2d_forward``, ``conv2d_backward``, ``maxpool2d_forward``,
 ``maxpool2d_backward``) written as the formula: a loop over the kernel offsets (i, j),
 each a strided slice of the input and one ``tensordot`` over channels. The convolution
 and max-pool ops are ``@fast_twin``: on NumPy and CuPy they run an im2col twin (one
-matrix product per product of the math; ``vae_np._twins_cpu`` / ``_twins_cuda``, section
-"convolution twins"), equal to these references within the reordered-sum bound of
+matrix product per product of the math, per cache-sized chunk of images on NumPy;
+``vae_np._twins_cpu`` / ``_twins_cuda``, section "convolution twins"), equal to these references within the reordered-sum bound of
 tests/test_conv.py (max-pool: to the bit). The derivations are in
 docs/10-convolution.md; tests/test_conv.py checks every backward by central differences.
 """
