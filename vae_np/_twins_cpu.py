@@ -76,20 +76,27 @@ def _chunks(x, kh, kw, rows, cols):
     return [slice(n, n + step) for n in range(0, x.shape[0], step)]
 
 
-def conv2d_forward(x, weight, bias, stride, padding):
-    if not _conv_serves(x, weight, bias):
-        return NotImplemented
+def _correlate(x, weight, bias, stride, padding):
+    """conv2d_forward by im2col, chunk by chunk; ``bias`` None adds none."""
     o, _, kh, kw = weight.shape
     rows = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
     cols = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
     out = np.empty((x.shape[0], o, rows, cols), dtype=x.dtype)
     for chunk in _chunks(x, kh, kw, rows, cols):
         columns, _, _ = _im2col(x[chunk], kh, kw, stride, padding)
-        product = weight.reshape(o, -1) @ columns                   # (O, n Ho Wo)
+        product = (weight.reshape(o, -1) @ columns).reshape(o, -1, rows, cols)  # (O, n Ho Wo)
         # to (n, O, Ho, Wo) and the bias, in one pass
-        np.add(product.reshape(o, -1, rows, cols).transpose(1, 0, 2, 3),
-               bias.reshape(o, 1, 1), out=out[chunk])
+        if bias is None:
+            out[chunk] = product.transpose(1, 0, 2, 3)
+        else:
+            np.add(product.transpose(1, 0, 2, 3), bias.reshape(o, 1, 1), out=out[chunk])
     return out
+
+
+def conv2d_forward(x, weight, bias, stride, padding):
+    if not _conv_serves(x, weight, bias):
+        return NotImplemented
+    return _correlate(x, weight, bias, stride, padding)
 
 
 def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
@@ -101,11 +108,19 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
     dweight = np.zeros((o, c * kh * kw), dtype=x.dtype)
     dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
+    # With stride 1, dx is dout correlated with the flipped kernel, channels swapped, padded
+    # by k - 1 - p: the same O kh kw terms per pixel, from columns of O kh kw rows instead
+    # of a C kh kw-row product and a col2im. Taken when it has no more rows (O <= C: the
+    # decoder's 32 -> 1 layer builds 9 rows instead of 288).
+    transposed = input_grad and stride == (1, 1) and o <= c and ph < kh and pw < kw
+    if transposed:
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dx = _correlate(dout, flipped, None, (1, 1), (kh - 1 - ph, kw - 1 - pw))
     for chunk in _chunks(x, kh, kw, rows, cols):
         columns, _, _ = _im2col(x[chunk], kh, kw, stride, padding)
         grad_rows = np.ascontiguousarray(dout[chunk].transpose(1, 0, 2, 3)).reshape(o, -1)
         dweight += grad_rows @ columns.T
-        if not input_grad:
+        if not input_grad or transposed:
             continue
         n = columns.shape[1] // (rows * cols)
         dcolumns = (weight.reshape(o, -1).T @ grad_rows).reshape(c, kh, kw, n, rows, cols)
