@@ -9,7 +9,8 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     2  layers, losses, parameters         the math with its fast variants beside it
     3  likelihoods, optim
     4  model
-    5  gradcheck, distributed             checks any of the above; data parallelism over MPI
+    5  gradcheck, distributed, outputs    checks any of the above; data parallelism over MPI;
+                                          the files a command writes, checked against its inputs
     6  everything else (training, self-check, saving: a model's files)
     7  train_cli                          vae-np train (examples/train_mnist.py), on train
     8  cli                                the vae-np command, built on the floors below
@@ -35,7 +36,7 @@ LAYERS = {
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
     "model": 4,
-    "gradcheck": 5, "distributed": 5,
+    "gradcheck": 5, "distributed": 5, "outputs": 5,
     "saving": 6,
     "train_cli": 7, "cli": 8, "__main__": 9,
 }

@@ -30,6 +30,7 @@ from . import plotting
 from .backend import BACKEND_NAMES, BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
+from .outputs import check_output
 from .saving import SavedModel, read_model
 from .train.evaluation import log_likelihood_summary
 from .train_cli import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
@@ -78,6 +79,18 @@ def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
 def load(args) -> SavedModel:
     saved = read_model(args.checkpoint, backend=args.backend, dtype=args.dtype)
     return saved
+
+
+#: What --out of a picture may end in (the format written follows it).
+PICTURES = tuple(plotting.PICTURE_FORMATS)
+
+
+def output(args, path, suffixes=PICTURES, flag: str = "--out") -> Path:
+    """An output of this command, checked before any work against what it reads (the
+    checkpoint, the data set) and for its suffix (:func:`vae_np.outputs.check_output`)."""
+    return check_output(flag, path, suffixes=suffixes,
+                        inputs=(("checkpoint", args.checkpoint),
+                                ("data set", getattr(args, "dataset", None))))
 
 
 def load_examples(args, saved: SavedModel) -> tuple[np.ndarray, np.ndarray | None, Dataset]:
@@ -164,15 +177,17 @@ def _labels_to_draw(model, args, n: int) -> tuple[np.ndarray | None, int]:
 
 
 def cmd_sample(args) -> int:
+    out = output(args, args.out, PICTURES + (".npy",))
+    npy = out if out.suffix.lower() == ".npy" else out.with_suffix(".npy")
+    if args.npy:
+        output(args, npy, (".npy",), "--npy")
     saved = load(args)
     model = saved.model
     labels, nrow = _labels_to_draw(model, args, args.n)
     n = args.n if labels is None else len(labels)
     rng = model.backend.rng(args.seed)
     images = host(model, model.sample(n, rng, **({} if labels is None else {"y": labels})))
-    out = Path(args.out)
     if out.suffix.lower() == ".npy" or args.npy:
-        npy = out if out.suffix.lower() == ".npy" else out.with_suffix(".npy")
         atomic_write(npy, lambda fh: np.save(fh, images))
         say(f"wrote {npy} ({n} decoder means, shape {images.shape})")
     if out.suffix.lower() != ".npy":
@@ -185,12 +200,12 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    out = output(args, args.out)
     saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)
     x, y = x[:args.n], None if y is None else y[:args.n]
     recon = host(model, model.reconstruct(x, **class_args(model, y)))
-    out = Path(args.out)
     title = f"{args.split} examples and reconstructions"
     if saved.image_shape is not None:
         plotting.save_reconstructions(out, as_pictures(x), as_pictures(recon), n=args.n,
@@ -205,6 +220,7 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_encode(args) -> int:
+    out = output(args, args.out, (".npz",))
     saved = load(args)
     model = saved.model
     x, y, _ = load_examples(args, saved)
@@ -217,7 +233,7 @@ def cmd_encode(args) -> int:
     arrays = {"mu": np.concatenate(mus), "logvar": np.concatenate(logvars)}
     if y is not None:
         arrays["y"] = y
-    out = write_npz(Path(args.out), **arrays)
+    write_npz(out, **arrays)
     say(f"wrote {out}: mu and logvar, ({len(x)}, {model.latent_dim}) each"
         + (", and the labels y" if y is not None else ""))
     return 0
@@ -246,6 +262,9 @@ def interpolate_latents(a: np.ndarray, b: np.ndarray, steps: int, spherical: boo
 
 
 def cmd_interpolate(args) -> int:
+    out = output(args, args.out)
+    if args.npy:
+        output(args, out.with_suffix(".npy"), (".npy",), "--npy")
     saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)
@@ -265,7 +284,6 @@ def cmd_interpolate(args) -> int:
         decoded = host(model, model.decode(path, **class_args(model, lab)))
         rows.append(np.concatenate([ends[2 * p][None], decoded, ends[2 * p + 1][None]]))
         row_labels.append(f"pair {p}")
-    out = Path(args.out)
     kind = "spherical" if args.spherical else "linear"
     title = f"{kind} interpolation"  # short: the picture may be narrow
     if saved.image_shape is not None:
@@ -285,6 +303,7 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_traverse(args) -> int:
+    out = output(args, args.out)
     saved = load(args)
     model = saved.model
     d = model.latent_dim
@@ -323,7 +342,6 @@ def cmd_traverse(args) -> int:
     elif args.label is not None:
         raise CLIError(f"--label: the model in {args.checkpoint} is not conditional")
     decoded = host(model, model.decode(points, **extra))
-    out = Path(args.out)
     title = (f"traversal of z[{', '.join(map(str, dims[:8]))}{', ...' if len(dims) > 8 else ''}]"
              f", {-args.range:g}..{args.range:g} around {where}")
     if saved.image_shape is not None:
@@ -338,6 +356,8 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.json:  # before the evaluation, not after it
+        output(args, args.json, None, "--json")
     saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)

@@ -19,6 +19,7 @@ Examples that are not images (feature vectors) are drawn as line plots by
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import os
@@ -82,9 +83,26 @@ def _new_figure(figsize: tuple[float, float]):
     return fig
 
 
+#: The picture formats a path's suffix may ask for, and the matplotlib format written.
+PICTURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def picture_format(path: str | os.PathLike) -> str:
+    """The format ``path``'s suffix names; ValueError for one this module does not write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_FORMATS:
+        raise ValueError(f"path: {path} asks for a {suffix or 'suffix-less'!r} picture; "
+                         f"pictures are written as {', '.join(PICTURE_FORMATS)}")
+    return PICTURE_FORMATS[suffix]
+
+
 def _save_png(fig, path: str | os.PathLike) -> Path:
-    # format= is explicit because the temp file's name has no .png suffix.
-    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI))
+    # In the format the suffix names (the temporary file's name has none), drawn in memory
+    # first: the temporary file lives only while the bytes are copied, so a killed process
+    # leaves no empty picture behind for long.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=picture_format(path), dpi=_DPI)
+    return atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
 def _positive_int(value: Any, name: str) -> int:

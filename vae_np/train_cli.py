@@ -364,7 +364,7 @@ def check_before_data(parser, args, given, fail) -> TrainConfig | None:
     config = None
     try:
         if args.resume:
-            check_out_dir(args.out)
+            check_out_dir(args.out, inputs=(args.dataset,))
             # The checkpoint's config with the flags given: refused here if they change
             # the run, and it names the backend to check.
             resumed = read_run(args.out).config.continued(
@@ -376,7 +376,8 @@ def check_before_data(parser, args, given, fail) -> TrainConfig | None:
             backend, dtype = resumed.backend, resumed.dtype
         else:
             config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
-            check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
+            check_out_dir(args.out, new_run=True, overwrite=args.overwrite,
+                          inputs=(args.dataset,))
             backend, dtype = config.backend, config.dtype
         get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
     except CheckpointError as exc:  # a ValueError, but the file's fault, not a flag's

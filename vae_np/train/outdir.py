@@ -23,8 +23,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from ..outputs import same_or_inside
 from .metrics import METRICS_FILE, RESULTS_FILE
 from .pictures import PICTURE_FILES
 from .state import CHECKPOINT_FILE
@@ -39,21 +40,38 @@ _RUN_FILES = {CHECKPOINT_FILE: "checkpoint", METRICS_FILE: "metrics", RESULTS_FI
 
 
 def check_out_dir(out_dir: str | os.PathLike, *, new_run: bool = False,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False,
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """``out_dir`` as a Path, after checking that a run can write its files there.
 
     It need not exist yet; the nearest existing ancestor must then be a writable
     directory. With ``new_run`` and not ``overwrite``, an existing checkpoint (a run to
-    resume, not to clobber) is refused too. Nothing is created.
+    resume, not to clobber) is refused too. ``inputs`` are the data set's file or
+    folder (None and ``mnist`` are skipped): out_dir must not be, or lie inside, an input
+    folder (the run's pictures would join the images), nor may a run file be an input.
+    Nothing is created.
 
     Raises (each naming ``out_dir`` and the path at fault): NotADirectoryError (out_dir,
     or a directory above it, is a file), IsADirectoryError (a run file's name is taken by
     a directory or other non-file), PermissionError (not writable), FileExistsError (a
-    checkpoint is there and a new run would replace it).
+    checkpoint is there and a new run would replace it), FileNotFoundError (out_dir or
+    a folder above it is a symbolic link that loops or dangles), ValueError (an input).
     """
     path = Path(out_dir)
+    for source in inputs:
+        if source is None or os.fspath(source) == "mnist":
+            continue
+        if same_or_inside(path, source) or any(same_or_inside(path / name, source)
+                                               for name in _RUN_FILES):
+            raise ValueError(f"out_dir: {path} would write the run's files over or into the "
+                             f"data set {source} (--dataset); choose another out_dir (--out)")
     probe = path
     while not probe.exists() and probe != probe.parent:  # exists() is False under a file
+        if probe.is_symlink():  # mkdir would fail on it with a bare "File exists"
+            raise FileNotFoundError(f"out_dir: {probe} is a symbolic link to "
+                                    f"{os.readlink(probe)!r}, which loops or does not exist"
+                                    f"{'' if probe == path else f' (above {path})'}; remove "
+                                    f"it or choose another out_dir (--out)")
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == path else f"lies under {probe}, which is a file"

@@ -1,0 +1,98 @@
+"""What a hostile user types (issue 19): no input is lost, no run is lost, every failure is
+one line naming what is wrong. In-process calls of the commands, tmp_path only."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from vae_np import VAE, load_model, save_model
+from vae_np.cli import main
+from vae_np.train_cli import main as train_main
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "img.npz", x_train=rng.random((20, 16)).astype(np.float32),
+             x_test=rng.random((6, 16)).astype(np.float32))
+    save_model(VAE(input_dim=16, hidden=(8,), latent_dim=2, seed=0), tmp_path / "ck.npz",
+               image_shape=(4, 4))
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err, status=1):
+    assert code == status and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# --------------------------------------------------------------------------------------
+# 1. An output equal to an input is refused (resolved paths, symbolic and hard links)
+
+
+@pytest.mark.parametrize("argv, target", [
+    (["sample", "{d}/ck.npz", "--out", "{d}/ck.npz"], "ck.npz"),
+    (["encode", "{d}/ck.npz", "--dataset", "{d}/img.npz", "--out", "{d}/img.npz"], "img.npz"),
+    (["eval", "{d}/ck.npz", "--dataset", "{d}/img.npz", "-K", "2", "--json", "{d}/ck.npz"],
+     "ck.npz"),
+    (["encode", "{d}/ck.npz", "--dataset", "{d}/img.npz", "--out", "{d}/sub/../img.npz"],
+     "img.npz"),
+    (["sample", "{d}/ck.npz", "--out", "{d}/link.png"], "ck.npz"),
+    (["encode", "{d}/ck.npz", "--dataset", "{d}/img.npz", "--out", "{d}/hard.npz"], "img.npz"),
+])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(files, capsys, argv, target):
+    (files / "sub").mkdir()
+    os.symlink(files / "ck.npz", files / "link.png")
+    os.link(files / "img.npz", files / "hard.npz")
+    before = (files / target).read_bytes()
+    code, _, err = run(capsys, *[a.format(d=files) for a in argv])
+    assert "destroy that input" in one_line_error(code, err)
+    assert (files / target).read_bytes() == before
+
+
+def test_train_out_inside_an_image_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "pics").mkdir()
+    with pytest.raises(SystemExit) as info:
+        train_main(["--dataset", str(tmp_path / "pics"), "--out", str(tmp_path / "pics" / "run")])
+    assert info.value.code == 2 and "over or into the data set" in capsys.readouterr().err
+    assert not (tmp_path / "pics" / "run").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 11. --out that is a symbolic link to itself; 15. the suffix names the format written
+
+
+def test_train_out_that_is_a_self_referencing_symlink_is_one_line(tmp_path, capsys):
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(SystemExit) as info:
+        train_main(["--out", str(tmp_path / "loop"), "--no-download"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "symbolic link" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, magic", [("s.pdf", b"%PDF"), ("s.jpg", b"\xff\xd8"),
+                                         ("s.svg", b"<?xml"), ("s.png", b"\x89PNG")])
+def test_sample_writes_the_format_its_suffix_names(files, capsys, name, magic):
+    code, _, err = run(capsys, "sample", files / "ck.npz", "--n", "4", "--out", files / name)
+    assert code == 0, err
+    assert (files / name).read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "{d}/ck.npz", "--out", "{d}/s.gif"],
+    ["encode", "{d}/ck.npz", "--dataset", "{d}/img.npz", "--out", "{d}/codes.png"],
+])
+def test_an_output_suffix_of_another_format_is_refused(files, capsys, argv):
+    code, _, err = run(capsys, *[a.format(d=files) for a in argv])
+    assert "in the format its name says" in one_line_error(code, err)
+    assert not any(p.name.startswith(("s.", "codes.")) for p in files.iterdir())
