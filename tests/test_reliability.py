@@ -96,3 +96,46 @@ def test_an_output_suffix_of_another_format_is_refused(files, capsys, argv):
     code, _, err = run(capsys, *[a.format(d=files) for a in argv])
     assert "in the format its name says" in one_line_error(code, err)
     assert not any(p.name.startswith(("s.", "codes.")) for p in files.iterdir())
+
+
+# --------------------------------------------------------------------------------------
+# 4. The data source, its split and a fingerprint are recorded; resume and eval use them
+
+TINY = ["--hidden", "4", "--latent-dim", "2", "--batch-size", "10", "--eval-samples", "0",
+        "--no-pictures", "--no-progress", "--no-download"]
+
+
+def test_resume_takes_the_data_set_from_the_checkpoint(files, capsys):
+    run_dir = files / "run"
+    assert train_main(["--dataset", str(files / "img.npz"), "--epochs", "1", "--out",
+                       str(run_dir), *TINY]) == 0
+    # no --dataset: the run's own file, not MNIST
+    assert train_main(["--resume", "--epochs", "2", "--out", str(run_dir), "--no-download",
+                       "--no-progress", "--no-pictures"]) == 0
+    assert "img.npz" in capsys.readouterr().out
+    # the same path with other contents is refused, naming the fingerprint
+    rng = np.random.default_rng(5)
+    np.savez(files / "img.npz", x_train=rng.random((20, 16)), x_test=rng.random((6, 16)))
+    with pytest.raises(SystemExit) as info:
+        train_main(["--resume", "--epochs", "3", "--out", str(run_dir), "--no-download"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "fingerprint" in err and err.count("\n") == 1
+
+
+def test_eval_scores_the_runs_own_split_and_says_when_another_is_asked(tmp_path, capsys):
+    image = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert train_main(["--dataset", str(folder), "--test-fraction", "0.25", "--epochs", "1",
+                       "--out", str(tmp_path / "run"), *TINY]) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    code, out, err = run(capsys, "eval", ckpt, "-K", "0")       # no --dataset: the run's
+    assert code == 0 and "3 examples of pics/" in out and "note:" not in err, err
+    code, out, err = run(capsys, "eval", ckpt, "--dataset", folder, "--test-fraction", "0.5",
+                         "-K", "0")
+    assert code == 0 and "6 examples" in out
+    assert "may hold the run's training examples" in err

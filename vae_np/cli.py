@@ -33,8 +33,9 @@ from .data import Dataset, binarize, load_dataset
 from .outputs import check_output
 from .saving import SavedModel, read_model
 from .train.evaluation import log_likelihood_summary
-from .train_cli import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
-                        nonnegative_int, positive_float, positive_int)
+from .train_cli import (DATA_SOURCE_FLAGS, LOSS_SCALING, OneLineErrorParser,
+                        add_data_source_flags, nonnegative_int, positive_float, positive_int,
+                        take_recorded_data)
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
@@ -61,10 +62,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data", "Flags not given are taken from the checkpoint (the "
+                                     "data set and split the run trained on), else mnist "
+                                     "and the defaults of vae-np train.")
     g.add_argument("--dataset", default="mnist" if required else None,
                    help="mnist, a .npz file (x_train, x_test, optional y_train, y_test, "
-                        "shape) or a folder of PNG/JPEG images")
+                        "shape) or a folder of PNG/JPEG images" + (
+                            "" if required else " (default: none, around z = 0)"))
     g.add_argument("--split", choices=("test", "train"), default="test",
                    help="which split of the data set to use")
     g.add_argument("--limit", type=positive_int, default=None,
@@ -77,7 +81,11 @@ def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def load(args) -> SavedModel:
+    """The model, and the data-source flags not typed: the run's own data (as recorded in
+    the checkpoint), else the defaults."""
     saved = read_model(args.checkpoint, backend=args.backend, dtype=args.dtype)
+    if getattr(args, "dataset", None) is not None:  # traverse's None: no data set
+        take_recorded_data(args, args.data_given, saved.data)  # typed flags: main()
     return saved
 
 
@@ -104,6 +112,18 @@ def load_examples(args, saved: SavedModel) -> tuple[np.ndarray, np.ndarray | Non
     if ds.n_features != model.input_dim:
         raise CLIError(f"dataset: {ds.description} has {ds.n_features} features per example; "
                        f"the model in {saved.path} takes {model.input_dim}")
+    recorded = saved.data.get("fingerprint")
+    if recorded is not None and recorded != ds.fingerprint():
+        origin = saved.data.get("origin") or {}
+        split = {k: origin[k] for k in ("test_fraction", "seed") if k in origin}
+        same = ds.origin is not None and origin.get("spec") == ds.origin.get("spec")
+        print(f"note: these are not the data the model in {saved.path} was trained on "
+              f"({saved.data.get('description')}): "
+              + (f"the run split them with test_fraction {split.get('test_fraction')} and "
+                 f"split seed {split.get('seed')}, so this {args.split} split may hold the "
+                 f"run's {'training' if args.split == 'test' else 'test'} examples"
+                 if same and split else "their contents differ (data fingerprint)"),
+              file=sys.stderr)
     x = ds.x_train if args.split == "train" else ds.x_test
     y = ds.y_train if args.split == "train" else ds.y_test
     if args.limit is not None:
@@ -177,11 +197,11 @@ def _labels_to_draw(model, args, n: int) -> tuple[np.ndarray | None, int]:
 
 
 def cmd_sample(args) -> int:
+    saved = load(args)
     out = output(args, args.out, PICTURES + (".npy",))
     npy = out if out.suffix.lower() == ".npy" else out.with_suffix(".npy")
     if args.npy:
         output(args, npy, (".npy",), "--npy")
-    saved = load(args)
     model = saved.model
     labels, nrow = _labels_to_draw(model, args, args.n)
     n = args.n if labels is None else len(labels)
@@ -200,8 +220,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    out = output(args, args.out)
     saved = load(args)
+    out = output(args, args.out)
     model = saved.model
     x, y, ds = load_examples(args, saved)
     x, y = x[:args.n], None if y is None else y[:args.n]
@@ -220,8 +240,8 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    out = output(args, args.out, (".npz",))
     saved = load(args)
+    out = output(args, args.out, (".npz",))
     model = saved.model
     x, y, _ = load_examples(args, saved)
     mus, logvars = [], []
@@ -262,10 +282,10 @@ def interpolate_latents(a: np.ndarray, b: np.ndarray, steps: int, spherical: boo
 
 
 def cmd_interpolate(args) -> int:
+    saved = load(args)
     out = output(args, args.out)
     if args.npy:
         output(args, out.with_suffix(".npy"), (".npy",), "--npy")
-    saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)
     if len(x) < 2:
@@ -303,8 +323,8 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_traverse(args) -> int:
-    out = output(args, args.out)
     saved = load(args)
+    out = output(args, args.out)
     model = saved.model
     d = model.latent_dim
     base = np.zeros(d)
@@ -356,9 +376,9 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    saved = load(args)
     if args.json:  # before the evaluation, not after it
         output(args, args.json, None, "--json")
-    saved = load(args)
     model = saved.model
     x, y, ds = load_examples(args, saved)
     mode = args.binarize
@@ -416,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=LOSS_SCALING)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     subs.required = True
+    parser.subcommand_parsers = subs.choices  # main() asks one which flags were typed
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     train = subs.add_parser("train", help="train a model (the flags of examples/train_mnist.py)",
@@ -529,6 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.command}"
+    if args.command != "train":
+        # Which data-source flags were typed (the others come from the checkpoint, load):
+        # argparse fills a default only where the namespace lacks the attribute.
+        unset = object()
+        typed = parser.subcommand_parsers[args.command].parse_args(
+            argv[1:], argparse.Namespace(**{n: unset for n in DATA_SOURCE_FLAGS}))
+        args.data_given = {n for n in DATA_SOURCE_FLAGS if getattr(typed, n, unset) is not unset}
     try:
         return args.run(args)
     except (CLIError, CheckpointError, FileNotFoundError, BackendUnavailableError,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from .backend import BackendUnavailableError, get_backend
@@ -139,6 +140,33 @@ CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta"
                 "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every",
                 "distributed", "objective", "activation", "adam_eps", "output_bias",
                 "schedule", "conditional", "input_shift")
+
+
+#: The data-source flags (argparse dest) and the argument of load_dataset each one sets;
+#: a run records those arguments (Dataset.origin), and flags not typed are taken from it.
+DATA_SOURCE_FLAGS = {"dataset": "spec", "data_dir": "data_dir", "color": "color",
+                     "image_size": "image_size", "test_fraction": "test_fraction",
+                     "split_seed": "seed"}
+
+
+def take_recorded_data(args, given, data: dict) -> list[str]:
+    """Set the data-source flags of ``args`` not in ``given`` (the typed ones) to what the
+    run recorded (``data["origin"]``, from a checkpoint), if the data set is the run's:
+    ``--dataset`` not typed, or typed as the same path. Returns the flags set."""
+    origin = data.get("origin") if isinstance(data, dict) else None
+    if not isinstance(origin, dict) or "spec" not in origin:
+        return []
+    if "dataset" in given and not (
+            args.dataset == origin["spec"] == "mnist"
+            or os.path.abspath(os.path.expanduser(str(args.dataset))) == origin["spec"]):
+        return []  # other data: the record says nothing about how to read them
+    taken = []
+    for flag, key in DATA_SOURCE_FLAGS.items():
+        if flag not in given and key in origin:
+            value = origin[key]
+            setattr(args, flag, tuple(value) if isinstance(value, list) else value)
+            taken.append(flag)
+    return taken
 
 
 def add_data_source_flags(group) -> None:
@@ -281,8 +309,11 @@ def parse_args(parser: argparse.ArgumentParser, argv):
     # argparse fills in a default only where the namespace lacks the attribute, so
     # parsing into a namespace of markers shows which flags were typed.
     unset = object()
-    typed = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in CONFIG_FLAGS}))
+    typed = parser.parse_args(argv, argparse.Namespace(
+        **{k: unset for k in (*CONFIG_FLAGS, *DATA_SOURCE_FLAGS)}))
     given = {name for name in CONFIG_FLAGS if getattr(typed, name) is not unset}
+    # --resume takes the data-source flags not typed from the checkpoint
+    args.data_given = {name for name in DATA_SOURCE_FLAGS if getattr(typed, name) is not unset}
     return args, apply_preset(parser, args, given)
 
 
@@ -364,11 +395,14 @@ def check_before_data(parser, args, given, fail) -> TrainConfig | None:
     config = None
     try:
         if args.resume:
-            check_out_dir(args.out, inputs=(args.dataset,))
+            check_out_dir(args.out)
             # The checkpoint's config with the flags given: refused here if they change
             # the run, and it names the backend to check.
-            resumed = read_run(args.out).config.continued(
+            run = read_run(args.out)
+            resumed = run.config.continued(
                 {name: getattr(args, name) for name in given}, args.out)
+            take_recorded_data(args, args.data_given, run.data)  # the run's own data set
+            check_out_dir(args.out, inputs=(args.dataset,))
             if args.stages is not None and resumed.schedule != "burda2015":
                 parser.error(f"--stages counts the stages of the burda2015 schedule; the "
                              f"run in {args.out} has schedule {resumed.schedule!r} (use "

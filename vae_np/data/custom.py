@@ -57,16 +57,26 @@ def load_dataset(spec: str | os.PathLike, *, decoder: str = "bernoulli",
     ``seed`` to :func:`load_image_folder`.
     """
     text = os.fspath(spec)
-    if text == "mnist":
-        return load_mnist(data_dir, download=download, log=log)
     path = Path(text).expanduser()
-    if path.is_dir():
-        return load_image_folder(path, decoder=decoder, color=color, image_size=image_size,
-                                 test_fraction=test_fraction, seed=seed)
-    if path.suffix.lower() == ".npz" or path.is_file():
-        return load_npz_dataset(path, decoder=decoder)
-    raise FileNotFoundError(f"dataset: expected 'mnist', an .npz file or a folder of images, "
-                            f"got {text!r}, which does not exist")
+    if text == "mnist":
+        dataset = load_mnist(data_dir, download=download, log=log)
+        # Dataset.origin: what reads it again (a resume, vae-np eval of the run).
+        origin = {"spec": "mnist", "data_dir": None if data_dir is None
+                  else os.path.abspath(Path(data_dir).expanduser())}
+    elif path.is_dir():
+        dataset = load_image_folder(path, decoder=decoder, color=color, image_size=image_size,
+                                    test_fraction=test_fraction, seed=seed)
+        origin = {"spec": os.path.abspath(path), "color": color,
+                  "image_size": None if image_size is None else [int(s) for s in image_size],
+                  "test_fraction": float(test_fraction), "seed": int(seed)}
+    elif path.suffix.lower() == ".npz" or path.is_file():
+        dataset = load_npz_dataset(path, decoder=decoder)
+        origin = {"spec": os.path.abspath(path)}
+    else:
+        raise FileNotFoundError(f"dataset: expected 'mnist', an .npz file or a folder of "
+                                f"images, got {text!r}, which does not exist")
+    dataset.origin = origin
+    return dataset
 
 
 # --------------------------------------------------------------------------------------

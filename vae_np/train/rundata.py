@@ -66,7 +66,9 @@ class RunData:
                 "binarize": self.config.binarize_mode,
                 # what vae_np.saving needs to draw the model's outputs as the data
                 "image_shape": None if self.dataset.image_shape is None
-                else list(self.dataset.image_shape)}
+                else list(self.dataset.image_shape),
+                # what reads the data again (load_dataset(**origin)), and what they were
+                "origin": self.dataset.origin, "fingerprint": self.dataset.fingerprint()}
 
     def epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order (n_train,), bounds (B + 1,)): epoch ``epoch``'s shuffled image order and

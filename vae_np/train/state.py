@@ -17,7 +17,10 @@ On disk (``out_dir/checkpoint.npz``, pickle-free and written atomically by
               position {epochs_done, batches_done},
               partial_epoch {noise_state, seconds, images},
               history (one dict per finished epoch, keys ``EPOCH_METRICS``),
-              data {source, description, n_train, n_test, binarize}
+              data {source, description, n_train, n_test, binarize, image_shape,
+                    origin (load_dataset's arguments that read the data again),
+                    fingerprint (Dataset.fingerprint())}; the last three are absent
+                    from checkpoints written before them
               ranks (the number of MPI ranks that trained it; 1 when absent)
 
 :func:`read_run` checks every field against the others before anything is restored, so
@@ -123,6 +126,11 @@ def read_run(out_dir: str | Path) -> SavedRun:
         check.get(data, key, kind, where="data")
     for key in ("n_train", "n_test"):
         check.integer(data[key], f"data.{key}", 1)
+    for key, kind in (("origin", (dict, type(None))), ("fingerprint", str)):
+        if key in data:
+            check.get(data, key, kind, where="data")
+    if isinstance(data.get("origin"), dict):
+        check.get(data["origin"], "spec", str, where="data.origin")
     if data["binarize"] != config.binarize_mode:
         raise check.error("data.binarize", f"{config.binarize_mode!r} (config.binarize with "
                           f"config.decoder)", data["binarize"])

@@ -435,12 +435,17 @@ class Trainer:
         if classes != self.model.num_classes:
             raise ValueError(f"dataset: the run's conditional model has "
                              f"{classes} classes, the data set {self.model.num_classes}")
-        for key in ("source", "n_train", "n_test"):
+        # The fingerprint when recorded (a moved file is the same data), else the source.
+        keys = ("fingerprint",) if "fingerprint" in data else ("source", "n_train", "n_test")
+        for key in keys:
             if summary[key] != data[key]:
                 raise ValueError(f"dataset: the run was trained on {data['description']} "
-                                 f"({data['n_train']} train / {data['n_test']} test images), "
-                                 f"got {summary['description']} ({summary['n_train']} / "
-                                 f"{summary['n_test']})")
+                                 f"({data['n_train']} train / {data['n_test']} test images"
+                                 f"{', from ' + data['source']}), got {summary['description']}"
+                                 f" ({summary['n_train']} / {summary['n_test']}, from "
+                                 f"{summary['source']})"
+                                 + ("; their contents or split differ (data.fingerprint)"
+                                    if key == "fingerprint" else ""))
         for what, load, state in (("model", self.model.load_state_dict, saved.model_state),
                                   ("optimizer", self.optimizer.load_state_dict,
                                    saved.optimizer_state)):
