@@ -139,3 +139,27 @@ def test_eval_scores_the_runs_own_split_and_says_when_another_is_asked(tmp_path,
                          "-K", "0")
     assert code == 0 and "6 examples" in out
     assert "may hold the run's training examples" in err
+
+
+# --------------------------------------------------------------------------------------
+# 6. A trainer checkpoint's model_config and run config must agree
+
+
+@pytest.mark.parametrize("edit", ["model_config", "config"])
+def test_a_checkpoint_whose_two_configs_disagree_is_refused(files, capsys, edit):
+    from vae_np.checkpoint import load_checkpoint, save_checkpoint
+
+    run_dir = files / "run"
+    assert train_main(["--dataset", str(files / "img.npz"), "--epochs", "1", "--out",
+                       str(run_dir), *TINY]) == 0
+    ckpt = run_dir / "checkpoint.npz"
+    arrays, meta = load_checkpoint(ckpt)
+    meta[edit]["activation"] = "tanh"          # same weights' shapes: only the units differ
+    save_checkpoint(ckpt, arrays, meta)
+    capsys.readouterr()
+    code, _, err = run(capsys, "eval", ckpt, "-K", "0")
+    assert "disagree on activation" in one_line_error(code, err)
+    with pytest.raises(SystemExit) as info:
+        train_main(["--resume", "--epochs", "2", "--out", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "disagree on activation" in err and err.count("\n") == 1

@@ -124,6 +124,8 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
     if unknown:
         raise CheckpointError(f"{path}: metadata model_config has fields {unknown} that this "
                               f"vae_np's VAE does not take (a newer version wrote it?)")
+    if kind == "trainer":
+        _check_run_config(path, meta.get("config"), config)
     kwargs = dict(config)
     file_dtype = kwargs.pop("dtype", None)
     # A Backend brings its own dtype; a name takes the file's unless dtype says otherwise.
@@ -150,6 +152,25 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
     return SavedModel(model=model, image_shape=image_shape, binarize=binarize,
                       num_classes=model.config.get("num_classes"), data=data, kind=kind,
                       path=path)
+
+
+def _check_run_config(path: Path, run: Any, config: dict) -> None:
+    """A trainer checkpoint's run config (``TrainConfig.to_dict``) must agree with its
+    model_config on every field both hold (a run's unset variance stands for the
+    likelihood's default; ``conditional`` for a ``num_classes``), or the file is refused:
+    else a resume would train one model and this reader score another."""
+    if run is None:  # nothing to compare (this reader needs only model_config)
+        return
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{path}: metadata config: expected the run's config, a dict, "
+                              f"got {run!r}")
+    differ = sorted(k for k in set(run) & set(config)
+                    if run[k] != config[k] and not (k == "variance" and run[k] is None))
+    if "conditional" in run and bool(run["conditional"]) != (config.get("num_classes") is not None):
+        differ.append("conditional / num_classes")
+    if differ:
+        raise CheckpointError(f"{path}: metadata config and model_config disagree on "
+                              f"{', '.join(differ)}; the file was edited or damaged")
 
 
 def _stored_image_shape(path: Path, data: dict, input_dim: int) -> tuple[int, ...] | None:

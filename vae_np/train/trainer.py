@@ -431,6 +431,15 @@ class Trainer:
                              f"{' ... --distributed' if saved.ranks > 1 else ''}); "
                              f"this job has {ranks}")
         summary, data = self.data.summary(), saved.data
+        # The model this config builds must be the file's model_config (vae-np eval reads
+        # that one): an edit of either would resume one model and score another.
+        differ = sorted(k for k, v in saved.model_config.items()
+                        if k not in ("num_classes", "input_dim") and self.model.config.get(k) != v)
+        if differ:
+            raise CheckpointError(f"{saved.path}: metadata model_config and config disagree "
+                                  f"on {', '.join(differ)} (model_config "
+                                  f"{ {k: saved.model_config[k] for k in differ} }, the config "
+                                  f"builds { {k: self.model.config.get(k) for k in differ} })")
         classes = saved.model_config.get("num_classes")
         if classes != self.model.num_classes:
             raise ValueError(f"dataset: the run's conditional model has "
