@@ -163,3 +163,23 @@ def test_a_checkpoint_whose_two_configs_disagree_is_refused(files, capsys, edit)
         train_main(["--resume", "--epochs", "2", "--out", str(run_dir), "--no-progress"])
     err = capsys.readouterr().err
     assert info.value.code == 1 and "disagree on activation" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------
+# 5. A model-only export of a loaded model keeps what its file said about the data
+
+
+def test_save_model_of_a_loaded_model_keeps_the_image_shape(tmp_path):
+    from vae_np.saving import read_model
+
+    save_model(VAE(input_dim=15, hidden=(4,), latent_dim=2), tmp_path / "a.npz",
+               image_shape=(3, 5), binarize="dynamic")
+    save_model(load_model(tmp_path / "a.npz"), tmp_path / "b.npz")
+    back = read_model(tmp_path / "b.npz")
+    assert back.image_shape == (3, 5) and back.binarize == "dynamic"
+    # given explicitly, the arguments win; a fresh model records nothing, and a square
+    # feature count reads back as square images
+    save_model(load_model(tmp_path / "a.npz"), tmp_path / "c.npz", image_shape=None)
+    assert read_model(tmp_path / "c.npz").image_shape is None
+    save_model(VAE(input_dim=36, hidden=(4,), latent_dim=2), tmp_path / "d.npz")
+    assert read_model(tmp_path / "d.npz").image_shape == (6, 6)

