@@ -183,3 +183,45 @@ def test_save_model_of_a_loaded_model_keeps_the_image_shape(tmp_path):
     assert read_model(tmp_path / "c.npz").image_shape is None
     save_model(VAE(input_dim=36, hidden=(4,), latent_dim=2), tmp_path / "d.npz")
     assert read_model(tmp_path / "d.npz").image_shape == (6, 6)
+
+
+# --------------------------------------------------------------------------------------
+# 7. A fresh learned-variance Gaussian VAE starts near the data's own Gaussian NLL
+
+
+def own_gaussian_nll(x):
+    """-ln N(x | per-feature mean, per-feature variance), nats per example."""
+    return float(0.5 * x.shape[1] * np.log(2 * np.pi) + 0.5 * np.sum(np.log(x.var(axis=0)))
+                 + 0.5 * x.shape[1])
+
+
+def test_a_fresh_gaussian_decoder_has_a_unit_variance():
+    x = np.random.default_rng(0).normal(size=(100, 10))
+    for seed in range(6):
+        model = VAE(input_dim=10, hidden=(16,), latent_dim=2, decoder="gaussian", seed=seed,
+                    dtype="float64")
+        _, logvar = np.split(model.decoder(model.encode(x)[0]), 2, axis=1)
+        assert np.all(logvar == 0.0)
+        # the means' random spread (a few units) remains: tens of nats, not 5.6e69 as before
+        assert model.loss(x, rng=model.backend.rng(0)).loss < own_gaussian_nll(x) + 25 * 10
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e2])
+def test_a_gaussian_run_starts_near_the_datas_own_nll_at_any_scale(tmp_path, scale):
+    from vae_np.data import Dataset
+    from vae_np.train import TrainConfig, Trainer
+
+    d = 10
+    x = (np.random.default_rng(0).normal(size=(120, d)) * scale + 3 * scale).astype(np.float32)
+    data = Dataset(x[:100], None, x[100:], None, source="x", description="x",
+                   image_shape=None, num_classes=None, unit_range=False)
+    own = own_gaussian_nll(x[100:].astype(np.float64))
+    for seed in range(6):
+        trainer = Trainer(TrainConfig(hidden=(16,), latent_dim=2, decoder="gaussian",
+                                      seed=seed, epochs=1, batch_size=20, eval_samples=0),
+                          data, tmp_path / str(seed), log=None, progress=False, pictures=False)
+        first = trainer.evaluate()["loss"]
+        # of the order of the data's own NLL: a few nats per feature (was up to 1e35)
+        assert own - d < first < own + 4 * d, (seed, first, own)
+        trainer.fit()
+        assert np.isfinite(trainer.history[-1]["test_loss"])

@@ -345,6 +345,12 @@ class VAE:
         self.decoder = MLP((latent_dim + k, *reversed(hidden),
                             input_dim * self.likelihood.outputs_per_pixel),
                            self.backend, init_rng, activation)
+        if decoder == "gaussian":
+            # logvar_x = 0 at the start: random weights there put exp(-logvar_x) anywhere up
+            # to 1e35 on a fresh model (issue 19); they learn from zero like a bias.
+            last = self.decoder.linears[-1].params
+            last["W"][:, input_dim:] = 0.0
+            last["b"][input_dim:] = 0.0
         self.parameters = Parameters(self.backend, [*self.encoder.named_parameters("encoder."),
                                                     *self.decoder.named_parameters("decoder.")])
         self.config = {

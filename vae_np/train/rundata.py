@@ -84,6 +84,10 @@ class RunData:
         (D,) on the host."""
         return np.mean(self._host_x_train, axis=0, dtype=np.float64)
 
+    def train_feature_variances(self) -> np.ndarray:
+        """The variance of each feature over the run's training images, float64 (D,) host."""
+        return np.var(self._host_x_train, axis=0, dtype=np.float64)
+
     def epoch_train_labels(self, order: np.ndarray) -> np.ndarray | None:
         """The training labels in the epoch's ``order`` (host int64, (n_train,); batch b
         is the slice bounds[b]:bounds[b+1], as for the images); None without labels."""

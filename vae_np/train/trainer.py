@@ -21,6 +21,7 @@ from ..optim import Adam
 from ..plotting import require_matplotlib
 from .config import TrainConfig, check_int
 from .evaluation import log_likelihood_summary, per_image_log_likelihood, test_elbo
+from .initialise import init_gaussian_from_data
 from .guards import StopOnCtrlC, diverged, first_non_finite_row, interrupted
 from .metrics import RESULTS_FILE, METRICS_FILE, BatchTerms, weighted_mean, write_metrics, \
     write_results
@@ -100,6 +101,9 @@ class Trainer:
         self.data = RunData(dataset, self.config, self.backend)
         if config.output_bias == "data-logit":
             self._init_output_bias()
+        if config.decoder == "gaussian":  # start at the data's scale (train.initialise)
+            init_gaussian_from_data(self.model, self.data.train_pixel_means(),
+                                    self.data.train_feature_variances())
         self.optimizer = Adam(self.model.parameters, lr=config.lr, eps=config.adam_eps,
                               clip_norm=config.clip_norm)
         self.n_train, self.n_test = self.data.n_train, self.data.n_test
