@@ -225,3 +225,23 @@ def test_a_gaussian_run_starts_near_the_datas_own_nll_at_any_scale(tmp_path, sca
         assert own - d < first < own + 4 * d, (seed, first, own)
         trainer.fit()
         assert np.isfinite(trainer.history[-1]["test_loss"])
+
+
+# --------------------------------------------------------------------------------------
+# 2. 16-bit greyscale PNGs are scaled by their own range
+
+
+@pytest.mark.parametrize("color", ["gray", "rgb"])
+def test_16_bit_greyscale_pngs_keep_their_grey_levels(tmp_path, color):
+    image = pytest.importorskip("PIL.Image")
+    from vae_np.data import load_image_folder
+
+    levels = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)   # 0 .. 65535
+    for i in range(3):
+        image.fromarray(levels).save(tmp_path / f"{i}.png")
+    assert image.open(tmp_path / "0.png").mode.startswith("I")
+    ds = load_image_folder(tmp_path, color=color, test_fraction=0.4)
+    expected = levels.reshape(-1) / 65535.0
+    if color == "rgb":
+        expected = np.repeat(expected, 3)
+    assert np.allclose(ds.x_train[0], expected, atol=1e-6)

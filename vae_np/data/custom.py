@@ -268,16 +268,27 @@ def load_image_folder(directory: str | os.PathLike, decoder: str = "bernoulli",
     for file in files:
         try:
             with Image.open(file) as image:
-                image = image.convert("L" if color == "gray" else "RGB")
+                # 16-bit greyscale: Pillow's I;16 -> L conversion saturates (all white),
+                # so read it as floats and scale by its own range, 0..65535.
+                mode = image.mode
+                deep = mode.startswith("I")
+                full = 65535.0 if deep else 255.0
+                image = image.convert("F" if deep else "L" if color == "gray" else "RGB")
                 if size is None:
                     size = image.size
                 if image.size != size:
                     image = image.resize(size, Image.Resampling.BILINEAR)
-                pixels.append(np.asarray(image, dtype=np.uint8))
+                values = np.asarray(image, dtype=np.float32)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ValueError(f"{file}: not a readable image ({' '.join(str(exc).split())})") \
                 from None
-    x = np.stack(pixels).reshape(len(pixels), -1).astype(np.float32) / np.float32(255.0)
+        if deep and (values.min() < 0 or values.max() > full):
+            raise ValueError(f"{file}: {mode} pixels in [{values.min():g}, "
+                             f"{values.max():g}], outside the 16-bit range 0..65535")
+        if deep and color == "rgb":
+            values = np.repeat(values[..., None], 3, axis=-1)
+        pixels.append(values / np.float32(full))
+    x = np.stack(pixels).reshape(len(pixels), -1)
     image_shape = (size[1], size[0]) if color == "gray" else (size[1], size[0], 3)
     n_test = min(max(1, round(len(files) * test_fraction)), len(files) - 1)
     order = np.random.default_rng(seed).permutation(len(files))
