@@ -3,7 +3,8 @@ another object's private state.
 
 Layers, ground floor up (a module may import only from strictly lower layers):
 
-    0  _numba_kernels, _cuda_kernels      compiled kernels: leaves, importing nothing
+    0  _numba_kernels, _cuda_kernels      compiled kernels: leaves, importing nothing;
+       validation                         the checks of scalar arguments (a leaf too)
     1  backend, ops                       the array library (which loads the kernels),
                                           stable primitives
     2  layers, losses, parameters         the math with its fast variants beside it
@@ -31,7 +32,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_np"
 
 LAYERS = {
-    "_numba_kernels": 0, "_cuda_kernels": 0,
+    "_numba_kernels": 0, "_cuda_kernels": 0, "validation": 0,
     "backend": 1, "ops": 1,
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3,
@@ -129,7 +130,7 @@ def test_imports_run_one_way(name):
 
 
 def test_compiled_kernels_are_leaves():
-    for leaf in ("_numba_kernels", "_cuda_kernels"):
+    for leaf in ("_numba_kernels", "_cuda_kernels", "validation"):
         assert imports_of(MODULES[leaf]) == set(), leaf
 
 

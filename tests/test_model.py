@@ -635,7 +635,7 @@ def test_numpy_generator_in_sample_is_rejected():
     ({"decoder": "Gaussian"}, ValueError, r"^decoder: "),
     ({"backend": "torch"}, ValueError, r"^backend: expected one of"),
     ({"dtype": "float16"}, ValueError, r"^dtype: expected one of"),
-    ({"beta": -0.1}, ValueError, r"^beta: expected a number >= 0"),
+    ({"beta": -0.1}, ValueError, r"^beta: expected a finite number >= 0"),
     ({"beta": float("nan")}, ValueError, r"^beta: "),
     ({"beta": float("inf")}, ValueError, r"^beta: "),
     ({"beta": "1"}, ValueError, r"^beta: "),

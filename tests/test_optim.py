@@ -255,13 +255,13 @@ def test_optimizer_load_state_dict_rejects_mismatches(np64, mutate, pattern):
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
-    ({"lr": 0.0}, r"^lr: expected a number > 0"),
+    ({"lr": 0.0}, r"^lr: expected a finite number > 0"),
     ({"lr": -1e-3}, r"^lr: "),
     ({"lr": float("nan")}, r"^lr: expected a finite number"),
     ({"lr": float("inf")}, r"^lr: "),
     ({"lr": "1e-3"}, r"^lr: "),
     ({"lr": True}, r"^lr: "),
-    ({"betas": (1.0, 0.999)}, r"^betas\[0\]: expected a number < 1"),
+    ({"betas": (1.0, 0.999)}, r"^betas\[0\]: expected a finite number >= 0 and < 1"),
     ({"betas": (-0.1, 0.999)}, r"^betas\[0\]: "),
     ({"betas": (0.9, 1.0)}, r"^betas\[1\]: "),
     ({"betas": (0.9,)}, r"^betas: expected a pair"),

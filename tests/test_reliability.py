@@ -245,3 +245,25 @@ def test_16_bit_greyscale_pngs_keep_their_grey_levels(tmp_path, color):
     if color == "rgb":
         expected = np.repeat(expected, 3)
     assert np.allclose(ds.x_train[0], expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# 16. NumPy scalars are accepted throughout, and stored as Python numbers
+
+
+def test_numpy_scalars_are_accepted_and_saved(tmp_path):
+    from vae_np import Adam
+    from vae_np.train import TrainConfig
+
+    model = VAE(input_dim=np.int64(6), hidden=[np.int64(5)], latent_dim=np.int32(2),
+                beta=np.float32(2), input_shift=np.float64(0.25), seed=np.int64(3),
+                decoder="gaussian-fixed", variance=np.float32(0.5))
+    assert model.beta == 2.0 and model.config["hidden"] == [5]
+    save_model(model, tmp_path / "m.npz")                       # failed on np.int64 before
+    assert load_model(tmp_path / "m.npz").config == model.config
+    Adam(model.parameters, lr=np.float32(1e-3), eps=np.float64(1e-8))
+    config = TrainConfig(hidden=(np.int64(4),), lr=np.float32(0.01), epochs=np.int64(2),
+                         beta=np.float32(1))
+    assert type(config.to_dict()["epochs"]) is int and type(config.lr) is float
+    with pytest.raises(ValueError, match=r"^hidden: expected a positive integer"):
+        VAE(input_dim=6, hidden=[True])

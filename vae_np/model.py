@@ -47,6 +47,7 @@ from .likelihoods import make_likelihood, scale_rows
 from .losses import kl_standard_normal
 from .ops import LOG_2PI, logsumexp_and_softmax
 from .parameters import Parameters
+from .validation import check_int, check_number
 
 #: The training objectives: the negative ELBO with the closed-form KL ("vae"), and the
 #: negative importance-weighted bound of Burda et al. (2015) ("iwae").
@@ -313,17 +314,13 @@ class VAE:
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise TypeError(f"hidden: expected a sequence of layer widths such as (512, 512) "
                             f"(or () for none), got {hidden!r}")
-        hidden = tuple(hidden)
         for width in hidden:
             _check_positive_int("hidden", width)
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-        for name, value in (("beta", beta), ("input_shift", input_shift)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) \
-                    or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
-        if beta < 0:
-            raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
+        # Python ints and floats from here on (NumPy scalars accepted): config is JSON-able.
+        hidden = tuple(int(width) for width in hidden)
+        seed = check_int("seed", seed, 0)
+        beta = check_number("beta", beta, low=0.0)
+        input_shift = check_number("input_shift", input_shift)
         if not isinstance(objective, str) or objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, "
                              f"got {objective!r}")

@@ -6,20 +6,10 @@ clipping the gradient's global L2 norm. Derivations: docs/06-adam.md, "Adam".
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .parameters import Parameters, as_finite_host_array
-
-
-def _check_number(name, value, low=None, high=None, low_open=False):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name}: expected a number {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value >= high:
-        raise ValueError(f"{name}: expected a number < {high}, got {value!r}")
+from .validation import check_number as _check_number
 
 
 def clip_grad_norm(parameters: Parameters, max_norm: float):
