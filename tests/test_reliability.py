@@ -267,3 +267,26 @@ def test_numpy_scalars_are_accepted_and_saved(tmp_path):
     assert type(config.to_dict()["epochs"]) is int and type(config.lr) is float
     with pytest.raises(ValueError, match=r"^hidden: expected a positive integer"):
         VAE(input_dim=6, hidden=[True])
+
+
+# --------------------------------------------------------------------------------------
+# 12. Sizes that cannot fit are refused before allocating, naming what was too large
+
+
+def test_sizes_too_large_for_memory_are_refused_before_allocating(files, capsys):
+    from vae_np.checkpoint import load_checkpoint, save_checkpoint
+
+    small = VAE(input_dim=16, hidden=(8, 3), latent_dim=2, num_classes=4, decoder="gaussian")
+    widths = [(16 + 4, 8), (8, 3), (3, 4), (2 + 4, 3), (3, 8), (8, 32)]
+    assert small.num_parameters == sum((a + 1) * b for a, b in widths)   # what is checked
+    with pytest.raises(ValueError, match=r"^VAE\(.*hidden=\[1000000000\].* do not fit"):
+        VAE(input_dim=16, hidden=(10 ** 9,), latent_dim=2)
+    with pytest.raises(ValueError, match=r"num_classes=1000000001.* do not fit"):
+        VAE(input_dim=16, hidden=(8,), latent_dim=2, num_classes=10 ** 9 + 1)
+    code, _, err = run(capsys, "sample", files / "ck.npz", "--n", "100000000000")
+    assert "--n: " in one_line_error(code, err) and "do not fit" in err
+    arrays, meta = load_checkpoint(files / "ck.npz")
+    meta["model_config"]["hidden"] = [10 ** 9]
+    save_checkpoint(files / "wide.npz", arrays, meta)
+    code, _, err = run(capsys, "sample", files / "wide.npz")
+    assert "wide.npz" in one_line_error(code, err) and "do not fit" in err

@@ -33,6 +33,7 @@ from .data import Dataset, binarize, load_dataset
 from .outputs import check_output
 from .saving import SavedModel, read_model
 from .train.evaluation import log_likelihood_summary
+from .validation import check_fits_in_memory
 from .train_cli import (DATA_SOURCE_FLAGS, LOSS_SCALING, OneLineErrorParser,
                         add_data_source_flags, nonnegative_int, positive_float, positive_int,
                         take_recorded_data)
@@ -205,6 +206,9 @@ def cmd_sample(args) -> int:
     model = saved.model
     labels, nrow = _labels_to_draw(model, args, args.n)
     n = args.n if labels is None else len(labels)
+    # z, the decoder's activations and its output, on the device and then the host
+    check_fits_in_memory("--n", n * (model.latent_dim + sum(model.hidden)
+                                     + 3 * model.input_dim), model.backend.numpy_dtype.itemsize)
     rng = model.backend.rng(args.seed)
     images = host(model, model.sample(n, rng, **({} if labels is None else {"y": labels})))
     if out.suffix.lower() == ".npy" or args.npy:

@@ -47,7 +47,7 @@ from .likelihoods import make_likelihood, scale_rows
 from .losses import kl_standard_normal
 from .ops import LOG_2PI, logsumexp_and_softmax
 from .parameters import Parameters
-from .validation import check_int, check_number
+from .validation import check_fits_in_memory, check_int, check_number
 
 #: The training objectives: the negative ELBO with the closed-form KL ("vae"), and the
 #: negative importance-weighted bound of Burda et al. (2015) ("iwae").
@@ -331,6 +331,15 @@ class VAE:
                              f"beta at 1 (got beta={beta!r} with objective='iwae')")
         self.backend = get_backend(backend, dtype)
         self.likelihood = make_likelihood(decoder, variance)
+        k = 0 if num_classes is None else int(num_classes)
+        widths = (input_dim + k, *hidden, 2 * latent_dim, latent_dim + k, *reversed(hidden),
+                  input_dim * self.likelihood.outputs_per_pixel)
+        parameters = sum((a + 1) * b for i, (a, b) in enumerate(zip(widths, widths[1:]))
+                         if i != len(hidden))  # no layer between the encoder and decoder
+        # the weights, their gradients and an optimizer's two moments, before allocating
+        check_fits_in_memory(f"VAE(input_dim={input_dim}, hidden={list(hidden)}, latent_dim="
+                             f"{latent_dim}, num_classes={num_classes})", 4 * parameters,
+                             self.backend.numpy_dtype.itemsize)
         self.input_dim, self.latent_dim, self.hidden = int(input_dim), int(latent_dim), hidden
         self.beta, self.samples, self.input_shift = float(beta), int(samples), float(input_shift)
         self.objective = objective

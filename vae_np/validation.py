@@ -1,4 +1,5 @@
-"""The checks of scalar arguments, in one place: integers, numbers, choices.
+"""The checks of scalar arguments, in one place: integers, numbers, choices, and sizes
+that would not fit in memory (checked before allocating, not found by a MemoryError).
 
 NumPy scalars are accepted wherever a Python one is (``np.int64(5)`` is an integer,
 ``np.float32(2)`` a number) and come back as Python ``int`` / ``float``, so that what a
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Sequence
 
-__all__ = ["check_choice", "check_int", "check_number"]
+__all__ = ["check_choice", "check_fits_in_memory", "check_int", "check_number",
+           "physical_memory"]
 
 
 def check_int(name: str, value, minimum: int, allow_none: bool = False) -> int | None:
@@ -45,3 +48,20 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(what: str, values: int, itemsize: int) -> None:
+    """ValueError naming ``what`` when ``values`` numbers of ``itemsize`` bytes exceed this
+    machine's memory: a size that cannot be allocated is said as such, before trying."""
+    total = physical_memory()
+    if total is not None and values * itemsize > total:
+        raise ValueError(f"{what}: {values:,} numbers ({values * itemsize / 2 ** 30:,.3g} GiB) "
+                         f"do not fit in this machine's {total / 2 ** 30:,.3g} GiB of memory")
