@@ -290,3 +290,35 @@ def test_sizes_too_large_for_memory_are_refused_before_allocating(files, capsys)
     save_checkpoint(files / "wide.npz", arrays, meta)
     code, _, err = run(capsys, "sample", files / "wide.npz")
     assert "wide.npz" in one_line_error(code, err) and "do not fit" in err
+
+
+# --------------------------------------------------------------------------------------
+# 13. A non-finite evaluation is not "training has diverged"; 14. Ctrl-C is one line, 130
+
+
+def test_eval_of_data_far_outside_the_training_range_says_so(tmp_path, capsys):
+    save_model(VAE(input_dim=5, hidden=(8,), latent_dim=2, decoder="gaussian"),
+               tmp_path / "g.npz")
+    np.savez(tmp_path / "huge.npz", x_train=np.full((4, 5), 1e25), x_test=np.full((4, 5), 1e25))
+    code, _, err = run(capsys, "eval", tmp_path / "g.npz", "--dataset", tmp_path / "huge.npz")
+    assert "far outside" in one_line_error(code, err) and "diverged" not in err
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_ctrl_c_while_loading_data_is_one_line_and_status_130(files, capsys, monkeypatch,
+                                                              command):
+    import vae_np.cli
+    import vae_np.train_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vae_np.cli, "load_dataset", interrupted)
+    monkeypatch.setattr(vae_np.train_cli, "load_dataset", interrupted)
+    if command == "eval":
+        code = main(["eval", str(files / "ck.npz"), "--dataset", str(files / "img.npz")])
+    else:
+        code = train_main(["--dataset", str(files / "img.npz"), "--out", str(files / "run"),
+                           *TINY])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and err.count("\n") == 1, err

@@ -401,7 +401,14 @@ def cmd_eval(args) -> int:
     for start in range(0, len(x), args.batch_size):
         batch = slice(start, start + args.batch_size)
         extra = class_args(model, None if y is None else y[batch])
-        terms = model.loss(x[batch], rng=rng, **extra)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # checked: FloatingPointError
+                terms = model.loss(x[batch], rng=rng, **extra)
+        except FloatingPointError:  # its message is about training, which this is not
+            raise CLIError(f"dataset: the model's loss on examples {start}.. of "
+                           f"{ds.description} is not finite (NaN or inf): their values (up "
+                           f"to {float(np.max(np.abs(x[batch]))):g} in size) lie far outside "
+                           f"what the model in {saved.path} was trained on") from None
         totals += np.array([float(host(model, t)) for t in (terms.loss, terms.kl, terms.recon)]) \
             * len(x[batch])
         if args.K > 0:
@@ -563,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data_given = {n for n in DATA_SOURCE_FLAGS if getattr(typed, n, unset) is not unset}
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or evaluating: nothing half-written
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, CheckpointError, FileNotFoundError, BackendUnavailableError,
             ImportError, ValueError, TypeError, OSError) as exc:
         # One line, no traceback: a missing or damaged checkpoint, unusable data, no GPU.

@@ -375,6 +375,9 @@ def main(argv=None, prog: str = "train_mnist.py") -> int:
             return train(parser, args, given, config, fail, comm)
     except OutDirInUse as exc:
         fail(exc)
+    except KeyboardInterrupt:  # before training started (data loading): nothing to keep
+        print(f"{parser.prog}: interrupted before training started", file=sys.stderr)
+        return 130
 
 
 def distributed_run(args) -> tuple[bool, str]:
