@@ -322,3 +322,33 @@ def test_ctrl_c_while_loading_data_is_one_line_and_status_130(files, capsys, mon
                            *TINY])
     err = capsys.readouterr().err
     assert code == 130 and "interrupted" in err and err.count("\n") == 1, err
+
+
+# --------------------------------------------------------------------------------------
+# 10. A full disk while training: one line naming the file, the last checkpoint kept
+
+
+def test_disk_full_while_training_is_one_line_and_the_checkpoint_survives(files, capsys,
+                                                                          monkeypatch):
+    import errno
+
+    from vae_np.train import read_run
+
+    run_dir = files / "run"
+    assert train_main(["--dataset", str(files / "img.npz"), "--epochs", "1", "--out",
+                       str(run_dir), *TINY]) == 0
+    capsys.readouterr()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as info:
+        train_main(["--resume", "--epochs", "2", "--out", str(run_dir), "--no-progress"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "run/metrics.jsonl: could not be written (No space left on device)" in err
+    assert "is intact" in err and ".tmp" not in err
+    assert read_run(run_dir).epochs_done == 1
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]

@@ -458,6 +458,10 @@ def train(parser, args, given, config: TrainConfig | None, fail, comm=None) -> i
         trainer.fit()
     except TrainingInterrupted:
         return 130  # the trainer has said where the checkpoint is
+    except OSError as exc:  # disk full, ... while writing a checkpoint, metrics or a picture
+        kept = trainer.checkpoint_path
+        fail(f"{exc}; " + (f"the last checkpoint, {kept}, is intact: make room and continue "
+                           f"with --resume" if kept.exists() else "no checkpoint was written"))
     except TrainingDiverged as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
