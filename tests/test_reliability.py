@@ -352,3 +352,36 @@ def test_disk_full_while_training_is_one_line_and_the_checkpoint_survives(files,
     assert "is intact" in err and ".tmp" not in err
     assert read_run(run_dir).epochs_done == 1
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------------------
+# 19. No leftovers: SIGTERM stops like Ctrl-C; no empty --out; no stale temporary files
+
+
+def test_sigterm_is_handled_as_ctrl_c():
+    import signal
+
+    from vae_np.train.guards import StopOnCtrlC
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnCtrlC() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested                      # a request, polled at a batch boundary
+        with pytest.raises(KeyboardInterrupt):     # the second one stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_failed_train_leaves_no_empty_out_and_a_run_removes_stale_temporaries(files,
+                                                                                capsys):
+    np.savez(files / "real.npz", x_train=np.full((4, 16), 5.0), x_test=np.full((2, 16), 5.0))
+    with pytest.raises(SystemExit):
+        train_main(["--dataset", str(files / "real.npz"), "--out", str(files / "new"), *TINY])
+    assert "bernoulli decoder needs" in capsys.readouterr().err
+    assert not (files / "new").exists()
+    (files / "run").mkdir()
+    (files / "run" / ".samples.png.x1y2.tmp").write_bytes(b"")   # left by a SIGKILL
+    (files / "run" / ".mine.txt.tmp").write_bytes(b"")           # not a run file: kept
+    assert train_main(["--dataset", str(files / "img.npz"), "--epochs", "1", "--out",
+                       str(files / "run"), *TINY]) == 0
+    assert sorted(p.name for p in (files / "run").glob(".*.tmp")) == [".mine.txt.tmp"]

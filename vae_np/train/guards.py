@@ -43,15 +43,21 @@ class TrainingInterrupted(KeyboardInterrupt):
         return self.args[0]
 
 
+#: The signals a run stops on as on Ctrl-C: SIGTERM too (what kill, systemd and batch
+#: schedulers send), so a terminated run keeps its partial epoch and releases its lock.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM")
+                     if hasattr(signal, name))
+
+
 class StopOnCtrlC:
-    """``with stop:`` turns the first SIGINT into a request the loop polls with
-    ``stop.check()`` at batch boundaries; a second SIGINT gets the previous handler back
-    (normally: KeyboardInterrupt at once). Outside the main thread, or where SIGINT is
-    ignored, nothing is installed and Ctrl-C keeps its usual meaning."""
+    """``with stop:`` turns the first SIGINT or SIGTERM into a request the loop polls with
+    ``stop.check()`` at batch boundaries; a second one raises KeyboardInterrupt at once.
+    Outside the main thread, or where SIGINT is ignored, nothing is installed and Ctrl-C
+    keeps its usual meaning."""
 
     def __init__(self):
         self.requested = False
-        self._restore = None  # the handler to put back on exit; None: nothing installed
+        self._restore = None  # {signal: handler} to put back on exit; None: nothing installed
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if a stop was requested."""
@@ -64,20 +70,23 @@ class StopOnCtrlC:
         if (threading.current_thread() is not threading.main_thread()
                 or previous is signal.SIG_IGN):  # signals go to the main thread only
             return self
-        restore = previous if previous is not None else signal.default_int_handler
+        self._restore = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
         def request_stop(signum, frame):
             # Only set flags here: printing from a signal handler can re-enter I/O.
+            if self.requested:  # the second signal: stop now
+                raise KeyboardInterrupt
             self.requested = True
-            signal.signal(signal.SIGINT, restore)
 
-        self._restore = restore
-        signal.signal(signal.SIGINT, request_stop)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._restore is not None:
-            signal.signal(signal.SIGINT, self._restore)
+            for sig, handler in self._restore.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self._restore = None
 
 
 def first_non_finite_row(terms: np.ndarray) -> int | None:

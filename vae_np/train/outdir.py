@@ -16,6 +16,7 @@ says which file to delete if that run is known to be gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -128,9 +129,15 @@ class OutDirLock:
             if _held.get(self._key):
                 _held[self._key] += 1
                 return self
+            self._created = not self.out_dir.exists()  # removed again if left empty
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._acquire()
+            try:
+                self._acquire()
+            except BaseException:
+                self._remove_if_empty()
+                raise
             _held[self._key] = 1
+            self._remove_stale_temporaries()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -142,6 +149,21 @@ class OutDirLock:
             # Remove only our own lock: after a takeover race it may be another's.
             if _read_owner(self.path) == _me():
                 self.path.unlink(missing_ok=True)
+            self._remove_if_empty()  # a run that failed before writing anything
+
+    def _remove_if_empty(self) -> None:
+        if self._created:
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                self.out_dir.rmdir()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporary files (``.NAME.*.tmp``, vae_np.checkpoint.atomic_write) of
+        this directory's run files: holding the lock, no other run writes them, so they
+        are what a killed run (SIGKILL, power loss) left behind."""
+        for name in _RUN_FILES:
+            for leftover in self.out_dir.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     def _acquire(self) -> None:
         for _ in range(3):  # a stale lock removed, then one retry; a third try for races
