@@ -385,3 +385,85 @@ def test_a_failed_train_leaves_no_empty_out_and_a_run_removes_stale_temporaries(
     assert train_main(["--dataset", str(files / "img.npz"), "--epochs", "1", "--out",
                        str(files / "run"), *TINY]) == 0
     assert sorted(p.name for p in (files / "run").glob(".*.tmp")) == [".mine.txt.tmp"]
+
+
+# --------------------------------------------------------------------------------------
+# 17. Messages name the right thing; 18. no option is silently ignored
+
+
+@pytest.fixture
+def cond(files):
+    save_model(VAE(input_dim=16, hidden=(8,), latent_dim=2, num_classes=4), files / "cond.npz",
+               image_shape=(4, 4))
+    return files / "cond.npz"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["traverse", "{c}", "--label", "9"], r"--label: expected a class in 0\.\.3"),
+    (["traverse", "{k}", "--range", "1e300"], r"--range: 1e\+300 takes z beyond"),
+    (["sample", "{k}", "--out", "{d}/img.npz/s.png"], r"lies under .*img\.npz, which is a file"),
+    (["sample", "{k}", "--out", "{d}"], r"--out: .* is a directory"),
+    (["traverse", "{k}", "--index", "3"], r"--index picks an example of --dataset"),
+    (["sample", "{c}", "--nrow", "3"], r"--nrow: the model .* is conditional"),
+    (["eval", "{k}", "--dataset", "{d}/img.npz", "--json", "{d}/img.npz/e.json"],
+     r"--json: .* which is a file"),
+])
+def test_messages_name_the_flag_at_fault(files, cond, capsys, argv, match):
+    import re
+
+    code, _, err = run(capsys, *[a.format(c=cond, k=files / "ck.npz", d=files) for a in argv])
+    assert re.search(match, one_line_error(code, err)), err
+    assert "Errno" not in err and ".tmp" not in err
+
+
+def test_interpolate_needs_two_steps(files, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["interpolate", str(files / "ck.npz"), "--dataset", str(files / "img.npz"),
+              "--steps", "1"])
+    assert info.value.code == 2 and "two ends" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"x_train": np.zeros((3, 4, 4)), "x_test": np.zeros((2, 5, 5))},
+     r"'x_test': images of shape \(5, 5\), but array 'x_train' has images of shape \[4, 4\]"),
+    ({"x_train": np.zeros((3, 0)), "x_test": np.zeros((2, 0))}, r"no features per example"),
+])
+def test_npz_messages_name_the_array_at_fault(tmp_path, arrays, match):
+    from vae_np.data import load_npz_dataset
+
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(ValueError, match=match):
+        load_npz_dataset(tmp_path / "d.npz")
+
+
+def test_tampered_checkpoint_fields_name_the_file(files, capsys):
+    from vae_np.checkpoint import load_checkpoint, save_checkpoint
+
+    arrays, meta = load_checkpoint(files / "ck.npz")
+    meta["model_config"]["dtype"] = "float16"
+    save_checkpoint(files / "bad.npz", arrays, meta)
+    code, _, err = run(capsys, "sample", files / "bad.npz")
+    assert "bad.npz: metadata model_config.dtype" in one_line_error(code, err)
+    run_dir = files / "run"
+    assert train_main(["--dataset", str(files / "img.npz"), "--epochs", "1", "--out",
+                       str(run_dir), *TINY]) == 0
+    arrays, meta = load_checkpoint(run_dir / "checkpoint.npz")
+    meta["config"]["lr"] = -1.0
+    save_checkpoint(run_dir / "checkpoint.npz", arrays, meta)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train_main(["--resume", "--epochs", "2", "--out", str(run_dir)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "checkpoint.npz: trainer metadata config: lr" in err
+    assert "see --help" not in err
+
+
+def test_plain_runs_under_mpiexec_are_told_to_add_distributed(tmp_path, monkeypatch):
+    from vae_np.train import OutDirInUse, OutDirLock
+
+    monkeypatch.setenv("PMI_SIZE", "2")
+    (tmp_path / ".lock").write_text('{"pid": %d, "host": "%s"}' % (os.getppid(),
+                                                                 os.uname().nodename))
+    with pytest.raises(OutDirInUse, match="add --distributed"):
+        with OutDirLock(tmp_path):
+            pass

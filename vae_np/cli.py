@@ -180,15 +180,21 @@ def _labels_to_draw(model, args, n: int) -> tuple[np.ndarray | None, int]:
     """Labels for sampling a conditional model: ``--label`` for all n, else a row of
     ceil(n / classes) per class. Returns (labels or None, images per row)."""
     num_classes = model.config.get("num_classes")
+    nrow = 8 if args.nrow is None else args.nrow
     if not num_classes:
         if args.label is not None:
             raise CLIError(f"--label: the model in {args.checkpoint} is not conditional "
                            f"(trained without --conditional)")
-        return None, args.nrow
+        return None, nrow
     if args.label is not None:
         if args.label >= num_classes:
             raise CLIError(f"--label: expected a class in 0..{num_classes - 1}, got {args.label}")
-        return np.full(n, args.label, dtype=np.int64), args.nrow
+        return np.full(n, args.label, dtype=np.int64), nrow
+    if args.nrow is not None:
+        raise CLIError(f"--nrow: the model in {args.checkpoint} is conditional: without "
+                       f"--label it draws one row per class ({num_classes} rows of "
+                       f"ceil(n / {num_classes})); give --label to lay out one class in rows "
+                       f"of --nrow")
     per_class = math.ceil(n / num_classes)
     return np.repeat(np.arange(num_classes, dtype=np.int64), per_class), per_class
 
@@ -335,6 +341,13 @@ def cmd_traverse(args) -> int:
     order = np.arange(d)
     label = args.label
     where = "z = 0"
+    if args.dataset is None and args.index is not None:
+        raise CLIError("--index picks an example of --dataset as the base point; give "
+                       "--dataset (without it the traversal is around z = 0)")
+    num_classes = model.config.get("num_classes")
+    if label is not None and num_classes and label >= num_classes:
+        raise CLIError(f"--label: expected a class in 0..{num_classes - 1}, got {label}")
+    args.index = args.index or 0
     if args.dataset is not None:
         x, y, ds = load_examples(args, saved)
         if args.index >= len(x):
@@ -358,6 +371,11 @@ def cmd_traverse(args) -> int:
     points = np.repeat(base[None, :], len(dims) * args.steps, axis=0)
     for row, dim in enumerate(dims):
         points[row * args.steps:(row + 1) * args.steps, dim] = base[dim] + values
+    largest = float(np.finfo(model.backend.numpy_dtype).max)
+    if not np.all(np.abs(points) <= largest):
+        raise CLIError(f"--range: {args.range:g} takes z beyond {largest:.3g}, the largest "
+                       f"{model.backend.dtype_name} number; use a smaller range (the prior's "
+                       f"standard deviation is 1)")
     extra = {}
     if model.config.get("num_classes"):
         if label is None:
@@ -439,6 +457,14 @@ def cmd_eval(args) -> int:
 # The parser
 
 
+def at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (the path's two ends "
+                                         f"are included), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=PROG, description="Train a VAE with hand-written backprop (NumPy / CuPy), and "
@@ -459,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--npy or an OUT ending in .npy, the array).")
     add_model_flags(p)
     p.add_argument("--n", type=positive_int, default=64, help="how many samples")
-    p.add_argument("--nrow", type=positive_int, default=8, help="images per row")
+    p.add_argument("--nrow", type=positive_int, default=None,
+                   help="images per row (default 8; a conditional model without --label "
+                        "draws a row per class)")
     p.add_argument("--out", default="samples.png", help="the PNG (or .npy) to write")
     p.add_argument("--npy", action="store_true", help="also write the decoder means, (n, D), "
                                                       "as OUT with the suffix .npy")
@@ -496,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--pairs", type=positive_int, default=8, help="rows: pairs of examples")
-    p.add_argument("--steps", type=positive_int, default=10,
+    p.add_argument("--steps", type=at_least_two, default=10,
                    help="decoded points per path, both ends included")
     p.add_argument("--spherical", action="store_true",
                    help="spherical interpolation (slerp) instead of linear")
@@ -514,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "over the first --batch-size examples, the most used first).")
     add_model_flags(p)
     add_data_flags(p, required=False)
-    p.add_argument("--index", type=nonnegative_int, default=0,
-                   help="with --dataset: the example whose code is the base point")
+    p.add_argument("--index", type=nonnegative_int, default=None,
+                   help="with --dataset: the example whose code is the base point "
+                        "(default 0)")
     p.add_argument("--steps", type=positive_int, default=9, help="images per row")
     p.add_argument("--range", type=positive_float, default=3.0,
                    help="move each coordinate by -RANGE..RANGE (prior standard deviations)")

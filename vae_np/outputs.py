@@ -54,6 +54,7 @@ def check_output(flag: str, path: str | os.PathLike, *,
     each naming ``flag`` and the path.
     """
     path = Path(path)
+    suffixes = None if suffixes is None else tuple(suffixes)
     for what, source in inputs:
         if source is None or os.fspath(source) == "mnist":
             continue
@@ -62,12 +63,6 @@ def check_output(flag: str, path: str | os.PathLike, *,
             raise ValueError(f"{flag}: {path} {where} the {what} this command reads "
                              f"({source}); writing it would destroy that input; choose "
                              f"another file")
-    if suffixes is not None:
-        suffixes = tuple(suffixes)
-        if path.suffix.lower() not in suffixes:
-            raise ValueError(f"{flag}: {path} would not be written in the format its name "
-                             f"says; this command writes {', '.join(suffixes)} files (got "
-                             f"{path.suffix or 'no suffix'!r})")
     if path.is_symlink() and not path.exists():
         raise FileNotFoundError(f"{flag}: {path} is a symbolic link to "
                                 f"{os.readlink(path)!r}, which loops or does not exist; "
@@ -75,6 +70,11 @@ def check_output(flag: str, path: str | os.PathLike, *,
     if path.is_dir():
         raise IsADirectoryError(f"{flag}: {path} is a directory; give a file name "
                                 f"(such as {path / ('out' + (suffixes[0] if suffixes else ''))})")
+    if suffixes is not None:
+        if path.suffix.lower() not in suffixes:
+            raise ValueError(f"{flag}: {path} would not be written in the format its name "
+                             f"says; this command writes {', '.join(suffixes)} files (got "
+                             f"{path.suffix or 'no suffix'!r})")
     probe = path.parent
     while not probe.exists() and probe != probe.parent:  # exists() is False under a file
         if probe.is_symlink():

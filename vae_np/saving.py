@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, get_backend
+from .backend import DTYPE_NAMES as DTYPES, Backend, get_backend
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import VAE
 
@@ -141,9 +141,14 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
     kwargs = dict(config)
     file_dtype = kwargs.pop("dtype", None)
     # A Backend brings its own dtype; a name takes the file's unless dtype says otherwise.
-    resolved = get_backend("numpy" if backend is None else backend,
-                           dtype if dtype is not None or isinstance(backend, Backend)
-                           else file_dtype)
+    try:
+        resolved = get_backend("numpy" if backend is None else backend,
+                               dtype if dtype is not None or isinstance(backend, Backend)
+                               else file_dtype)
+    except ValueError as exc:
+        if dtype is not None or isinstance(backend, Backend) or file_dtype in (None, *DTYPES):
+            raise  # the caller's argument
+        raise CheckpointError(f"{path}: metadata model_config.dtype: {exc}") from None
     try:
         model = VAE(**kwargs, backend=resolved)
     except (ValueError, TypeError) as exc:

@@ -130,9 +130,10 @@ def load_npz_dataset(path: str | os.PathLike, decoder: str = "bernoulli") -> Dat
         if name not in arrays:
             raise ValueError(f"{path}: no array {name!r} (it holds {sorted(arrays)}); expected "
                              f"x_train and x_test, optionally y_train, y_test and shape")
-    image_shape = None
+    image_shape, shape_from = None, None
     if "shape" in arrays:
         image_shape = _image_shape_entry(arrays["shape"], f"{path}: array 'shape'")
+        shape_from = "array 'shape' says"
     xs = {}
     for name in ("x_train", "x_test"):
         x = arrays[name]
@@ -142,14 +143,17 @@ def load_npz_dataset(path: str | os.PathLike, decoder: str = "bernoulli") -> Dat
                              f"got shape {x.shape}")
         if x.shape[0] < 1:
             raise ValueError(f"{where}: is empty; each split needs at least one example")
+        if math.prod(x.shape[1:]) < 1:
+            raise ValueError(f"{where}: has shape {x.shape}: no features per example")
         if x.ndim > 2:
             found = tuple(int(s) for s in x.shape[1:])
             if image_shape is not None and found != image_shape and \
                     found != image_shape[:2] + (1,) * (len(found) == 3):
-                raise ValueError(f"{where}: images of shape {found}, but array 'shape' says "
+                raise ValueError(f"{where}: images of shape {found}, but {shape_from} "
                                  f"{list(image_shape)}")
             if image_shape is None:
                 image_shape = found[:2] if found[2:] == (1,) else found
+                shape_from = f"array {name!r} has images of shape"
         x = _unit_float(x, where).reshape(len(x), -1)
         if not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x))[0][0])

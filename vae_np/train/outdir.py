@@ -197,10 +197,28 @@ class OutDirLock:
     def _in_use(self, owner: tuple[int, str] | None) -> OutDirInUse:
         who = (f"process {owner[0]} on {owner[1]}" if owner is not None
                else "another run (its lock file is empty or unreadable: being written?)")
+        ranks = _mpiexec_ranks()
+        if ranks > 1:  # N copies of one plain run racing for the same --out
+            return OutDirInUse(
+                f"out_dir: {self.out_dir} is taken by another of the {ranks} processes "
+                f"mpiexec started ({who}): each is a separate run; add --distributed for one "
+                f"data-parallel run over them", self.path,
+                *(owner if owner is not None else (None, None)))
         return OutDirInUse(
             f"out_dir: {self.out_dir} is in use by {who}; wait for that run or choose another "
             f"out_dir (--out). If no run is using it, delete {self.path}", self.path,
             *(owner if owner is not None else (None, None)))
+
+
+def _mpiexec_ranks() -> int:
+    """How many processes mpiexec started alongside this one (MPICH / Open MPI set these
+    variables in each), 1 when not under mpiexec."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 def _me() -> tuple[int, str]:
