@@ -467,3 +467,13 @@ def test_plain_runs_under_mpiexec_are_told_to_add_distributed(tmp_path, monkeypa
     with pytest.raises(OutDirInUse, match="add --distributed"):
         with OutDirLock(tmp_path):
             pass
+
+
+# --------------------------------------------------------------------------------------
+# 20. vae-np eval says why its numbers are not the training run's last lines
+
+
+def test_eval_says_its_draws_are_its_own(files, capsys):
+    code, out, _ = run(capsys, "eval", files / "ck.npz", "--dataset", files / "img.npz",
+                       "-K", "2", "--seed", "4")
+    assert code == 0 and "own draws, --seed 4" in out and "differ from them" in out

@@ -446,6 +446,10 @@ def cmd_eval(args) -> int:
         say(f"{args.split} ln p(x) = {summary['mean']:.2f}"
             + (f" +- {stderr:.2f}" if stderr is not None else "")
             + f" nats/example (importance sampling, K = {args.K})")
+    say(f"(this command's own draws, --seed {args.seed}: "
+        + (f"a {mode} binarization and " if mode != "none" else "")
+        + "the noise; the training run's last lines used its own, so the numbers differ from "
+          "them by that sampling error)")
     if args.json:
         atomic_write(Path(args.json), lambda fh: fh.write(
             (json.dumps(result, indent=2) + "\n").encode()))
