@@ -12,7 +12,9 @@ CHECKPOINT is a trainer checkpoint (``results/checkpoint.npz``) or a model-only 
 (:func:`vae_np.save_model`). DATA is ``mnist`` (the default), a ``.npz`` file or a folder
 of images (:func:`vae_np.data.load_dataset`). Every subcommand runs on any backend
 (``--backend``). Exit status: 0 done, 1 an unusable checkpoint, data set or backend (one
-line on stderr, no traceback), 2 a bad flag.
+line on stderr, no traceback), 2 a bad flag, 130 Ctrl-C. No output may be (or resolve
+to) an input, and its suffix names the format written (:mod:`vae_np.outputs`); data
+flags not given are taken from the checkpoint's record of the run's data.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .train.evaluation import log_likelihood_summary
 from .validation import check_fits_in_memory
 from .train_cli import (DATA_SOURCE_FLAGS, LOSS_SCALING, OneLineErrorParser,
                         add_data_source_flags, nonnegative_int, positive_float, positive_int,
-                        take_recorded_data)
+                        take_recorded_data, typed_flags)
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
@@ -63,9 +65,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("data", "Flags not given are taken from the checkpoint (the "
-                                     "data set and split the run trained on), else mnist "
-                                     "and the defaults of vae-np train.")
+    g = p.add_argument_group("data", "Flags not given: the checkpoint's (the run's data "
+                                     "set and split), else these defaults.")
     g.add_argument("--dataset", default="mnist" if required else None,
                    help="mnist, a .npz file (x_train, x_test, optional y_train, y_test, "
                         "shape) or a folder of PNG/JPEG images" + (
@@ -90,8 +91,7 @@ def load(args) -> SavedModel:
     return saved
 
 
-#: What --out of a picture may end in (the format written follows it).
-PICTURES = tuple(plotting.PICTURE_FORMATS)
+PICTURES = tuple(plotting.PICTURE_FORMATS)  # what a picture's --out may end in
 
 
 def output(args, path, suffixes=PICTURES, flag: str = "--out") -> Path:
@@ -113,18 +113,10 @@ def load_examples(args, saved: SavedModel) -> tuple[np.ndarray, np.ndarray | Non
     if ds.n_features != model.input_dim:
         raise CLIError(f"dataset: {ds.description} has {ds.n_features} features per example; "
                        f"the model in {saved.path} takes {model.input_dim}")
-    recorded = saved.data.get("fingerprint")
-    if recorded is not None and recorded != ds.fingerprint():
-        origin = saved.data.get("origin") or {}
-        split = {k: origin[k] for k in ("test_fraction", "seed") if k in origin}
-        same = ds.origin is not None and origin.get("spec") == ds.origin.get("spec")
-        print(f"note: these are not the data the model in {saved.path} was trained on "
-              f"({saved.data.get('description')}): "
-              + (f"the run split them with test_fraction {split.get('test_fraction')} and "
-                 f"split seed {split.get('seed')}, so this {args.split} split may hold the "
-                 f"run's {'training' if args.split == 'test' else 'test'} examples"
-                 if same and split else "their contents differ (data fingerprint)"),
-              file=sys.stderr)
+    difference = ds.differs_from(saved.data, args.split)
+    if difference is not None:
+        print(f"note: these are not the data the model in {saved.path} was trained on: "
+              f"{difference}", file=sys.stderr)
     x = ds.x_train if args.split == "train" else ds.x_test
     y = ds.y_train if args.split == "train" else ds.y_test
     if args.limit is not None:
@@ -461,14 +453,6 @@ def cmd_eval(args) -> int:
 # The parser
 
 
-def at_least_two(text: str) -> int:
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (the path's two ends "
-                                         f"are included), got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=PROG, description="Train a VAE with hand-written backprop (NumPy / CuPy), and "
@@ -580,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def at_least_two(text: str) -> int:
+    if positive_int(text) < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (the path's two ends), "
+                                         f"got {text}")
+    return int(text)
+
+
 def _train(argv: Sequence[str]) -> int:
     from .train_cli import main as train_main  # argparse and the trainer: only when training
 
@@ -594,13 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.command}"
-    if args.command != "train":
-        # Which data-source flags were typed (the others come from the checkpoint, load):
-        # argparse fills a default only where the namespace lacks the attribute.
-        unset = object()
-        typed = parser.subcommand_parsers[args.command].parse_args(
-            argv[1:], argparse.Namespace(**{n: unset for n in DATA_SOURCE_FLAGS}))
-        args.data_given = {n for n in DATA_SOURCE_FLAGS if getattr(typed, n, unset) is not unset}
+    # the data-source flags typed; load() takes the others from the checkpoint
+    args.data_given = typed_flags(parser.subcommand_parsers[args.command], argv[1:],
+                                  DATA_SOURCE_FLAGS)
     try:
         return args.run(args)
     except KeyboardInterrupt:  # Ctrl-C while loading or evaluating: nothing half-written

@@ -17,7 +17,8 @@ checkpoints and pictures live in ``vae_np.train`` (see its docstring for what la
 the flags, --out (writable, not used by another run), the run to --resume and the backend.
 Exit status: 0 done, 1 training diverged, the data or the checkpoint could not be read, no
 GPU for --backend cupy, or --out is unusable or in use by another run; 2 a bad flag;
-130 interrupted by Ctrl-C (a checkpoint to --resume from is saved).
+130 interrupted by Ctrl-C or SIGTERM (during training a checkpoint to --resume from is
+saved; while the data load, nothing is kept, not even an --out folder it created).
 """
 
 from __future__ import annotations
@@ -306,15 +307,19 @@ def parse_args(parser: argparse.ArgumentParser, argv):
     """The parsed flags, and the names of the TrainConfig fields given on the command
     line (so that --resume takes the others from the checkpoint)."""
     args = parser.parse_args(argv)
-    # argparse fills in a default only where the namespace lacks the attribute, so
-    # parsing into a namespace of markers shows which flags were typed.
-    unset = object()
-    typed = parser.parse_args(argv, argparse.Namespace(
-        **{k: unset for k in (*CONFIG_FLAGS, *DATA_SOURCE_FLAGS)}))
-    given = {name for name in CONFIG_FLAGS if getattr(typed, name) is not unset}
+    given = typed_flags(parser, argv, CONFIG_FLAGS)
     # --resume takes the data-source flags not typed from the checkpoint
-    args.data_given = {name for name in DATA_SOURCE_FLAGS if getattr(typed, name) is not unset}
+    args.data_given = typed_flags(parser, argv, DATA_SOURCE_FLAGS)
     return args, apply_preset(parser, args, given)
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv, names) -> set[str]:
+    """The flags (argparse dests) among ``names`` typed in ``argv``: argparse fills in a
+    default only where the namespace lacks the attribute, so parsing into a namespace of
+    markers shows them."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in names}))
+    return {name for name in names if getattr(typed, name, unset) is not unset}
 
 
 def apply_preset(parser, args, given: set[str]) -> set[str]:

@@ -126,3 +126,20 @@ class Dataset:
                 arrays.update(y_train=self.y_train, y_test=self.y_test)
             self._fingerprint = arrays_digest(arrays)
         return self._fingerprint
+
+    def differs_from(self, recorded: dict, split: str = "test") -> str | None:
+        """How these data differ from a run's record of its own (``recorded``: a
+        checkpoint's data summary with ``fingerprint`` and ``origin``), in words; None
+        when they are the same or nothing was recorded. ``split``: the one being used."""
+        fingerprint = recorded.get("fingerprint")
+        if fingerprint is None or fingerprint == self.fingerprint():
+            return None
+        origin = recorded.get("origin") or {}
+        if self.origin is not None and origin.get("spec") == self.origin.get("spec") \
+                and "test_fraction" in origin:
+            other = "training" if split == "test" else "test"
+            return (f"the run split {origin['spec']} with test_fraction "
+                    f"{origin['test_fraction']} and split seed {origin.get('seed')}, so "
+                    f"this {split} split may hold the run's {other} examples")
+        return (f"the run's were {recorded.get('description')}; the contents differ (data "
+                f"fingerprint)")
