@@ -113,11 +113,20 @@ def test_resume_takes_the_data_set_from_the_checkpoint(files, capsys):
     assert train_main(["--resume", "--epochs", "2", "--out", str(run_dir), "--no-download",
                        "--no-progress", "--no-pictures"]) == 0
     assert "img.npz" in capsys.readouterr().out
+    # moved away: said as such, and --dataset where it is now resumes (same fingerprint)
+    os.rename(files / "img.npz", files / "moved.npz")
+    with pytest.raises(SystemExit):
+        train_main(["--resume", "--epochs", "3", "--out", str(run_dir), "--no-download"])
+    assert "is not there any more; give --dataset" in capsys.readouterr().err
+    assert train_main(["--resume", "--epochs", "3", "--out", str(run_dir), "--dataset",
+                       str(files / "moved.npz"), "--no-progress", "--no-pictures"]) == 0
+    os.rename(files / "moved.npz", files / "img.npz")
     # the same path with other contents is refused, naming the fingerprint
     rng = np.random.default_rng(5)
     np.savez(files / "img.npz", x_train=rng.random((20, 16)), x_test=rng.random((6, 16)))
     with pytest.raises(SystemExit) as info:
-        train_main(["--resume", "--epochs", "3", "--out", str(run_dir), "--no-download"])
+        train_main(["--resume", "--epochs", "4", "--out", str(run_dir), "--dataset",
+                    str(files / "img.npz")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "fingerprint" in err and err.count("\n") == 1
 

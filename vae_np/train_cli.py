@@ -161,6 +161,10 @@ def take_recorded_data(args, given, data: dict) -> list[str]:
             args.dataset == origin["spec"] == "mnist"
             or os.path.abspath(os.path.expanduser(str(args.dataset))) == origin["spec"]):
         return []  # other data: the record says nothing about how to read them
+    if "dataset" not in given and origin["spec"] != "mnist" and not os.path.exists(origin["spec"]):
+        raise FileNotFoundError(f"dataset: the run's data set, {origin['spec']} (as its "
+                                f"checkpoint records), is not there any more; give --dataset "
+                                f"where it is now")
     taken = []
     for flag, key in DATA_SOURCE_FLAGS.items():
         if flag not in given and key in origin:
