@@ -16,7 +16,8 @@ pytest.importorskip("matplotlib")
 
 
 @pytest.fixture
-def files(tmp_path):
+def files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default --out (samples.png, ...) lands here, never in the repo
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "img.npz", x_train=rng.random((20, 16)).astype(np.float32),
              x_test=rng.random((6, 16)).astype(np.float32))
