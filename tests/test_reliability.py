@@ -382,6 +382,24 @@ def test_sigterm_is_handled_as_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_sigterm_while_loading_data_is_one_line_and_leaves_nothing(files, capsys,
+                                                                   monkeypatch):
+    import signal
+
+    import vae_np.train_cli
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the data loading")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(vae_np.train_cli, "load_dataset", terminated)
+    code = train_main(["--dataset", str(files / "img.npz"), "--out", str(files / "new"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and err.count("\n") == 1, err
+    assert not (files / "new").exists() and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_failed_train_leaves_no_empty_out_and_a_run_removes_stale_temporaries(files,
                                                                                 capsys):
     np.savez(files / "real.npz", x_train=np.full((4, 16), 5.0), x_test=np.full((2, 16), 5.0))

@@ -40,6 +40,7 @@ from .train import (
     check_out_dir, read_run,
 )
 from .train.config import OUTPUT_BIASES, PRESETS, SCHEDULES, preset, stage_epochs
+from .train.guards import sigterm_as_ctrl_c
 
 #: How the loss is scaled: said once here for --help, and in docs/loss-scaling.md.
 LOSS_SCALING = (
@@ -379,8 +380,8 @@ def main(argv=None, prog: str = "train_mnist.py") -> int:
     try:
         # Held from before the data is loaded, so a second run on this --out stops at once.
         # Distributed: rank 0 alone holds it (and writes --out).
-        with OutDirLock(args.out, log=print) if comm is None or comm.is_root \
-                else contextlib.nullcontext():
+        with sigterm_as_ctrl_c(), OutDirLock(args.out, log=print) \
+                if comm is None or comm.is_root else contextlib.nullcontext():
             return train(parser, args, given, config, fail, comm)
     except OutDirInUse as exc:
         fail(exc)

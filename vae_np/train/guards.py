@@ -8,6 +8,7 @@ disk; a NaN or infinite loss stops with :class:`TrainingDiverged` and saves noth
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["StopOnCtrlC", "TrainingDiverged", "TrainingInterrupted", "diverged",
-           "first_non_finite_row", "interrupted"]
+           "first_non_finite_row", "interrupted", "sigterm_as_ctrl_c"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -87,6 +88,22 @@ class StopOnCtrlC:
             for sig, handler in self._restore.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             self._restore = None
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does (main thread only;
+    elsewhere nothing changes), so that what runs before training (loading the data)
+    unwinds too: the lock is released, an empty --out removed."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def first_non_finite_row(terms: np.ndarray) -> int | None:
