@@ -3,10 +3,12 @@ another object's private state.
 
 Layers, ground floor up (a module may import only from strictly lower layers):
 
-    0  _twins_cpu, _twins_cuda, _version  the ops' fast twins (numba, CUDA) and the package's
-                                          version: leaves, importing nothing
-    1  backend, ops, validation           the array library (which loads the twins),
-                                          stable primitives, the input checks
+    0  _twins_cpu, _twins_cuda, _version, leaves, importing nothing: the ops' fast twins
+       validation, outputs                (numba, CUDA), the package's version, the input
+                                          checks, and the files a command writes (checked
+                                          against what it reads, their suffixes' formats)
+    1  backend, ops                       the array library (which loads the twins),
+                                          stable primitives
     2  layers, losses, parameters         the math: each op its reference
     3  likelihoods, optim, conv           conv: image layers on layers.Layer
     4  objectives, networks               the ELBO and the importance-weighted bound;
@@ -16,13 +18,15 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     7  everything else (training, self-check, saving: a model's files; interop: ONNX,
                                           safetensors, PyTorch; cli_args: the argparse types
                                           and flags both commands use, no trainer, no MPI)
-    8  train_cli                          vae-np train (examples/train_mnist.py), on train
+    8  train_cli, cli_interop             vae-np train (examples/train_mnist.py), on train;
+                                          vae-np export / import, on interop and saving
     9  cli                                the vae-np command, built on the floors below
    10  __main__                           python -m vae_np, which runs cli
 
 ``data``, ``checkpoint`` and ``plotting`` sit apart: they import nothing from the package
-but the backend, the input checks (``validation``) and each other's public names. A module not named here is on the top
-floor; a name here that no longer exists fails the test, so the map follows renames.
+but the backend, the input checks (``validation``), the output formats (``outputs``) and
+each other's public names. A module not named here is on the top floor; a name here that
+no longer exists fails the test, so the map follows renames.
 """
 
 from __future__ import annotations
@@ -35,20 +39,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_np"
 
 LAYERS = {
-    "_twins_cpu": 0, "_twins_cuda": 0, "_version": 0,
-    "backend": 1, "ops": 1, "validation": 1,
+    "_twins_cpu": 0, "_twins_cuda": 0, "_version": 0, "validation": 0, "outputs": 0,
+    "backend": 1, "ops": 1,
     "layers": 2, "losses": 2, "parameters": 2,
     "likelihoods": 3, "optim": 3, "conv": 3,
     "objectives": 4, "networks": 4,
     "model": 5,
     "gradcheck": 6, "distributed": 6,
     "saving": 7, "interop": 7, "cli_args": 7,
-    "train_cli": 8, "cli": 9, "__main__": 10,
+    "train_cli": 8, "cli_interop": 8, "cli": 9, "__main__": 10,
 }
 TOP = 7
 # Modules that import nothing from the package but these and each other.
 APART = ("data", "checkpoint", "plotting")
-APART_MAY_IMPORT = ("backend", "validation")
+APART_MAY_IMPORT = ("backend", "validation", "outputs")
 
 
 def module_name(path: Path) -> str:
@@ -124,7 +128,7 @@ def test_imports_run_one_way(name):
         if mine in APART:
             assert theirs in APART_MAY_IMPORT or theirs in APART, \
                 f"{name} imports {other}: data, checkpoint and plotting import only the " \
-                f"backend, validation and each other"
+                f"backend, validation, outputs and each other"
             continue
         if theirs in APART:
             assert layer_of(name) >= TOP, f"{name} (layer {layer_of(name)}) imports {other}"
@@ -135,7 +139,7 @@ def test_imports_run_one_way(name):
 
 
 def test_leaves_import_nothing():
-    for leaf in ("_twins_cpu", "_twins_cuda", "_version", "validation"):
+    for leaf in ("_twins_cpu", "_twins_cuda", "_version", "validation", "outputs"):
         assert imports_of(MODULES[leaf]) == set(), leaf
 
 

@@ -170,8 +170,7 @@ def walkthrough_commands() -> list[str]:
 @pytest.mark.slow
 def test_readme_walkthrough_runs(tmp_path):
     """Each command of the README's own-data walk-through, as a user would type it (the
-    console script replaced by python -m vae_np, which is the same main); the README's
-    own flags keep it to a few seconds."""
+    console script replaced by python -m vae_np, which is the same main); about 20 s."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
     script = "\n".join(walkthrough_commands()).replace("python -c", f"{sys.executable} -c")
     script = script.replace("vae-np ", f"{sys.executable} -m vae_np ")

@@ -244,7 +244,7 @@ def test_ranks_with_other_data_or_config_are_refused_naming_the_difference(tmp_p
     def sent(config, data) -> tuple:
         return None, json.loads(json.dumps({"config": config, "data": dataset_identity(data)}))
 
-    with pytest.raises(RanksDiffer, match=r"data\.sha256 is '[0-9a-f]{64}' on rank 0 but "
+    with pytest.raises(RanksDiffer, match=r"data\.fingerprint is '[0-9a-f]{64}' on rank 0 but "
                                           r"'[0-9a-f]{64}' on rank 1; every rank") as info:
         Trainer(tiny_config(), dataset, tmp_path / "a", log=None, progress=False,
                 pictures=False, comm=TwoRanks(0, sent(config, changed)))
@@ -434,7 +434,7 @@ def test_ranks_given_other_data_sets_stop_at_once_with_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("vae-np train: error (rank 0 of 2): the ranks differ: "
-                               "data.sha256 is '")
+                               "data.fingerprint is '")
     assert "on rank 1; every rank must run the same command on the same data" in lines[0]
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 

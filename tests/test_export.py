@@ -587,3 +587,22 @@ def test_cli_errors_are_one_line_with_status_1(tmp_path, capsys):
 def test_imported_model_image_shape_guess():
     assert ImportedModel(VAE(), "torch").image_shape == (28, 28)
     assert ImportedModel(small_model(), "torch").image_shape is None
+
+
+def test_cli_export_and_import_never_write_over_their_input(tmp_path, capsys):
+    """#19 item 1 for the interop subcommands: an --out that is the file read is refused
+    before any work, and the file is left as it was; import writes .npz or nothing."""
+    save_model(small_model(), tmp_path / "m.npz")
+    before = (tmp_path / "m.npz").read_bytes()
+    code, _, err = run(capsys, "export", tmp_path / "m.npz", "--format", "safetensors",
+                       "--out", tmp_path / "m.npz")
+    assert code == 1 and err.count("\n") == 1 and "--out" in err and "checkpoint" in err, err
+    code, _, err = run(capsys, "export", tmp_path / "m.npz", "--format", "torch",
+                       "--out", tmp_path / "m.pt")
+    assert code == 0, err
+    pt = (tmp_path / "m.pt").read_bytes()
+    code, _, err = run(capsys, "import", tmp_path / "m.pt", "--out", tmp_path / "m.pt")
+    assert code == 1 and err.count("\n") == 1 and "--out" in err, err
+    code, _, err = run(capsys, "import", tmp_path / "m.pt", "--out", tmp_path / "back.pt")
+    assert code == 1 and ".npz" in err and not (tmp_path / "back.pt").exists(), err
+    assert (tmp_path / "m.npz").read_bytes() == before and (tmp_path / "m.pt").read_bytes() == pt

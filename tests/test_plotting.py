@@ -187,8 +187,8 @@ def test_save_reconstructions_writes_labelled_png(tmp_path, rng, monkeypatch):
     originals = rng.random((10, 784))
     recon = np.clip(originals + 0.1 * rng.standard_normal((10, 784)), 0, 1)
     figures = []
-    real_save = plotting._save_png
-    monkeypatch.setattr(plotting, "_save_png", lambda fig, p: (figures.append(fig), real_save(fig, p))[1])
+    real_save = plotting._save_figure
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, p: (figures.append(fig), real_save(fig, p))[1])
 
     path = save_reconstructions(tmp_path / "recon.png", originals, recon, n=10, ncol=4, title="epoch 3")
     assert_valid_png(Path(path))
@@ -268,7 +268,7 @@ def test_plot_loss_curves_partial_keys(tmp_path, history):
 
 def test_plot_loss_curves_labels_and_series(tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(plotting, "_save_png", lambda fig, p: figures.append(fig) or Path(p))
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, p: figures.append(fig) or Path(p))
     history = [{"epoch": 2, "train_loss": 9.0}, {"epoch": 4, "train_loss": 7.0, "test_kl": 1.0}]
     plot_loss_curves(tmp_path / "loss.png", history)
     left, right = figures[0].axes
@@ -294,8 +294,8 @@ def test_plot_latent_scatter_writes_png(tmp_path, rng, monkeypatch):
     z = rng.standard_normal((500, 2))
     labels = rng.integers(0, 10, size=500)
     figures = []
-    real_save = plotting._save_png
-    monkeypatch.setattr(plotting, "_save_png", lambda fig, p: (figures.append(fig), real_save(fig, p))[1])
+    real_save = plotting._save_figure
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, p: (figures.append(fig), real_save(fig, p))[1])
     path = plot_latent_scatter(tmp_path / "latent.png", z, labels)
     assert_valid_png(Path(path))
     legend = figures[0].axes[0].get_legend()
@@ -348,8 +348,8 @@ class RecordingDecoder:
 def test_plot_manifold_decodes_gaussian_quantile_grid(tmp_path, n, monkeypatch):
     decode = RecordingDecoder()
     figures = []
-    real_save = plotting._save_png
-    monkeypatch.setattr(plotting, "_save_png", lambda fig, p: (figures.append(fig), real_save(fig, p))[1])
+    real_save = plotting._save_figure
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, p: (figures.append(fig), real_save(fig, p))[1])
     path = plot_manifold(tmp_path / "manifold.png", decode, n=n)
     assert_valid_png(Path(path))
 

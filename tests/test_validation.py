@@ -170,3 +170,21 @@ def test_sample_and_log_likelihood_take_numpy_integers():
     got = model.log_likelihood(x, np.int64(5), model.backend.rng(1), chunk_size=np.int32(2))
     want = model.log_likelihood(x, 5, model.backend.rng(1), chunk_size=2)
     np.testing.assert_array_equal(got, want)
+
+
+def test_check_layers_fit_counts_weights_biases_and_copies(monkeypatch):
+    """A 3 -> 4 -> 2 network holds (3 + 1) 4 + (4 + 1) 2 = 26 numbers, 4 copies of them
+    (weights, gradients, two moments): 104 float32 numbers, 416 bytes, fit exactly in 416
+    bytes and not in 415; the message names what was too large."""
+    import vae_np.validation as validation
+
+    monkeypatch.setattr(validation, "physical_memory", lambda: 416)
+    validation.check_layers_fit("net", [(3, 4, 2)], 4)
+    monkeypatch.setattr(validation, "physical_memory", lambda: 415)
+    with pytest.raises(ValueError, match=r"^net: 104 numbers .* do not fit"):
+        validation.check_layers_fit("net", [(3, 4, 2)], 4)
+    with pytest.raises(ValueError, match=r"^two: 104 numbers"):  # two networks add up
+        validation.check_layers_fit("two", [(3, 4), (4, 2)], 4)
+    validation.check_layers_fit("net", [(3, 4, 2)], 4, copies=1)  # 104 bytes
+    monkeypatch.setattr(validation, "physical_memory", lambda: None)  # the OS does not say
+    validation.check_layers_fit("net", [(10 ** 9, 10 ** 9)], 8)

@@ -86,9 +86,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     including ``KeyboardInterrupt``, the temporary file is removed and any
     existing file at *path* is left as it was.  Parent directories are created.
 
-    Returns *path* as a :class:`pathlib.Path`.
+    Returns *path* as a :class:`pathlib.Path`. An OSError (disk full, a directory in the
+    way, no permission) is raised again, of the same class and errno, naming *path* (not
+    the temporary file) and what went wrong, on one line.
     """
     target = Path(path)
+    try:
+        return _atomic_write(target, write)
+    except OSError as exc:
+        named = type(exc)(f"{target}: could not be written "
+                          f"({exc.strerror or ' '.join(str(exc).split())})")
+        named.errno = exc.errno
+        raise named from exc
+
+
+def _atomic_write(target: Path, write: Callable[[IO[bytes]], None]) -> Path:
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     # Same directory as the target: os.replace is only atomic within one filesystem.

@@ -7,14 +7,16 @@
     vae-np interpolate CHECKPOINT --dataset DATA --pairs 8 --steps 10 --out interp.png [--spherical]
     vae-np traverse CHECKPOINT [--dataset DATA] --out traverse.png   one row per latent dimension
     vae-np eval CHECKPOINT --dataset DATA -K 5000             test -ELBO and ln p(x)
-    vae-np export CHECKPOINT --format onnx|safetensors|torch --out PATH   (vae_np.interop)
+    vae-np export CHECKPOINT --format onnx|safetensors|torch --out PATH   (vae_np.cli_interop)
     vae-np import STATE_DICT --out model.npz                 a PyTorch / safetensors model
 
 CHECKPOINT is a trainer checkpoint (``results/checkpoint.npz``) or a model-only export
 (:func:`vae_np.save_model`). DATA is ``mnist`` (the default), a ``.npz`` file or a folder
 of images (:func:`vae_np.data.load_dataset`). Every subcommand runs on any backend
 (``--backend``). Exit status: 0 done, 1 an unusable checkpoint, data set or backend (one
-line on stderr, no traceback), 2 a bad flag.
+line on stderr, no traceback), 2 a bad flag, 130 Ctrl-C. No output may be (or resolve
+to) an input, and its suffix names the format written (:mod:`vae_np.outputs`); data
+flags not given are taken from the checkpoint's record of the run's data.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ from typing import Sequence
 import numpy as np
 
 from . import plotting
-from .backend import BACKEND_NAMES, BackendUnavailableError
+from .backend import BackendUnavailableError
 from .checkpoint import CheckpointError, atomic_write
 from .data import Dataset, binarize, load_dataset
-from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags,
-                       nonnegative_int, positive_float, positive_int)
-from .interop import FORMATS, export_model, import_model
-from .likelihoods import LIKELIHOOD_NAMES
-from .saving import SavedModel, read_model, save_model
+from .cli_args import (DATA_SOURCE_FLAGS, LOSS_SCALING, OneLineErrorParser, add_data_flags,
+                       add_model_flags, at_least_two, nonnegative_int, positive_float,
+                       positive_int, take_recorded_data, typed_flags)
+from .cli_interop import add_interop_commands
+from .outputs import PICTURE_FORMATS, check_output
+from .saving import SavedModel, read_model
+from .validation import check_fits_in_memory
 
 __all__ = ["LOSS_SCALING", "build_parser", "main"]
 
@@ -48,39 +52,27 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------------------
-# Flags shared by the subcommands (their argument types: vae_np.cli_args)
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a trainer checkpoint (results/checkpoint.npz) or a "
-                                      "model file from vae_np.save_model")
-    p.add_argument("--backend", choices=BACKEND_NAMES, default="numpy",
-                   help="numpy: CPU; cupy: NVIDIA GPU; auto: cupy when usable")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="floating type (default: the checkpoint's)")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="seeds every random draw of this command")
-
-
-def add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="mnist" if required else None,
-                   help="mnist, a .npz file (x_train, x_test, optional y_train, y_test, "
-                        "shape) or a folder of PNG/JPEG images")
-    g.add_argument("--split", choices=("test", "train"), default="test",
-                   help="which split of the data set to use")
-    g.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N examples of the split")
-    add_data_source_flags(g)
-
-
-# --------------------------------------------------------------------------------------
 # What the subcommands share: the model, the data, pictures of either kind
 
 
 def load(args) -> SavedModel:
+    """The model, and the data-source flags not typed: the run's own data (as recorded in
+    the checkpoint), else the defaults."""
     saved = read_model(args.checkpoint, backend=args.backend, dtype=args.dtype)
+    if getattr(args, "dataset", None) is not None:  # traverse's None: no data set
+        take_recorded_data(args, args.data_given, saved.data)  # typed flags: main()
     return saved
+
+
+PICTURES = tuple(PICTURE_FORMATS)  # what a picture's --out may end in
+
+
+def output(args, path, suffixes=PICTURES, flag: str = "--out") -> Path:
+    """An output of this command, checked before any work against what it reads (the
+    checkpoint, the data set) and for its suffix (:func:`vae_np.outputs.check_output`)."""
+    return check_output(flag, path, suffixes=suffixes,
+                        inputs=(("checkpoint", args.checkpoint),
+                                ("data set", getattr(args, "dataset", None))))
 
 
 def load_examples(args, saved: SavedModel) -> tuple[np.ndarray, np.ndarray | None, Dataset]:
@@ -94,6 +86,10 @@ def load_examples(args, saved: SavedModel) -> tuple[np.ndarray, np.ndarray | Non
     if ds.n_features != model.input_dim:
         raise CLIError(f"dataset: {ds.description} has {ds.n_features} features per example; "
                        f"the model in {saved.path} takes {model.input_dim}")
+    difference = ds.differs_from(saved.data, args.split)
+    if difference is not None:
+        print(f"note: these are not the data the model in {saved.path} was trained on: "
+              f"{difference}", file=sys.stderr)
     x = ds.x_train if args.split == "train" else ds.x_test
     y = ds.y_train if args.split == "train" else ds.y_test
     if args.limit is not None:
@@ -149,15 +145,21 @@ def _labels_to_draw(model, args, n: int) -> tuple[np.ndarray | None, int]:
     """Labels for sampling a conditional model: ``--label`` for all n, else a row of
     ceil(n / classes) per class. Returns (labels or None, images per row)."""
     num_classes = model.config.get("num_classes")
+    nrow = 8 if args.nrow is None else args.nrow
     if not num_classes:
         if args.label is not None:
             raise CLIError(f"--label: the model in {args.checkpoint} is not conditional "
                            f"(trained without --conditional)")
-        return None, args.nrow
+        return None, nrow
     if args.label is not None:
         if args.label >= num_classes:
             raise CLIError(f"--label: expected a class in 0..{num_classes - 1}, got {args.label}")
-        return np.full(n, args.label, dtype=np.int64), args.nrow
+        return np.full(n, args.label, dtype=np.int64), nrow
+    if args.nrow is not None:
+        raise CLIError(f"--nrow: the model in {args.checkpoint} is conditional: without "
+                       f"--label it draws one row per class ({num_classes} rows of "
+                       f"ceil(n / {num_classes})); give --label to lay out one class in rows "
+                       f"of --nrow")
     per_class = math.ceil(n / num_classes)
     return np.repeat(np.arange(num_classes, dtype=np.int64), per_class), per_class
 
@@ -168,14 +170,19 @@ def _labels_to_draw(model, args, n: int) -> tuple[np.ndarray | None, int]:
 
 def cmd_sample(args) -> int:
     saved = load(args)
+    out = output(args, args.out, PICTURES + (".npy",))
+    npy = out if out.suffix.lower() == ".npy" else out.with_suffix(".npy")
+    if args.npy:
+        output(args, npy, (".npy",), "--npy")
     model = saved.model
     labels, nrow = _labels_to_draw(model, args, args.n)
     n = args.n if labels is None else len(labels)
+    # z, the decoder's activations and its output, on the device and then the host
+    check_fits_in_memory("--n", n * (model.latent_dim + sum(model.hidden)
+                                     + 3 * model.input_dim), model.backend.numpy_dtype.itemsize)
     rng = model.backend.rng(args.seed)
     images = host(model, model.sample(n, rng, **({} if labels is None else {"y": labels})))
-    out = Path(args.out)
     if out.suffix.lower() == ".npy" or args.npy:
-        npy = out if out.suffix.lower() == ".npy" else out.with_suffix(".npy")
         atomic_write(npy, lambda fh: np.save(fh, images))
         say(f"wrote {npy} ({n} decoder means, shape {images.shape})")
     if out.suffix.lower() != ".npy":
@@ -189,11 +196,11 @@ def cmd_sample(args) -> int:
 
 def cmd_reconstruct(args) -> int:
     saved = load(args)
+    out = output(args, args.out)
     model = saved.model
     x, y, ds = load_examples(args, saved)
     x, y = x[:args.n], None if y is None else y[:args.n]
     recon = host(model, model.reconstruct(x, **class_args(model, y)))
-    out = Path(args.out)
     title = f"{args.split} examples and reconstructions"
     if saved.image_shape is not None:
         plotting.save_reconstructions(out, as_pictures(x), as_pictures(recon), n=args.n,
@@ -209,6 +216,7 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_encode(args) -> int:
     saved = load(args)
+    out = output(args, args.out, (".npz",))
     model = saved.model
     x, y, _ = load_examples(args, saved)
     mus, logvars = [], []
@@ -220,7 +228,7 @@ def cmd_encode(args) -> int:
     arrays = {"mu": np.concatenate(mus), "logvar": np.concatenate(logvars)}
     if y is not None:
         arrays["y"] = y
-    out = write_npz(Path(args.out), **arrays)
+    write_npz(out, **arrays)
     say(f"wrote {out}: mu and logvar, ({len(x)}, {model.latent_dim}) each"
         + (", and the labels y" if y is not None else ""))
     return 0
@@ -250,6 +258,9 @@ def interpolate_latents(a: np.ndarray, b: np.ndarray, steps: int, spherical: boo
 
 def cmd_interpolate(args) -> int:
     saved = load(args)
+    out = output(args, args.out)
+    if args.npy:
+        output(args, out.with_suffix(".npy"), (".npy",), "--npy")
     model = saved.model
     x, y, ds = load_examples(args, saved)
     if len(x) < 2:
@@ -268,7 +279,6 @@ def cmd_interpolate(args) -> int:
         decoded = host(model, model.decode(path, **class_args(model, lab)))
         rows.append(np.concatenate([ends[2 * p][None], decoded, ends[2 * p + 1][None]]))
         row_labels.append(f"pair {p}")
-    out = Path(args.out)
     kind = "spherical" if args.spherical else "linear"
     title = f"{kind} interpolation"  # short: the picture may be narrow
     if saved.image_shape is not None:
@@ -289,12 +299,20 @@ def cmd_interpolate(args) -> int:
 
 def cmd_traverse(args) -> int:
     saved = load(args)
+    out = output(args, args.out)
     model = saved.model
     d = model.latent_dim
     base = np.zeros(d)
     order = np.arange(d)
     label = args.label
     where = "z = 0"
+    if args.dataset is None and args.index is not None:
+        raise CLIError("--index picks an example of --dataset as the base point; give "
+                       "--dataset (without it the traversal is around z = 0)")
+    num_classes = model.config.get("num_classes")
+    if label is not None and num_classes and label >= num_classes:
+        raise CLIError(f"--label: expected a class in 0..{num_classes - 1}, got {label}")
+    args.index = args.index or 0
     if args.dataset is not None:
         x, y, ds = load_examples(args, saved)
         if args.index >= len(x):
@@ -318,6 +336,11 @@ def cmd_traverse(args) -> int:
     points = np.repeat(base[None, :], len(dims) * args.steps, axis=0)
     for row, dim in enumerate(dims):
         points[row * args.steps:(row + 1) * args.steps, dim] = base[dim] + values
+    largest = float(np.finfo(model.backend.numpy_dtype).max)
+    if not np.all(np.abs(points) <= largest):
+        raise CLIError(f"--range: {args.range:g} takes z beyond {largest:.3g}, the largest "
+                       f"{model.backend.dtype_name} number; use a smaller range (the prior's "
+                       f"standard deviation is 1)")
     extra = {}
     if model.config.get("num_classes"):
         if label is None:
@@ -326,7 +349,6 @@ def cmd_traverse(args) -> int:
     elif args.label is not None:
         raise CLIError(f"--label: the model in {args.checkpoint} is not conditional")
     decoded = host(model, model.decode(points, **extra))
-    out = Path(args.out)
     title = (f"traversal of z[{', '.join(map(str, dims[:8]))}{', ...' if len(dims) > 8 else ''}]"
              f", {-args.range:g}..{args.range:g} around {where}")
     if saved.image_shape is not None:
@@ -344,6 +366,8 @@ def cmd_eval(args) -> int:
     from .train.evaluation import log_likelihood_summary  # here: only eval needs the trainer's
 
     saved = load(args)
+    if args.json:  # before the evaluation, not after it
+        output(args, args.json, None, "--json")
     model = saved.model
     x, y, ds = load_examples(args, saved)
     mode = args.binarize
@@ -362,7 +386,14 @@ def cmd_eval(args) -> int:
     for start in range(0, len(x), args.batch_size):
         batch = slice(start, start + args.batch_size)
         extra = class_args(model, None if y is None else y[batch])
-        terms = model.loss(x[batch], rng=rng, **extra)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # checked: FloatingPointError
+                terms = model.loss(x[batch], rng=rng, **extra)
+        except FloatingPointError:  # its message is about training, which this is not
+            raise CLIError(f"dataset: the model's loss on examples {start}.. of "
+                           f"{ds.description} is not finite (NaN or inf): their values (up "
+                           f"to {float(np.max(np.abs(x[batch]))):g} in size) lie far outside "
+                           f"what the model in {saved.path} was trained on") from None
         totals += np.array([float(host(model, t)) for t in (terms.loss, terms.kl, terms.recon)]) \
             * len(x[batch])
         if args.K > 0:
@@ -382,33 +413,14 @@ def cmd_eval(args) -> int:
         say(f"{args.split} ln p(x) = {summary['mean']:.2f}"
             + (f" +- {stderr:.2f}" if stderr is not None else "")
             + f" nats/example (importance sampling, K = {args.K})")
+    say(f"(this command's own draws, --seed {args.seed}: "
+        + (f"a {mode} binarization and " if mode != "none" else "")
+        + "the noise; the training run's last lines used its own, so the numbers differ from "
+          "them by that sampling error)")
     if args.json:
         atomic_write(Path(args.json), lambda fh: fh.write(
             (json.dumps(result, indent=2) + "\n").encode()))
         say(f"wrote {args.json}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    saved = load(args)
-    data = {**saved.data, "image_shape": None if saved.image_shape is None
-            else list(saved.image_shape), "binarize": saved.binarize}
-    paths = export_model(saved.model, args.out, args.format, data=data)
-    say(f"wrote {', '.join(map(str, paths))} ({args.format})")
-    return 0
-
-
-def cmd_import(args) -> int:
-    imported = import_model(args.state_dict, decoder=args.decoder, variance=args.variance,
-                            input_shift=args.input_shift, dtype=args.dtype)
-    model = imported.model
-    out = save_model(model, args.out, image_shape=imported.image_shape,
-                     binarize=imported.data.get("binarize"),
-                     data={k: v for k, v in imported.data.items()
-                           if k not in ("image_shape", "binarize")})
-    say(f"wrote {out}: a {model.config['decoder']} VAE, {model.input_dim}-"
-        f"{'-'.join(map(str, model.hidden))}-{model.latent_dim}, {model.backend.dtype_name}, "
-        f"from a {imported.source} file")
     return 0
 
 
@@ -424,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=LOSS_SCALING)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     subs.required = True
+    parser.subcommand_parsers = subs.choices  # main() asks one which flags were typed
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     train = subs.add_parser("train", help="train a model (the flags of examples/train_mnist.py)",
@@ -435,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--npy or an OUT ending in .npy, the array).")
     add_model_flags(p)
     p.add_argument("--n", type=positive_int, default=64, help="how many samples")
-    p.add_argument("--nrow", type=positive_int, default=8, help="images per row")
+    p.add_argument("--nrow", type=positive_int, default=None,
+                   help="images per row (default 8; a conditional model without --label "
+                        "draws a row per class)")
     p.add_argument("--out", default="samples.png", help="the PNG (or .npy) to write")
     p.add_argument("--npy", action="store_true", help="also write the decoder means, (n, D), "
                                                       "as OUT with the suffix .npy")
@@ -472,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--pairs", type=positive_int, default=8, help="rows: pairs of examples")
-    p.add_argument("--steps", type=positive_int, default=10,
+    p.add_argument("--steps", type=at_least_two, default=10,
                    help="decoded points per path, both ends included")
     p.add_argument("--spherical", action="store_true",
                    help="spherical interpolation (slerp) instead of linear")
@@ -490,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "over the first --batch-size examples, the most used first).")
     add_model_flags(p)
     add_data_flags(p, required=False)
-    p.add_argument("--index", type=nonnegative_int, default=0,
-                   help="with --dataset: the example whose code is the base point")
+    p.add_argument("--index", type=nonnegative_int, default=None,
+                   help="with --dataset: the example whose code is the base point "
+                        "(default 0)")
     p.add_argument("--steps", type=positive_int, default=9, help="images per row")
     p.add_argument("--range", type=positive_float, default=3.0,
                    help="move each coordinate by -RANGE..RANGE (prior standard deviations)")
@@ -521,35 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(run=cmd_eval)
 
-    p = subs.add_parser("export", help="write a model as ONNX, safetensors or a PyTorch "
-                                       "state_dict", formatter_class=fmt,
-                        description="onnx: OUT.encoder.onnx and OUT.decoder.onnx; "
-                                    "safetensors: the parameters and the configuration; "
-                                    "torch: a torch.save state_dict in the starting "
-                                    "example's layout (vae_np.interop documents each).")
-    add_model_flags(p)
-    p.add_argument("--format", choices=FORMATS, required=True, help="the file format")
-    p.add_argument("--out", required=True, help="the file to write (onnx: a prefix)")
-    p.set_defaults(run=cmd_export)
-
-    p = subs.add_parser("import", help="a PyTorch or safetensors model as a vae_np model file",
-                        formatter_class=fmt,
-                        description="Read a torch.save state_dict or a safetensors file in "
-                                    "the starting example's layout (or one vae-np export "
-                                    "wrote) and write a vae_np model file that the other "
-                                    "subcommands use. Sizes come from the tensors' shapes.")
-    p.add_argument("state_dict", help="a .pt state_dict or a .safetensors file")
-    p.add_argument("--out", required=True, help="the vae_np model file (.npz) to write")
-    p.add_argument("--decoder", choices=LIKELIHOOD_NAMES, default=None,
-                   help="the decoder's likelihood (default: gaussian for 2c outputs, else "
-                        "bernoulli)")
-    p.add_argument("--variance", type=positive_float, default=None,
-                   help="gaussian-fixed: its variance (default: the starting example's)")
-    p.add_argument("--input-shift", type=float, default=None,
-                   help="subtracted from x before the encoder (default 0.5: x - 0.5)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="floating type (default: the tensors')")
-    p.set_defaults(run=cmd_import)
+    add_interop_commands(subs, fmt)
     return parser
 
 
@@ -567,8 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{PROG} {args.command}"
+    # the data-source flags typed; load() takes the others from the checkpoint
+    args.data_given = typed_flags(parser.subcommand_parsers[args.command], argv[1:],
+                                  DATA_SOURCE_FLAGS)
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or evaluating: nothing half-written
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, CheckpointError, FileNotFoundError, BackendUnavailableError,
             ImportError, ValueError, TypeError, OSError) as exc:
         # One line, no traceback: a missing or damaged checkpoint, unusable data, no GPU.

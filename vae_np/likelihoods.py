@@ -20,6 +20,7 @@ import math
 from .backend import namespace_of
 from .losses import bernoulli_nll, gaussian_fixed_nll, gaussian_nll
 from .ops import sigmoid
+from .validation import check_number
 
 LIKELIHOOD_NAMES = ("bernoulli", "gaussian", "gaussian-fixed")
 
@@ -76,10 +77,7 @@ class FixedGaussian:
     outputs_per_pixel = 1
 
     def __init__(self, variance: float):
-        if not isinstance(variance, (int, float)) or isinstance(variance, bool) \
-                or not math.isfinite(variance) or variance <= 0:
-            raise ValueError(f"variance: expected a finite number > 0, got {variance!r}")
-        self.variance = float(variance)
+        self.variance = check_number("variance", variance, low=0.0, low_open=True)
 
     def nll(self, x, out, grad_scale=None):
         """(nll (M,), grad_scale * d nll / d out (M, c)); ``grad_scale``: None, a number,

@@ -18,6 +18,7 @@ import math
 
 from .backend import fast_twin, namespace_of
 from .ops import LOG_2PI, sigmoid, softplus
+from .validation import check_number
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -134,9 +135,7 @@ def gaussian_fixed_nll(x, mu, variance: float, reduction: str = "none"):
         (nll, dmu): nll (N,) nats (or reduced); dmu (N, c).
     """
     _check_pair("x", x, "mu", mu)
-    if not isinstance(variance, (int, float)) or isinstance(variance, bool) \
-            or not math.isfinite(variance) or variance <= 0:
-        raise ValueError(f"variance: expected a finite number > 0, got {variance!r}")
+    variance = check_number("variance", variance, low=0.0, low_open=True)
     xp = namespace_of(x, mu)
     c = x.shape[1]
     diff = mu - x

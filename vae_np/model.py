@@ -41,8 +41,8 @@ from .likelihoods import make_likelihood
 from .objectives import (OBJECTIVES, ELBOTerms, iwae_log_weights, make_objective,
                          repeat_over_samples, reparameterize)
 from .parameters import Parameters
-from .validation import check_array, check_int, check_labels, check_number, check_range, \
-    check_rng
+from .validation import check_array, check_int, check_labels, check_layers_fit, check_number, \
+    check_range, check_rng
 
 # ELBOTerms and OBJECTIVES live in objectives.py; named here too for the callers that have
 # always imported them from the model (the trainer, train_cli).
@@ -114,12 +114,21 @@ class VAE:
         self._objective = make_objective(objective, self.likelihood, self.beta)
         self.objective = self._objective.name
         k = self.num_classes or 0                  # one-hot width appended to each input
+        widths = ((self.input_dim + k, *self.hidden, 2 * self.latent_dim),
+                  (self.latent_dim + k, *reversed(self.hidden),
+                   self.input_dim * self.likelihood.outputs_per_pixel))
+        check_layers_fit(f"VAE(input_dim={self.input_dim}, hidden={list(self.hidden)}, "
+                         f"latent_dim={self.latent_dim}, num_classes={self.num_classes})",
+                         widths, self.backend.numpy_dtype.itemsize)
         init_rng = np.random.default_rng(seed)
-        self.encoder = MLP((self.input_dim + k, *self.hidden, 2 * self.latent_dim),
-                           self.backend, init_rng, activation)
-        self.decoder = MLP((self.latent_dim + k, *reversed(self.hidden),
-                            self.input_dim * self.likelihood.outputs_per_pixel),
-                           self.backend, init_rng, activation)
+        self.encoder = MLP(widths[0], self.backend, init_rng, activation)
+        self.decoder = MLP(widths[1], self.backend, init_rng, activation)
+        if decoder == "gaussian":
+            # logvar_x = 0 at the start: random weights there put exp(-logvar_x) anywhere up
+            # to 1e35 on a fresh model (issue 19); they learn from zero like a bias.
+            last = self.decoder.linears[-1].params
+            last["W"][:, self.input_dim:] = 0.0
+            last["b"][self.input_dim:] = 0.0
         self.parameters = Parameters(self.backend, [*self.encoder.named_parameters("encoder."),
                                                     *self.decoder.named_parameters("decoder.")])
         self.config = {

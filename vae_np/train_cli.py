@@ -17,10 +17,13 @@ checkpoints and pictures live in ``vae_np.train`` (see its docstring for what la
 the flags, --out (writable, not used by another run), the run to --resume and the backend.
 Exit status: 0 done, 1 training diverged, the data or the checkpoint could not be read, no
 GPU for --backend cupy, or --out is unusable or in use by another run; 2 a bad flag;
-130 interrupted by Ctrl-C (a checkpoint to --resume from is saved). Under mpiexec every
-rank ends each of those stages together: an error is one line from the rank it happened
-on (``error (rank r of N)``), the other ranks exit 1 without a word; ranks given other
-data or flags stop before training, the line naming the first difference.
+130 interrupted by Ctrl-C or SIGTERM (during training a checkpoint to --resume from is
+saved; while the data load, nothing is kept, not even an --out folder it created). Under
+mpiexec every rank ends each of those stages together: an error is one line from the rank
+it happened on (``error (rank r of N)``), the other ranks exit 1 without a word; ranks
+given other data or flags stop before training, the line naming the first difference.
+With --resume, the data-source flags not typed are taken from the checkpoint's record of
+the run's data.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from typing import Any, Callable, Sequence
 
 from .backend import BackendUnavailableError, get_backend
 from .checkpoint import CheckpointError
-from .cli_args import (LOSS_SCALING, OneLineErrorParser, add_data_source_flags, layer_widths,
-                       nonnegative_float, nonnegative_int, positive_float, positive_int)
+from .cli_args import (DATA_SOURCE_FLAGS, LOSS_SCALING, OneLineErrorParser,
+                       add_data_source_flags, layer_widths, nonnegative_float, nonnegative_int,
+                       positive_float, positive_int, take_recorded_data, typed_flags)
 from .data import load_dataset
 from .distributed import (Communicator, DistributedUnavailable, OtherRankFailed, RanksDiffer,
                           SingleProcess, abort_on_error, all_or_none, one_line, world)
@@ -45,6 +49,7 @@ from .train import (
     check_out_dir, read_run,
 )
 from .train.config import OUTPUT_BIASES, PRESETS, SCHEDULES, preset, stage_epochs
+from .train.guards import sigterm_as_ctrl_c
 
 DEFAULTS = TrainConfig()
 
@@ -174,11 +179,9 @@ def parse_args(parser: argparse.ArgumentParser, argv):
     """The parsed flags, and the names of the TrainConfig fields given on the command
     line (so that --resume takes the others from the checkpoint)."""
     args = parser.parse_args(argv)
-    # argparse fills in a default only where the namespace lacks the attribute, so
-    # parsing into a namespace of markers shows which flags were typed.
-    unset = object()
-    typed = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in CONFIG_FLAGS}))
-    given = {name for name in CONFIG_FLAGS if getattr(typed, name) is not unset}
+    given = typed_flags(parser, argv, CONFIG_FLAGS)
+    # --resume takes the data-source flags not typed from the checkpoint
+    args.data_given = typed_flags(parser, argv, DATA_SOURCE_FLAGS)
     return args, apply_preset(parser, args, given)
 
 
@@ -232,16 +235,22 @@ def main(argv=None, prog: str = "train_mnist.py") -> int:
             parser.exit(1, f"{parser.prog}: error: {one_line(exc)}\n")
         abort_on_error(comm)  # an error no agreement catches, on any rank, ends the job
     config = on_every_rank(comm, parser, lambda: config_before_data(args, given), BEFORE_DATA)
-    with contextlib.ExitStack() as held:
+    try:
+        # SIGTERM as Ctrl-C from here on: loading the data unwinds too (lock released, an
+        # --out folder this run created and left empty removed); training saves its epoch.
+        with sigterm_as_ctrl_c(), contextlib.ExitStack() as held:
 
-        def lock() -> None:
-            # Held from before the data is loaded, so a second run on this --out stops at
-            # once. Distributed: rank 0 alone holds it (and writes --out).
-            if comm.is_root:
-                held.enter_context(OutDirLock(args.out, log=print))
+            def lock() -> None:
+                # Held from before the data is loaded, so a second run on this --out stops
+                # at once. Distributed: rank 0 alone holds it (and writes --out).
+                if comm.is_root:
+                    held.enter_context(OutDirLock(args.out, log=print))
 
-        on_every_rank(comm, parser, lock, LOCK)
-        return train(parser, args, given, config, comm)
+            on_every_rank(comm, parser, lock, LOCK)
+            return train(parser, args, given, config, comm)
+    except KeyboardInterrupt:  # before training started (data loading): nothing to keep
+        print(f"{parser.prog}: interrupted before training started", file=sys.stderr)
+        return 130
 
 
 def on_every_rank(comm: Communicator, parser, step: Callable[[], Any],
@@ -285,8 +294,10 @@ def config_before_data(args, given) -> TrainConfig | None:
         check_out_dir(args.out)
         # The checkpoint's config with the flags given: refused here if they change
         # the run, and it names the backend to check.
-        resumed = read_run(args.out).config.continued(
-            {name: getattr(args, name) for name in given}, args.out)
+        run = read_run(args.out)
+        resumed = run.config.continued({name: getattr(args, name) for name in given}, args.out)
+        take_recorded_data(args, args.data_given, run.data)  # the run's own data set
+        check_out_dir(args.out, inputs=(args.dataset,))
         if args.stages is not None and resumed.schedule != "burda2015":
             raise ValueError(f"--stages counts the stages of the burda2015 schedule; the "
                              f"run in {args.out} has schedule {resumed.schedule!r} (use "
@@ -294,7 +305,7 @@ def config_before_data(args, given) -> TrainConfig | None:
         backend, dtype = resumed.backend, resumed.dtype
     else:
         config = TrainConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS})
-        check_out_dir(args.out, new_run=True, overwrite=args.overwrite)
+        check_out_dir(args.out, new_run=True, overwrite=args.overwrite, inputs=(args.dataset,))
         backend, dtype = config.backend, config.dtype
     get_backend(backend, dtype)  # a missing GPU fails before the data is loaded
     return config
@@ -327,6 +338,12 @@ def train(parser, args, given, config: TrainConfig | None, comm: Communicator) -
         trainer.fit()
     except TrainingInterrupted:
         return 130  # the trainer has said where the checkpoint is
+    except OSError as exc:  # disk full, ... while writing a checkpoint, metrics or a picture
+        kept = trainer.checkpoint_path
+        where = f" (rank {comm.rank} of {comm.size})" if comm.size > 1 else ""
+        comm.abort(f"{parser.prog}: error{where}: {one_line(exc)}; " + (
+            f"the last checkpoint, {kept}, is intact: make room and continue with --resume"
+            if kept.exists() else "no checkpoint was written"), 1)
     except TrainingDiverged as exc:  # the same on every rank (the losses are summed)
         if comm.is_root:
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)

@@ -7,6 +7,9 @@ them as the Python value to store, so a config or a model never holds a NumPy sc
 bool is not an integer here, and NaN and inf are not numbers: each would otherwise pass
 a range check and fail later, far from the argument that caused it.
 
+Sizes (``check_fits_in_memory``) are checked before allocating, so a width of 1e9 is one
+line naming what was too large instead of a MemoryError traceback.
+
 Arrays (``check_array``, ``check_labels``, ``check_range``, ``check_rng``) take the
 ``vae_np.backend.Backend`` the data must live on. Shapes and dtypes cost nothing to check;
 finiteness and ranges read numbers back from the device, so callers in a hot loop may
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Sequence
 
 import numpy as np
@@ -71,6 +75,32 @@ def check_bool(name: str, value) -> bool:
     if not _is_bool(value):
         raise ValueError(f"{name}: expected True or False, got {value!r}")
     return bool(value)
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(what: str, values: int, itemsize: int) -> None:
+    """ValueError naming ``what`` when ``values`` numbers of ``itemsize`` bytes exceed this
+    machine's memory: a size that cannot be allocated is said as such, before trying."""
+    total = physical_memory()
+    if total is not None and values * itemsize > total:
+        raise ValueError(f"{what}: {values:,} numbers ({values * itemsize / 2 ** 30:,.3g} GiB) "
+                         f"do not fit in this machine's {total / 2 ** 30:,.3g} GiB of memory")
+
+
+def check_layers_fit(what: str, networks: Sequence[Sequence[int]], itemsize: int,
+                     copies: int = 4) -> None:
+    """:func:`check_fits_in_memory` for fully connected networks of the layer ``widths``
+    (one sequence per network, input first): each Linear a -> b holds (a + 1) b numbers,
+    ``copies`` times (weights, gradients and an optimizer's two moments)."""
+    values = sum((a + 1) * b for widths in networks for a, b in zip(widths, widths[1:]))
+    check_fits_in_memory(what, copies * values, itemsize)
 
 
 # ------------------------------------------------------------------------------------------

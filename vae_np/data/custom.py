@@ -58,16 +58,26 @@ def load_dataset(spec: str | os.PathLike, *, decoder: str = "bernoulli",
     ``seed`` to :func:`load_image_folder`.
     """
     text = os.fspath(spec)
-    if text == "mnist":
-        return load_mnist(data_dir, download=download, log=log)
     path = Path(text).expanduser()
-    if path.is_dir():
-        return load_image_folder(path, decoder=decoder, color=color, image_size=image_size,
-                                 test_fraction=test_fraction, seed=seed)
-    if path.suffix.lower() == ".npz" or path.is_file():
-        return load_npz_dataset(path, decoder=decoder)
-    raise FileNotFoundError(f"dataset: expected 'mnist', an .npz file or a folder of images, "
-                            f"got {text!r}, which does not exist")
+    if text == "mnist":
+        dataset = load_mnist(data_dir, download=download, log=log)
+        # Dataset.origin: what reads it again (a resume, vae-np eval of the run).
+        origin = {"spec": "mnist", "data_dir": None if data_dir is None
+                  else os.path.abspath(Path(data_dir).expanduser())}
+    elif path.is_dir():
+        dataset = load_image_folder(path, decoder=decoder, color=color, image_size=image_size,
+                                    test_fraction=test_fraction, seed=seed)
+        origin = {"spec": os.path.abspath(path), "color": color,
+                  "image_size": None if image_size is None else [int(s) for s in image_size],
+                  "test_fraction": float(test_fraction), "seed": int(seed)}
+    elif path.suffix.lower() == ".npz" or path.is_file():
+        dataset = load_npz_dataset(path, decoder=decoder)
+        origin = {"spec": os.path.abspath(path)}
+    else:
+        raise FileNotFoundError(f"dataset: expected 'mnist', an .npz file or a folder of "
+                                f"images, got {text!r}, which does not exist")
+    dataset.origin = origin
+    return dataset
 
 
 # --------------------------------------------------------------------------------------
@@ -121,9 +131,10 @@ def load_npz_dataset(path: str | os.PathLike, decoder: str = "bernoulli") -> Dat
         if name not in arrays:
             raise ValueError(f"{path}: no array {name!r} (it holds {sorted(arrays)}); expected "
                              f"x_train and x_test, optionally y_train, y_test and shape")
-    image_shape = None
+    image_shape, shape_from = None, None
     if "shape" in arrays:
         image_shape = _image_shape_entry(arrays["shape"], f"{path}: array 'shape'")
+        shape_from = "array 'shape' says"
     xs = {}
     for name in ("x_train", "x_test"):
         x = arrays[name]
@@ -133,14 +144,17 @@ def load_npz_dataset(path: str | os.PathLike, decoder: str = "bernoulli") -> Dat
                              f"got shape {x.shape}")
         if x.shape[0] < 1:
             raise ValueError(f"{where}: is empty; each split needs at least one example")
+        if math.prod(x.shape[1:]) < 1:
+            raise ValueError(f"{where}: has shape {x.shape}: no features per example")
         if x.ndim > 2:
             found = tuple(int(s) for s in x.shape[1:])
             if image_shape is not None and found != image_shape and \
                     found != image_shape[:2] + (1,) * (len(found) == 3):
-                raise ValueError(f"{where}: images of shape {found}, but array 'shape' says "
+                raise ValueError(f"{where}: images of shape {found}, but {shape_from} "
                                  f"{list(image_shape)}")
             if image_shape is None:
                 image_shape = found[:2] if found[2:] == (1,) else found
+                shape_from = f"array {name!r} has images of shape"
         x = _unit_float(x, where).reshape(len(x), -1)
         if not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x))[0][0])
@@ -258,16 +272,27 @@ def load_image_folder(directory: str | os.PathLike, decoder: str = "bernoulli",
     for file in files:
         try:
             with Image.open(file) as image:
-                image = image.convert("L" if color == "gray" else "RGB")
+                # 16-bit greyscale: Pillow's I;16 -> L conversion saturates (all white),
+                # so read it as floats and scale by its own range, 0..65535.
+                mode = image.mode
+                deep = mode.startswith("I")
+                full = 65535.0 if deep else 255.0
+                image = image.convert("F" if deep else "L" if color == "gray" else "RGB")
                 if size is None:
                     size = image.size
                 if image.size != size:
                     image = image.resize(size, Image.Resampling.BILINEAR)
-                pixels.append(np.asarray(image, dtype=np.uint8))
+                values = np.asarray(image, dtype=np.float32)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ValueError(f"{file}: not a readable image ({' '.join(str(exc).split())})") \
                 from None
-    x = np.stack(pixels).reshape(len(pixels), -1).astype(np.float32) / np.float32(255.0)
+        if deep and (values.min() < 0 or values.max() > full):
+            raise ValueError(f"{file}: {mode} pixels in [{values.min():g}, "
+                             f"{values.max():g}], outside the 16-bit range 0..65535")
+        if deep and color == "rgb":
+            values = np.repeat(values[..., None], 3, axis=-1)
+        pixels.append(values / np.float32(full))
+    x = np.stack(pixels).reshape(len(pixels), -1)
     image_shape = (size[1], size[0]) if color == "gray" else (size[1], size[0], 3)
     n_test = min(max(1, round(len(files) * test_fraction)), len(files) - 1)
     order = np.random.default_rng(seed).permutation(len(files))

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from ..checkpoint import arrays_digest
 
 __all__ = ["IMAGE_SHAPE", "N_PIXELS", "N_CLASSES", "Dataset"]
 
@@ -30,6 +33,9 @@ class Dataset:
     num_classes: labels lie in 0..num_classes-1 (default 10, MNIST's); None without labels.
     unit_range: the features must lie in [0, 1] (pixel intensities; the Bernoulli
         decoder's targets). False for real-valued data, which only must be finite.
+    origin: how :func:`vae_np.data.load_dataset` read it, as the keyword arguments that
+        read it again (``load_dataset(**origin)``: ``spec`` an absolute path or
+        ``"mnist"``, and the split of an image folder); None when built by hand.
 
     Arrays are converted to float32 / int64 if needed, then validated; every failure is a
     ValueError naming the array.
@@ -44,6 +50,8 @@ class Dataset:
     image_shape: tuple[int, ...] | None = IMAGE_SHAPE
     num_classes: int | None = N_CLASSES
     unit_range: bool = True
+    origin: dict[str, Any] | None = None
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.image_shape is not None:
@@ -107,3 +115,31 @@ class Dataset:
     @property
     def has_labels(self) -> bool:
         return self.y_train is not None
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the examples and labels of both splits, as loaded (float32
+        features, int64 labels): equal exactly when the data and the split are the same.
+        A run records it, so that a resume or an evaluation on other data says so."""
+        if self._fingerprint is None:
+            arrays = {"x_train": self.x_train, "x_test": self.x_test}
+            if self.y_train is not None:
+                arrays.update(y_train=self.y_train, y_test=self.y_test)
+            self._fingerprint = arrays_digest(arrays)
+        return self._fingerprint
+
+    def differs_from(self, recorded: dict, split: str = "test") -> str | None:
+        """How these data differ from a run's record of its own (``recorded``: a
+        checkpoint's data summary with ``fingerprint`` and ``origin``), in words; None
+        when they are the same or nothing was recorded. ``split``: the one being used."""
+        fingerprint = recorded.get("fingerprint")
+        if fingerprint is None or fingerprint == self.fingerprint():
+            return None
+        origin = recorded.get("origin") or {}
+        if self.origin is not None and origin.get("spec") == self.origin.get("spec") \
+                and "test_fraction" in origin:
+            other = "training" if split == "test" else "test"
+            return (f"the run split {origin['spec']} with test_fraction "
+                    f"{origin['test_fraction']} and split seed {origin.get('seed')}, so "
+                    f"this {split} split may hold the run's {other} examples")
+        return (f"the run's were {recorded.get('description')}; the contents differ (data "
+                f"fingerprint)")

@@ -34,7 +34,8 @@ current epoch) plus the state of the one stream that is consumed batch by batch,
 training noise. Resuming reproduces the uninterrupted run bit for bit, whether it
 stopped at the end of an epoch or in the middle of one.
 
-Interrupts. The first Ctrl-C asks the loop to stop at the next batch boundary; the
+Interrupts. The first Ctrl-C (or SIGTERM, which ``kill`` and batch schedulers send) asks
+the loop to stop at the next batch boundary; the
 trainer then saves a checkpoint at exactly that batch and raises
 :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). A second Ctrl-C, or a
 ``KeyboardInterrupt`` raised by other code, stops at once; if it lands inside an
@@ -58,7 +59,8 @@ One concern per module:
     trainer     Trainer: the parts put together, and the loop (fit, one epoch); one
                 process is a communicator of one rank (vae_np.distributed.SingleProcess)
     step        one batch's loss and gradient, sharded over the communicator's ranks
-    guards      Ctrl-C at a batch boundary; non-finite losses and parameters
+    guards      Ctrl-C (and SIGTERM) at a batch boundary; non-finite losses and parameters
+    initialise  a Gaussian-decoder model started at its data's scale
     state       what a checkpoint holds; writing it, and checking every field on resume
     outdir      the output directory checked before any work, and its lock
     metrics     per-batch terms, metrics.jsonl, results.json

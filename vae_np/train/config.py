@@ -166,15 +166,23 @@ class TrainConfig:
         if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
             raise TypeError(f"hidden: expected a sequence of layer widths, got {self.hidden!r}")
         self.hidden = tuple(self.hidden)
+        # Stored as Python int / float (NumPy scalars accepted), so to_dict is JSON-able;
+        # a checkpoint's values pass here too, so a tampered one names the file.
         for name in ("latent_dim", "samples", "batch_size", "epochs", "eval_batch_size",
                      "log_every"):
-            check_int(name, getattr(self, name), 1)
-        check_int("seed", self.seed, 0)
-        check_int("eval_samples", self.eval_samples, 0)
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        self.seed = check_int("seed", self.seed, 0)
+        self.eval_samples = check_int("eval_samples", self.eval_samples, 0)
+        self.hidden = tuple(check_int("hidden", width, 1) for width in self.hidden)
+        self.lr = check_number("lr", self.lr, low=0.0, low_open=True)
+        self.beta = check_number("beta", self.beta, low=0.0)
+        self.input_shift = check_number("input_shift", self.input_shift)
+        if self.clip_norm is not None:
+            self.clip_norm = check_number("clip_norm", self.clip_norm, low=0.0, low_open=True)
         for name in ("distributed", "conditional"):
             setattr(self, name, check_bool(name, getattr(self, name)))
-        check_int("limit_train", self.limit_train, 1, allow_none=True)
-        check_int("limit_test", self.limit_test, 1, allow_none=True)
+        self.limit_train = check_int("limit_train", self.limit_train, 1, allow_none=True)
+        self.limit_test = check_int("limit_test", self.limit_test, 1, allow_none=True)
         check_choice("binarize", self.binarize, ("auto", *BINARIZE_MODES))
         check_choice("backend", self.backend, BACKEND_NAMES + ("array_api_strict",))
         check_choice("dtype", self.dtype, DTYPE_NAMES)

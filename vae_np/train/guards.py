@@ -8,6 +8,7 @@ disk; a NaN or infinite loss stops with :class:`TrainingDiverged` and saves noth
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["StopOnCtrlC", "TrainingDiverged", "TrainingInterrupted", "diverged",
-           "first_non_finite_row", "interrupted"]
+           "first_non_finite_row", "interrupted", "sigterm_as_ctrl_c"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -43,15 +44,23 @@ class TrainingInterrupted(KeyboardInterrupt):
         return self.args[0]
 
 
+#: The signals a run stops on as on Ctrl-C: SIGTERM too (what kill, systemd and batch
+#: schedulers send), so a terminated run keeps its partial epoch and releases its lock.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM")
+                     if hasattr(signal, name))
+
+
 class StopOnCtrlC:
-    """``with stop:`` turns the first SIGINT into a request the loop polls with
-    ``stop.check()`` at batch boundaries; a second SIGINT gets the previous handler back
-    (normally: KeyboardInterrupt at once). Outside the main thread, or where SIGINT is
-    ignored, nothing is installed and Ctrl-C keeps its usual meaning."""
+    """``with stop:`` turns the first SIGINT or SIGTERM into a request the loop polls with
+    ``stop.check()`` at batch boundaries; a second one gets the handler found back
+    (normally: KeyboardInterrupt at once; SIGTERM's default, which would end the process
+    without unwinding, becomes KeyboardInterrupt too). Outside the main thread, or where
+    SIGINT is ignored, nothing is installed and Ctrl-C keeps its usual meaning; an ignored
+    SIGTERM stays ignored."""
 
     def __init__(self):
         self.requested = False
-        self._restore = None  # the handler to put back on exit; None: nothing installed
+        self._restore = None  # {signal: handler} to put back on exit; None: nothing installed
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if a stop was requested."""
@@ -64,20 +73,50 @@ class StopOnCtrlC:
         if (threading.current_thread() is not threading.main_thread()
                 or previous is signal.SIG_IGN):  # signals go to the main thread only
             return self
-        restore = previous if previous is not None else signal.default_int_handler
+        found = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        self._restore = {sig: h for sig, h in found.items() if h is not signal.SIG_IGN}
+        second = {sig: _second_signal_handler(sig, h) for sig, h in self._restore.items()}
 
         def request_stop(signum, frame):
             # Only set flags here: printing from a signal handler can re-enter I/O.
             self.requested = True
-            signal.signal(signal.SIGINT, restore)
+            for sig, handler in second.items():
+                signal.signal(sig, handler)
 
-        self._restore = restore
-        signal.signal(signal.SIGINT, request_stop)
+        for sig in self._restore:
+            signal.signal(sig, request_stop)
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._restore is not None:
-            signal.signal(signal.SIGINT, self._restore)
+            for sig, handler in self._restore.items():
+                signal.signal(sig, handler if handler is not None
+                              else _second_signal_handler(sig, handler))
+            self._restore = None
+
+
+def _second_signal_handler(sig, found):
+    """What a second stop signal meets: the handler ``found``; KeyboardInterrupt where none
+    was set from Python (None) or where SIGTERM had its default (killed, not unwound)."""
+    if found is None or (sig != signal.SIGINT and found == signal.SIG_DFL):
+        return signal.default_int_handler
+    return found
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does (main thread only;
+    elsewhere nothing changes), so that what runs before training (loading the data)
+    unwinds too: the lock is released, an empty --out removed."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def first_non_finite_row(terms: np.ndarray) -> int | None:

@@ -16,6 +16,7 @@ says which file to delete if that run is known to be gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,8 +24,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from ..outputs import same_or_inside
 from .metrics import METRICS_FILE, RESULTS_FILE
 from .pictures import PICTURE_FILES
 from .state import CHECKPOINT_FILE
@@ -39,21 +41,38 @@ _RUN_FILES = {CHECKPOINT_FILE: "checkpoint", METRICS_FILE: "metrics", RESULTS_FI
 
 
 def check_out_dir(out_dir: str | os.PathLike, *, new_run: bool = False,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False,
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """``out_dir`` as a Path, after checking that a run can write its files there.
 
     It need not exist yet; the nearest existing ancestor must then be a writable
     directory. With ``new_run`` and not ``overwrite``, an existing checkpoint (a run to
-    resume, not to clobber) is refused too. Nothing is created.
+    resume, not to clobber) is refused too. ``inputs`` are the data set's file or
+    folder (None and ``mnist`` are skipped): out_dir must not be, or lie inside, an input
+    folder (the run's pictures would join the images), nor may a run file be an input.
+    Nothing is created.
 
     Raises (each naming ``out_dir`` and the path at fault): NotADirectoryError (out_dir,
     or a directory above it, is a file), IsADirectoryError (a run file's name is taken by
     a directory or other non-file), PermissionError (not writable), FileExistsError (a
-    checkpoint is there and a new run would replace it).
+    checkpoint is there and a new run would replace it), FileNotFoundError (out_dir or
+    a folder above it is a symbolic link that loops or dangles), ValueError (an input).
     """
     path = Path(out_dir)
+    for source in inputs:
+        if source is None or os.fspath(source) == "mnist":
+            continue
+        if same_or_inside(path, source) or any(same_or_inside(path / name, source)
+                                               for name in _RUN_FILES):
+            raise ValueError(f"out_dir: {path} would write the run's files over or into the "
+                             f"data set {source} (--dataset); choose another out_dir (--out)")
     probe = path
     while not probe.exists() and probe != probe.parent:  # exists() is False under a file
+        if probe.is_symlink():  # mkdir would fail on it with a bare "File exists"
+            raise FileNotFoundError(f"out_dir: {probe} is a symbolic link to "
+                                    f"{os.readlink(probe)!r}, which loops or does not exist"
+                                    f"{'' if probe == path else f' (above {path})'}; remove "
+                                    f"it or choose another out_dir (--out)")
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == path else f"lies under {probe}, which is a file"
@@ -110,9 +129,15 @@ class OutDirLock:
             if _held.get(self._key):
                 _held[self._key] += 1
                 return self
+            self._created = not self.out_dir.exists()  # removed again if left empty
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._acquire()
+            try:
+                self._acquire()
+            except BaseException:
+                self._remove_if_empty()
+                raise
             _held[self._key] = 1
+            self._remove_stale_temporaries()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -124,6 +149,21 @@ class OutDirLock:
             # Remove only our own lock: after a takeover race it may be another's.
             if _read_owner(self.path) == _me():
                 self.path.unlink(missing_ok=True)
+            self._remove_if_empty()  # a run that failed before writing anything
+
+    def _remove_if_empty(self) -> None:
+        if self._created:
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                self.out_dir.rmdir()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporary files (``.NAME.*.tmp``, vae_np.checkpoint.atomic_write) of
+        this directory's run files: holding the lock, no other run writes them, so they
+        are what a killed run (SIGKILL, power loss) left behind."""
+        for name in _RUN_FILES:
+            for leftover in self.out_dir.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     def _acquire(self) -> None:
         for _ in range(3):  # a stale lock removed, then one retry; a third try for races
@@ -157,10 +197,28 @@ class OutDirLock:
     def _in_use(self, owner: tuple[int, str] | None) -> OutDirInUse:
         who = (f"process {owner[0]} on {owner[1]}" if owner is not None
                else "another run (its lock file is empty or unreadable: being written?)")
+        ranks = _mpiexec_ranks()
+        if ranks > 1:  # N copies of one plain run racing for the same --out
+            return OutDirInUse(
+                f"out_dir: {self.out_dir} is taken by another of the {ranks} processes "
+                f"mpiexec started ({who}): each is a separate run; add --distributed for one "
+                f"data-parallel run over them", self.path,
+                *(owner if owner is not None else (None, None)))
         return OutDirInUse(
             f"out_dir: {self.out_dir} is in use by {who}; wait for that run or choose another "
             f"out_dir (--out). If no run is using it, delete {self.path}", self.path,
             *(owner if owner is not None else (None, None)))
+
+
+def _mpiexec_ranks() -> int:
+    """How many processes mpiexec started alongside this one (MPICH / Open MPI set these
+    variables in each), 1 when not under mpiexec."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 def _me() -> tuple[int, str]:

@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..checkpoint import arrays_digest
 from ..data import Dataset, binarize, iterate_minibatches
 from .config import TrainConfig
 from .streams import Stream, stream_key
@@ -22,16 +21,14 @@ __all__ = ["RunData", "dataset_identity"]
 
 def dataset_identity(dataset: Dataset) -> dict[str, Any]:
     """What a run iterates, given its config: the split sizes, the features per image and
-    their shape, and a SHA-256 of the arrays (``vae_np.checkpoint.arrays_digest`` of
-    x_train, x_test and the labels, if any). Ranks of a distributed run compare it before
-    their first collective: a rank with other data would take other batches and wait in
-    an allreduce the others never reach."""
-    arrays = {name: getattr(dataset, name) for name in ("x_train", "x_test", "y_train", "y_test")
-              if getattr(dataset, name) is not None}
+    their shape, and the data's fingerprint (``Dataset.fingerprint``, the one a checkpoint
+    records). Ranks of a distributed run compare it before their first collective: a rank
+    with other data would take other batches and wait in an allreduce the others never
+    reach."""
     return {"n_train": dataset.n_train, "n_test": dataset.n_test,
             "n_features": dataset.n_features, "num_classes": dataset.num_classes,
             "image_shape": None if dataset.image_shape is None else list(dataset.image_shape),
-            "sha256": arrays_digest(arrays)}
+            "fingerprint": dataset.fingerprint()}
 
 
 class RunData:
@@ -88,7 +85,9 @@ class RunData:
                 "binarize": self.config.binarize_mode,
                 # what vae_np.saving needs to draw the model's outputs as the data
                 "image_shape": None if self.dataset.image_shape is None
-                else list(self.dataset.image_shape)}
+                else list(self.dataset.image_shape),
+                # what reads the data again (load_dataset(**origin)), and what they were
+                "origin": self.dataset.origin, "fingerprint": self.dataset.fingerprint()}
 
     def epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order (n_train,), bounds (B + 1,)): epoch ``epoch``'s shuffled image order and
@@ -111,6 +110,10 @@ class RunData:
         any binarization: the probability of a 1 under dynamic binarization), float64
         (D,) on the host."""
         return np.mean(self._host_x_train, axis=0, dtype=np.float64)
+
+    def train_feature_variances(self) -> np.ndarray:
+        """The variance of each feature over the run's training images, float64 (D,) host."""
+        return np.var(self._host_x_train, axis=0, dtype=np.float64)
 
     def epoch_train_labels(self, order: np.ndarray) -> np.ndarray | None:
         """The training labels in the epoch's ``order`` (host int64, (n_train,); batch b

@@ -17,7 +17,10 @@ On disk (``out_dir/checkpoint.npz``, pickle-free and written atomically by
               position {epochs_done, batches_done},
               partial_epoch {noise_state, seconds, images},
               history (one dict per finished epoch, keys ``EPOCH_METRICS``),
-              data {source, description, n_train, n_test, binarize}
+              data {source, description, n_train, n_test, binarize, image_shape,
+                    origin (load_dataset's arguments that read the data again),
+                    fingerprint (Dataset.fingerprint())}; the last three are absent
+                    from checkpoints written before them
               ranks (the number of MPI ranks that trained it; 1 when absent)
 
 :func:`read_run` checks every field against the others before anything is restored, so
@@ -146,6 +149,11 @@ def read_run(out_dir: str | Path) -> SavedRun:
         check.get(data, key, kind, where="data")
     for key in ("n_train", "n_test"):
         check.integer(data[key], f"data.{key}", 1)
+    for key, kind in (("origin", (dict, type(None))), ("fingerprint", str)):
+        if key in data:
+            check.get(data, key, kind, where="data")
+    if isinstance(data.get("origin"), dict):
+        check.get(data["origin"], "spec", str, where="data.origin")
     if data["binarize"] != config.binarize_mode:
         raise check.error("data.binarize", f"{config.binarize_mode!r} (config.binarize with "
                           f"config.decoder)", data["binarize"])
@@ -221,26 +229,43 @@ def resumable_run(out_dir: str | Path, overrides: Mapping[str, Any]) -> tuple[Sa
 
 
 def check_resumable(saved: SavedRun, out_dir: Path, ranks: int, data: dict[str, Any],
-                    num_classes: int | None) -> None:
-    """ValueError unless the run ``saved`` (checkpointed in ``out_dir``) continues in a
-    job of ``ranks`` MPI ranks, on the data ``data`` (``RunData.summary()``), with a model
-    of ``num_classes`` classes (None: unconditional)."""
+                    model_config: dict[str, Any]) -> None:
+    """Refuse to continue the run ``saved`` (checkpointed in ``out_dir``) unless it
+    continues in a job of ``ranks`` MPI ranks, on the data ``data``
+    (``RunData.summary()``), with the model of ``model_config`` (``VAE.config`` of the
+    model the run's config builds on these data).
+
+    Raises CheckpointError when the file's model_config disagrees with what its config
+    builds (an edit of either would resume one model while ``vae-np eval`` scores
+    another); ValueError when the ranks, the classes or the data differ (the data
+    fingerprint when recorded, so a moved file is the same data; else source and sizes).
+    """
     if saved.ranks != ranks:
         raise ValueError(f"the run in {out_dir} was trained on {saved.ranks} MPI "
                          f"rank(s) and resumes only on as many (mpiexec -n {saved.ranks}"
                          f"{' ... --distributed' if saved.ranks > 1 else ''}); "
                          f"this job has {ranks}")
-    classes = saved.model_config.get("num_classes")
+    differ = sorted(k for k, v in saved.model_config.items()
+                    if k not in ("num_classes", "input_dim") and model_config.get(k) != v)
+    if differ:
+        raise CheckpointError(f"{saved.path}: metadata model_config and config disagree "
+                              f"on {', '.join(differ)} (model_config "
+                              f"{ {k: saved.model_config[k] for k in differ} }, the config "
+                              f"builds { {k: model_config.get(k) for k in differ} })")
+    classes, num_classes = saved.model_config.get("num_classes"), model_config["num_classes"]
     if classes != num_classes:
         raise ValueError(f"dataset: the run's conditional model has "
                          f"{classes} classes, the data set {num_classes}")
     was = saved.data
-    for key in ("source", "n_train", "n_test"):
+    keys = ("fingerprint",) if "fingerprint" in was else ("source", "n_train", "n_test")
+    for key in keys:
         if data[key] != was[key]:
             raise ValueError(f"dataset: the run was trained on {was['description']} "
-                             f"({was['n_train']} train / {was['n_test']} test images), "
-                             f"got {data['description']} ({data['n_train']} / "
-                             f"{data['n_test']})")
+                             f"({was['n_train']} train / {was['n_test']} test images, from "
+                             f"{was['source']}), got {data['description']} ({data['n_train']}"
+                             f" / {data['n_test']}, from {data['source']})"
+                             + ("; their contents or split differ (data.fingerprint)"
+                                if key == "fingerprint" else ""))
 
 
 def load_states(saved: SavedRun, model, optimizer, backend) -> None:

@@ -26,6 +26,7 @@ from ..plotting import require_matplotlib
 from .config import TrainConfig, check_int
 from .evaluation import run_log_likelihood, run_test_elbo
 from .guards import StopOnCtrlC, diverged, first_non_finite_row, interrupted
+from .initialise import init_gaussian_from_data
 from .metrics import (RESULTS_FILE, BatchTerms, epoch_entry, prepare_files, run_results,
                       weighted_mean, write_metrics, write_results)
 from .outdir import OutDirLock, check_out_dir
@@ -102,6 +103,9 @@ class Trainer:
                          num_classes=self.data.num_classes, **config.model_kwargs())
         if config.output_bias == "data-logit":  # as Burda et al.'s code: see RunData
             self.model.decoder.linears[-1].params["b"][...] = self.data.mean_pixel_logits()
+        if config.decoder == "gaussian":  # start at the data's scale (train.initialise)
+            init_gaussian_from_data(self.model, self.data.train_pixel_means(),
+                                    self.data.train_feature_variances())
         self.optimizer = Adam(self.model.parameters, lr=config.lr, eps=config.adam_eps,
                               clip_norm=config.clip_norm)
         self.n_train, self.n_test = self.data.n_train, self.data.n_test
@@ -321,7 +325,7 @@ class Trainer:
         when the model, optimizer or noise state does not fit this trainer.
         """
         check_resumable(saved, self.out_dir, self.comm.size, self.data.summary(),
-                        self.model.num_classes)
+                        self.model.config)
         load_states(saved, self.model, self.optimizer, self.backend)
         self.epochs_done, self.batches_done = saved.epochs_done, saved.batches_done
         self.history, self._partial = list(saved.history), saved.partial
