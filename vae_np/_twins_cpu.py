@@ -430,12 +430,24 @@ def _first_max(x, n, c, p, q, k):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _maxpool_forward(x, out, k):  # pragma: no cover - compiled
+def _maxpool_forward(x, out, first, k):  # pragma: no cover - compiled
+    """out = each window's maximum, first = its offset i k + j. Window row i of a whole
+    row of windows at a time (the inner loops read x along its rows), each window's
+    entries still met in row-major order, so the first maximum wins as in _first_max."""
     for n in range(out.shape[0]):
         for c in range(out.shape[1]):
             for p in range(out.shape[2]):
                 for q in range(out.shape[3]):
-                    out[n, c, p, q] = _first_max(x, n, c, p, q, k)[0]
+                    out[n, c, p, q] = x[n, c, k * p, k * q]
+                    first[n, c, p, q] = 0
+                for i in range(k):
+                    for q in range(out.shape[3]):
+                        best, at = out[n, c, p, q], first[n, c, p, q]
+                        for j in range(k):
+                            v = x[n, c, k * p + i, k * q + j]
+                            if (v > best or (v != v and best == best)):
+                                best, at = v, i * k + j
+                        out[n, c, p, q], first[n, c, p, q] = best, at
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -449,20 +461,47 @@ def _maxpool_backward(dout, x, dx, k):  # pragma: no cover - compiled
                     dx[n, c, k * p + i, k * q + j] = dout[n, c, p, q]
 
 
-def maxpool2d_forward(x, kernel):
-    if not _conv_serves(x):
-        return NotImplemented
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _maxpool_route(dout, first, dx, k):  # pragma: no cover - compiled
+    """Every entry of dx written once, along its rows: dout at the window's offset
+    ``first``, 0 elsewhere (the reference's where())."""
+    zero = dx.dtype.type(0)
+    for n in range(dout.shape[0]):
+        for c in range(dout.shape[1]):
+            for p in range(dout.shape[2]):
+                for i in range(k):
+                    for q in range(dout.shape[3]):
+                        at, d = first[n, c, p, q], dout[n, c, p, q]
+                        for j in range(k):
+                            dx[n, c, k * p + i, k * q + j] = d if at == i * k + j else zero
+
+
+def _pooled_shape(x, kernel):
     n, c, h, w = x.shape
-    out = np.empty((n, c, h // kernel, w // kernel), dtype=x.dtype)
-    _maxpool_forward(x, out, kernel)
-    return out
+    return (n, c, h // kernel, w // kernel)
 
 
-def maxpool2d_backward(dout, x, kernel):
-    if not _conv_serves(dout, x):
+def maxpool2d_forward(x, kernel, with_index=False):
+    if not (_conv_serves(x) and x.ndim == 4 and x.shape[2] % kernel == 0
+            and x.shape[3] % kernel == 0):
         return NotImplemented
-    dx = np.zeros(x.shape, dtype=x.dtype)
-    _maxpool_backward(dout, x, dx, kernel)
+    out = np.empty(_pooled_shape(x, kernel), dtype=x.dtype)
+    first = np.empty(out.shape, dtype=np.intp)                  # argmax's dtype
+    _maxpool_forward(x, out, first, kernel)
+    return (out, first) if with_index else out
+
+
+def maxpool2d_backward(dout, x, kernel, first=None):
+    if not (_conv_serves(dout, x) and x.ndim == 4 and dout.shape == _pooled_shape(x, kernel)):
+        return NotImplemented
+    if first is None:
+        dx = np.zeros(x.shape, dtype=x.dtype)
+        _maxpool_backward(dout, x, dx, kernel)
+        return dx
+    if not (type(first) is np.ndarray and first.dtype == np.intp and first.shape == dout.shape):
+        return NotImplemented
+    dx = np.empty(x.shape, dtype=x.dtype)
+    _maxpool_route(dout, first, dx, kernel)
     return dx
 
 
