@@ -309,10 +309,19 @@ def test_conv_twin_in_chunks_of_one_image(monkeypatch):
 def test_maxpool_twin_is_bit_identical(dtype):
     x = np.round(np.random.default_rng(11).standard_normal((3, 2, 6, 8)), 1).astype(dtype)
     dout = np.random.default_rng(12).standard_normal((3, 2, 3, 4)).astype(dtype)
+    x[0, 0, 0, 1] = np.nan                                   # NaN wins where it stands
     y, dx = conv.maxpool2d_forward(x, 2), conv.maxpool2d_backward(dout, x, 2)
+    y1, first = conv.maxpool2d_forward(x, 2, with_index=True)
+    dx1 = conv.maxpool2d_backward(dout, x, 2, first)
     with use_fast_paths(False):
+        y0, first0 = conv.maxpool2d_forward(x, 2, with_index=True)
         np.testing.assert_array_equal(y, conv.maxpool2d_forward(x, 2))
-        np.testing.assert_array_equal(dx, conv.maxpool2d_backward(dout, x, 2))
+        dx0 = conv.maxpool2d_backward(dout, x, 2)
+        np.testing.assert_array_equal(dx, dx0)
+        np.testing.assert_array_equal(dx0, conv.maxpool2d_backward(dout, x, 2, first0))
+    assert first.dtype == first0.dtype and np.array_equal(first, first0)
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(dx1, dx0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -139,3 +139,9 @@ def test_cuda_maxpool_twin_on_the_cpu_is_the_reference(cuda_twins_on_numpy, dtyp
         y0, dx0 = conv.maxpool2d_forward(x, 3), conv.maxpool2d_backward(dout, x, 3)
     np.testing.assert_array_equal(cuda_twins_on_numpy.maxpool2d_forward(x, 3), y0)
     np.testing.assert_array_equal(cuda_twins_on_numpy.maxpool2d_backward(dout, x, 3), dx0)
+    y, first = cuda_twins_on_numpy.maxpool2d_forward(x, 3, with_index=True)
+    with use_fast_paths(False):
+        first0 = conv.maxpool2d_forward(x, 3, with_index=True)[1]
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(first, first0)
+    np.testing.assert_array_equal(cuda_twins_on_numpy.maxpool2d_backward(dout, x, 3, first), dx0)

@@ -268,7 +268,10 @@ def _case_linear_relu_forward(dtype, rng):
 
 
 def _case_relu_backward(dtype, rng):
-    return (_specials(dtype, (6, 9), rng), _specials(dtype, (6, 9), rng)[::-1].copy()), {}
+    """Images (N, C, H, W), as between convolutions (the MLP's (N, D) runs in every step
+    test above)."""
+    out, dout = _specials(dtype, (6, 9), rng), _specials(dtype, (6, 9), rng)[::-1].copy()
+    return (out.reshape(2, 3, 3, 3), dout.reshape(2, 3, 3, 3)), {}
 
 
 def _case_matmul_into(dtype, rng):

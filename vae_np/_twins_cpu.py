@@ -79,13 +79,15 @@ def relu_mask(out, dout, dx):  # pragma: no cover - compiled
 
 
 def relu_backward(out, dout):
-    """One pass instead of the reference's mask and where() (C-ordered arrays only, so the
-    result has the reference's layout and the products after it see the same operands)."""
-    if not (_served(out, dout) and out.ndim == 2 and out.shape == dout.shape
+    """One pass instead of the reference's mask and where() (C-ordered arrays of any shape
+    only, so the result has the reference's layout and the products after it see the same
+    operands)."""
+    if not (_served(out, dout) and out.ndim >= 1 and out.shape == dout.shape and out.size
             and out.flags.c_contiguous and dout.flags.c_contiguous):
         return NotImplemented
     dx = np.empty(dout.shape, dtype=dout.dtype)
-    relu_mask(out, dout, dx)
+    rows = (-1, out.shape[-1])              # images (N, C, H, W) as rows of W: the same loop
+    relu_mask(out.reshape(rows), dout.reshape(rows), dx.reshape(rows))
     return dx
 
 
@@ -302,10 +304,11 @@ TWINS: dict = {
 # column gradients back onto the pixels they came from. Rows are the window entries
 # (c, i, j), the order of W.reshape(O, C kh kw); columns the output positions (n, p, q).
 # This layout (not its transpose) is built by kh kw strided copies that write contiguous
-# blocks (measured 13x faster than one 6-d transposing copy at 32 channels), and col2im is
-# kh kw strided adds: plain NumPy. See CONV_CHUNK_BYTES for the batch's chunks. The products sum the references' terms in another order
-# (tolerance in tests/test_conv.py); col2im adds the offsets (i, j) in the reference's
-# order; the max-pool loops compare and copy, so they are the references' bits.
+# blocks (measured 13x faster than one 6-d transposing copy at 32 channels, and 2x faster
+# than a numba loop), and col2im is one numba pass over the column gradients. See
+# CONV_CHUNK_BYTES for the batch's chunks. The products sum the references' terms in
+# another order (tolerance in tests/test_conv.py); col2im adds the offsets (i, j) in the
+# reference's order; the max-pool loops compare and copy, so they are the references' bits.
 
 import numpy as np  # noqa: E402
 
@@ -348,8 +351,10 @@ def _im2col(x, kh, kw, stride, padding):
 # channels at 28x28): written, read back by BLAS and freed on every call, they made the
 # layer memory-bound. So the twins run the batch in chunks of images whose columns fit in
 # CONV_CHUNK_BYTES (cache-sized), one matrix product per product of the math per chunk:
-# 1.5-4x faster at batch 128 here (benchmarks/README.md). dW sums its chunks' products.
-CONV_CHUNK_BYTES = 2 << 20
+# 1.5-4x faster at batch 128 here (benchmarks/README.md). 1 MiB, not the 2 MiB of a core's
+# L2: the packed BLAS panels and the products share it (a layer 0.8-0.97x the time at 2 MiB,
+# benchmarks/README.md). dW sums its chunks' products.
+CONV_CHUNK_BYTES = 1 << 20
 
 
 def _chunks(x, kh, kw, rows, cols):
@@ -407,13 +412,33 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
             continue
         n = columns.shape[1] // (rows * cols)
         dcolumns = (weight.reshape(o, -1).T @ grad_rows).reshape(c, kh, kw, n, rows, cols)
-        dxpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-        for i in range(kh):                   # col2im: the offsets in the reference's order
-            for j in range(kw):
-                region = _offset_region(i, j, rows, cols, stride)
-                dxpad[region] += dcolumns[:, i, j].transpose(1, 0, 2, 3)
-        dx[chunk] = dxpad[:, :, ph:ph + h, pw:pw + w]
+        _col2im(dcolumns, dx[chunk], *stride, *padding)
     return dx, dweight.reshape(weight.shape), dbias
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _col2im(dcolumns, dx, sh, sw, ph, pw):  # pragma: no cover - compiled
+    """dx (n, C, H, W) = the column gradients (C, kh, kw, n, Ho, Wo) added onto the pixels
+    they were read from: each pixel starts at 0 and gets its offsets (i, j) in the
+    reference's row-major order (the padding's entries are dropped). One pass over the
+    columns, along their rows (1.5x NumPy's kh kw strided adds into a padded copy)."""
+    c_, kh, kw, n_, rows, cols = dcolumns.shape
+    h, w = dx.shape[2], dx.shape[3]
+    dx[:] = 0
+    for c in range(c_):
+        for i in range(kh):
+            for j in range(kw):
+                qlo, qhi = 0, cols                  # the q whose pixel lies in the image
+                while qlo < cols and sw * qlo + j - pw < 0:
+                    qlo += 1
+                while qhi > qlo and sw * (qhi - 1) + j - pw >= w:
+                    qhi -= 1
+                for n in range(n_):
+                    for p in range(rows):
+                        y = sh * p + i - ph
+                        if 0 <= y < h:
+                            for q in range(qlo, qhi):
+                                dx[n, c, y, sw * q + j - pw] += dcolumns[c, i, j, n, p, q]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -430,12 +455,24 @@ def _first_max(x, n, c, p, q, k):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _maxpool_forward(x, out, k):  # pragma: no cover - compiled
+def _maxpool_forward(x, out, first, k):  # pragma: no cover - compiled
+    """out = each window's maximum, first = its offset i k + j. Window row i of a whole
+    row of windows at a time (the inner loops read x along its rows), each window's
+    entries still met in row-major order, so the first maximum wins as in _first_max."""
     for n in range(out.shape[0]):
         for c in range(out.shape[1]):
             for p in range(out.shape[2]):
                 for q in range(out.shape[3]):
-                    out[n, c, p, q] = _first_max(x, n, c, p, q, k)[0]
+                    out[n, c, p, q] = x[n, c, k * p, k * q]
+                    first[n, c, p, q] = 0
+                for i in range(k):
+                    for q in range(out.shape[3]):
+                        best, at = out[n, c, p, q], first[n, c, p, q]
+                        for j in range(k):
+                            v = x[n, c, k * p + i, k * q + j]
+                            if (v > best or (v != v and best == best)):
+                                best, at = v, i * k + j
+                        out[n, c, p, q], first[n, c, p, q] = best, at
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -449,20 +486,47 @@ def _maxpool_backward(dout, x, dx, k):  # pragma: no cover - compiled
                     dx[n, c, k * p + i, k * q + j] = dout[n, c, p, q]
 
 
-def maxpool2d_forward(x, kernel):
-    if not _conv_serves(x):
-        return NotImplemented
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _maxpool_route(dout, first, dx, k):  # pragma: no cover - compiled
+    """Every entry of dx written once, along its rows: dout at the window's offset
+    ``first``, 0 elsewhere (the reference's where())."""
+    zero = dx.dtype.type(0)
+    for n in range(dout.shape[0]):
+        for c in range(dout.shape[1]):
+            for p in range(dout.shape[2]):
+                for i in range(k):
+                    for q in range(dout.shape[3]):
+                        at, d = first[n, c, p, q], dout[n, c, p, q]
+                        for j in range(k):
+                            dx[n, c, k * p + i, k * q + j] = d if at == i * k + j else zero
+
+
+def _pooled_shape(x, kernel):
     n, c, h, w = x.shape
-    out = np.empty((n, c, h // kernel, w // kernel), dtype=x.dtype)
-    _maxpool_forward(x, out, kernel)
-    return out
+    return (n, c, h // kernel, w // kernel)
 
 
-def maxpool2d_backward(dout, x, kernel):
-    if not _conv_serves(dout, x):
+def maxpool2d_forward(x, kernel, with_index=False):
+    if not (_conv_serves(x) and x.ndim == 4 and x.shape[2] % kernel == 0
+            and x.shape[3] % kernel == 0):
         return NotImplemented
-    dx = np.zeros(x.shape, dtype=x.dtype)
-    _maxpool_backward(dout, x, dx, kernel)
+    out = np.empty(_pooled_shape(x, kernel), dtype=x.dtype)
+    first = np.empty(out.shape, dtype=np.intp)                  # argmax's dtype
+    _maxpool_forward(x, out, first, kernel)
+    return (out, first) if with_index else out
+
+
+def maxpool2d_backward(dout, x, kernel, first=None):
+    if not (_conv_serves(dout, x) and x.ndim == 4 and dout.shape == _pooled_shape(x, kernel)):
+        return NotImplemented
+    if first is None:
+        dx = np.zeros(x.shape, dtype=x.dtype)
+        _maxpool_backward(dout, x, dx, kernel)
+        return dx
+    if not (type(first) is np.ndarray and first.dtype == np.intp and first.shape == dout.shape):
+        return NotImplemented
+    dx = np.empty(x.shape, dtype=x.dtype)
+    _maxpool_route(dout, first, dx, kernel)
     return dx
 
 

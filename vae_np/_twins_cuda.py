@@ -242,7 +242,7 @@ TWINS: dict = {
 CONV_OPTIONS = ("--fmad=false",)
 CONV_CTYPES = {"float32": "float", "float64": "double"}
 CONV_KERNELS = ("vae_np_im2col", "vae_np_col2im", "vae_np_maxpool_forward",
-                "vae_np_maxpool_backward")
+                "vae_np_maxpool_backward", "vae_np_maxpool_route")
 CONV_SOURCE = r"""
 #define GRID_STRIDE_LOOP(i, total) \
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (total); \
@@ -306,14 +306,17 @@ __device__ long long vae_np_first_max(const T *x, long long base, long long W, l
   return at;
 }
 
+// out = the window's maximum, first = its offset i k + j (argmax's int64).
 extern "C" __global__ void vae_np_maxpool_forward(
-    const T *x, T *out, long long N, long long C, long long H, long long W, long long k) {
+    const T *x, T *out, long long *first, long long N, long long C, long long H, long long W,
+    long long k) {
   const long long Ho = H / k, Wo = W / k;
   GRID_STRIDE_LOOP(idx, N * C * Ho * Wo) {
     const long long q = idx % Wo, p = (idx / Wo) % Ho, nc = idx / (Ho * Wo);
     const long long base = (nc * H + k * p) * W + k * q;
     const long long at = vae_np_first_max(x, base, W, k);
     out[idx] = x[base + (at / k) * W + at % k];
+    first[idx] = at;
   }
 }
 
@@ -326,6 +329,20 @@ extern "C" __global__ void vae_np_maxpool_backward(
     const long long q = idx % Wo, p = (idx / Wo) % Ho, nc = idx / (Ho * Wo);
     const long long base = (nc * H + k * p) * W + k * q;
     const long long at = vae_np_first_max(x, base, W, k);
+    for (long long r = 0; r < k * k; ++r)
+      dx[base + (r / k) * W + r % k] = (r == at) ? dout[idx] : (T)0;
+  }
+}
+
+// The same, from the offsets the forward kernel recorded (no rescan of x).
+extern "C" __global__ void vae_np_maxpool_route(
+    const T *dout, const long long *first, T *dx, long long N, long long C, long long H,
+    long long W, long long k) {
+  const long long Ho = H / k, Wo = W / k;
+  GRID_STRIDE_LOOP(idx, N * C * Ho * Wo) {
+    const long long q = idx % Wo, p = (idx / Wo) % Ho, nc = idx / (Ho * Wo);
+    const long long base = (nc * H + k * p) * W + k * q;
+    const long long at = first[idx];
     for (long long r = 0; r < k * k; ++r)
       dx[base + (r / k) * W + r % k] = (r == at) ? dout[idx] : (T)0;
   }
@@ -411,26 +428,36 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     return dx, dweight, dbias
 
 
-def maxpool2d_forward(x, kernel):
+def maxpool2d_forward(x, kernel, with_index=False):
     cupy = _conv_cupy(x)
-    if cupy is None:
+    if cupy is None or x.ndim != 4 or x.shape[2] % kernel or x.shape[3] % kernel:
         return NotImplemented
     x = cupy.ascontiguousarray(x)
     n, c, h, w = x.shape
     out = cupy.empty((n, c, h // kernel, w // kernel), dtype=x.dtype)
-    _launch(_conv_kernel(cupy, x.dtype, "vae_np_maxpool_forward"), out.size, x, out,
+    first = cupy.empty(out.shape, dtype="int64")                 # argmax's dtype
+    _launch(_conv_kernel(cupy, x.dtype, "vae_np_maxpool_forward"), out.size, x, out, first,
             n, c, h, w, int(kernel))
-    return out
+    return (out, first) if with_index else out
 
 
-def maxpool2d_backward(dout, x, kernel):
+def maxpool2d_backward(dout, x, kernel, first=None):
     cupy = _conv_cupy(dout, x)
-    if cupy is None:
+    if cupy is None or x.ndim != 4 or tuple(dout.shape) != (
+            x.shape[0], x.shape[1], x.shape[2] // kernel, x.shape[3] // kernel):
         return NotImplemented
-    dout, x = cupy.ascontiguousarray(dout), cupy.ascontiguousarray(x)
     n, c, h, w = x.shape
     dx = cupy.empty(x.shape, dtype=x.dtype)
-    _launch(_conv_kernel(cupy, x.dtype, "vae_np_maxpool_backward"), dout.size, dout, x, dx,
+    dout = cupy.ascontiguousarray(dout)
+    if first is None:
+        x = cupy.ascontiguousarray(x)
+        _launch(_conv_kernel(cupy, x.dtype, "vae_np_maxpool_backward"), dout.size, dout, x,
+                dx, n, c, h, w, int(kernel))
+        return dx
+    if not (type(first) is type(dout) and str(first.dtype) == "int64" and tuple(first.shape) == tuple(dout.shape)):
+        return NotImplemented
+    first = cupy.ascontiguousarray(first)
+    _launch(_conv_kernel(cupy, x.dtype, "vae_np_maxpool_route"), dout.size, dout, first, dx,
             n, c, h, w, int(kernel))
     return dx
 

@@ -209,16 +209,23 @@ def _blocks(xp, x, k: int):
 
 
 @fast_twin
-def maxpool2d_forward(x, kernel: int):
+def maxpool2d_forward(x, kernel: int, with_index: bool = False):
     """y[n, c, p, q] = max_{i, j < k} x[n, c, k p + i, k q + j]; x (N, C, H, W) with H and
-    W multiples of k, y (N, C, H / k, W / k)."""
+    W multiples of k, y (N, C, H / k, W / k).
+
+    ``with_index=True`` returns (y, first): also the window offset r = i k + j of each
+    window's first maximum (argmax's), integers (N, C, H / k, W / k), which
+    ``maxpool2d_backward`` takes so as not to scan the windows again."""
     xp = namespace_of(x)
     n, c, h, w = x.shape
-    return xp.max(xp.reshape(x, (n, c, h // kernel, kernel, w // kernel, kernel)), axis=(3, 5))
+    y = xp.max(xp.reshape(x, (n, c, h // kernel, kernel, w // kernel, kernel)), axis=(3, 5))
+    if not with_index:
+        return y
+    return y, xp.argmax(_blocks(xp, x, kernel), axis=4)
 
 
 @fast_twin
-def maxpool2d_backward(dout, x, kernel: int):
+def maxpool2d_backward(dout, x, kernel: int, first=None):
     """dx of maxpool2d_forward, given dout (N, C, H / k, W / k): max routes.
 
     Away from ties y[n, c, p, q] equals one entry x[n, c, k p + i*, k q + j*] of its
@@ -226,13 +233,15 @@ def maxpool2d_backward(dout, x, kernel: int):
     p, q], every other entry of the window gets 0. Windows do not overlap (kernel = stride),
     so nothing is summed. On a tie the gradient goes to ONE entry, the first maximum in
     row-major window order (smallest i, then smallest j), as ``argmax`` returns it: one of
-    the subgradients, and the one PyTorch's CPU kernel picks.
+    the subgradients, and the one PyTorch's CPU kernel picks. ``first``: those offsets
+    as ``maxpool2d_forward(x, k, with_index=True)`` returned them for this x; None finds
+    them in x (whose shape dx takes either way).
     """
     xp = namespace_of(dout)
     n, c, h, w = x.shape
     k = kernel
-    windows = _blocks(xp, x, k)                                  # (N, C, Ho, Wo, k*k)
-    first = xp.argmax(windows, axis=4)                           # first maximum
+    if first is None:
+        first = xp.argmax(_blocks(xp, x, k), axis=4)             # (N, C, Ho, Wo)
     offsets = xp.reshape(xp.arange(k * k, dtype=first.dtype), (1, 1, 1, 1, k * k))
     routed = xp.where(offsets == first[..., None], dout[..., None], xp.zeros((), dtype=dout.dtype))
     six = xp.reshape(routed, (n, c, h // k, w // k, k, k))
@@ -245,7 +254,8 @@ class MaxPool2d(Layer):
     Shapes: x (N, C, H, W) with H and W multiples of k (anything else is a ValueError, not
     a silently dropped border), y (N, C, H / k, W / k). Backward routes each dout to the
     window's maximum, on a tie to the first in row-major window order
-    (``maxpool2d_backward``). The cache is x.
+    (``maxpool2d_backward``). The cache is x and the offsets of those maxima, found
+    once in forward.
     """
 
     def __init__(self, kernel_size: int, backend: Backend):
@@ -261,11 +271,13 @@ class MaxPool2d(Layer):
         if x.shape[2] % k or x.shape[3] % k:
             raise ValueError(f"x: MaxPool2d({k}) needs height and width that are multiples "
                              f"of {k}, got shape {tuple(x.shape)}")
-        self.cache = x
-        return maxpool2d_forward(x, k)
+        y, first = maxpool2d_forward(x, k, with_index=True)
+        self.cache = (x, first)
+        return y
 
     def backward(self, dout):
-        return maxpool2d_backward(dout, self._cached(), self.kernel_size)
+        x, first = self._cached()
+        return maxpool2d_backward(dout, x, self.kernel_size, first)
 
 
 # ------------------------------------------------------------------------------------------

@@ -47,8 +47,9 @@ def linear_relu_forward(x, W, b):
 
 @fast_twin
 def relu_backward(out, dout):
-    """dL/dx of y = max(x, 0) from its output ``out`` and dL/dy ``dout``, both (N, D): dout
-    where out > 0, else 0 (the kink at 0 gets 0; out > 0 exactly where x > 0)."""
+    """dL/dx of y = max(x, 0) from its output ``out`` and dL/dy ``dout``, both (N, D) or
+    images (N, C, H, W): dout where out > 0, else 0 (the kink at 0 gets 0; out > 0
+    exactly where x > 0)."""
     return namespace_of(out).where(out > 0, dout, 0.0)
 
 
