@@ -8,8 +8,9 @@ Layers, ground floor up (a module may import only from strictly lower layers):
     1  backend, ops, validation           the array library (which loads the kernels),
                                           stable primitives, the input checks
     2  layers, losses, parameters         the math (each op's reference; twins on floor 0)
-    3  likelihoods, optim
-    4  objectives                         the ELBO and the importance-weighted bound
+    3  likelihoods, optim, conv           conv: image layers on layers.Layer
+    4  objectives, networks               the ELBO and the importance-weighted bound;
+                                          Sequential, the convolutional encoder/decoder
     5  model
     6  gradcheck, distributed             checks any of the above; data parallelism over MPI
     7  everything else (training, self-check, saving: a model's files; interop: ONNX,
@@ -37,8 +38,8 @@ LAYERS = {
     "_numba_kernels": 0, "_cuda_kernels": 0, "_twins_cpu": 0, "_twins_cuda": 0, "_version": 0,
     "backend": 1, "ops": 1, "validation": 1,
     "layers": 2, "losses": 2, "parameters": 2,
-    "likelihoods": 3, "optim": 3,
-    "objectives": 4,
+    "likelihoods": 3, "optim": 3, "conv": 3,
+    "objectives": 4, "networks": 4,
     "model": 5,
     "gradcheck": 6, "distributed": 6,
     "saving": 7, "interop": 7, "cli_args": 7,

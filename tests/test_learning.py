@@ -213,7 +213,7 @@ def checker():
 
 @pytest.mark.parametrize("name", ["linear_backward", "sigmoid_backward", "bernoulli_nll_grad",
                                   "kl_grad", "reparameterize", "reparameterize_backward",
-                                  "adam_step"])
+                                  "adam_step", "conv2d_backward", "maxpool2d_backward"])
 def test_each_stub_fails_as_given_and_the_library_passes(checker, name):
     assert name in checker.EXERCISES
     stubs = checker.load_yours()
@@ -305,7 +305,7 @@ def run_checker(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_check_cli_runs_the_checks_and_a_short_training_run(tmp_path):
     as_given = run_checker(cwd=tmp_path)
     assert as_given.returncode == 1, as_given.stderr
-    assert "1 of 7 exercises pass" in as_given.stdout       # only the given forward
+    assert "1 of 9 exercises pass" in as_given.stdout       # only the given forward
     library = run_checker("--library", "kl_grad", "reparameterize_backward", "--train",
                           "--epochs", "1", "--train-size", "100", "--test-size", "20", cwd=tmp_path)
     assert library.returncode == 0, library.stdout + library.stderr

@@ -4,6 +4,8 @@ The public API, by module (each named for the concept it implements):
 
 - ``backend``: :func:`get_backend` -- NumPy, CuPy or array-api-strict, and a dtype;
 - ``layers``: Linear, ReLU, LeakyReLU, Tanh, Sigmoid, Softplus, MLP;
+- ``conv``: Conv2d, MaxPool2d, Upsample, Flatten, Unflatten; ``networks``: Sequential and
+  the convolutional encoder and decoder of the starting example;
 - ``losses``: KL terms and the Gaussian / Bernoulli negative log-likelihoods;
 - ``model``: :class:`VAE`;
 - ``objectives``: the negative ELBO and the importance-weighted bound, reparameterisation;
@@ -14,7 +16,7 @@ The public API, by module (each named for the concept it implements):
   (``vae_np.interop.export_model``, ``import_model``; not imported here).
 """
 
-from . import gradcheck, layers, losses
+from . import conv, gradcheck, layers, losses, networks
 from .backend import Backend, BackendUnavailableError, get_backend, use_fast_paths
 from .model import VAE, ELBOTerms
 from .objectives import reparameterize, reparameterize_backward
@@ -24,6 +26,7 @@ from .saving import load_model, save_model
 
 __all__ = [
     "Adam", "Backend", "BackendUnavailableError", "ELBOTerms", "SGD", "VAE",
-    "clip_grad_norm", "get_backend", "load_model", "save_model", "gradcheck", "layers", "losses",
+    "clip_grad_norm", "conv", "get_backend", "load_model", "save_model", "gradcheck", "layers",
+    "losses", "networks",
     "reparameterize", "reparameterize_backward", "use_fast_paths", "__version__",
 ]

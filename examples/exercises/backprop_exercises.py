@@ -139,3 +139,46 @@ def adam_step(theta, g, m, v, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     v_hat = v   # TODO: the bias correction of v
     theta = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
     return theta, m, v
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Convolution (docs/10-convolution.md, "Conv2d backward" and "col2im")
+
+
+def conv2d_backward(x, W, b, dout, stride, padding):
+    """Backward of the cross-correlation y = conv2d(x; W, b) with zero padding:
+
+        y[n, o, p, q] = b[o] + sum_{c, i, j} W[o, c, i, j] xpad[n, c, s p + i, s q + j]
+
+    Args:
+        x: (N, C, H, W) input; W: (O, C, k, k) weights; b: (O,) bias;
+        dout: (N, O, Ho, Wo) = dL/dy; stride s and padding p: integers (the same for rows
+        and columns); xpad is x with p zeros on every side.
+    Returns:
+        (dx, dW, db), the shapes of x, W and b. Hint: pad x, then loop over the kernel
+        offsets (i, j): the slice xpad[:, :, i:i + s*(Ho-1) + 1:s, j:j + s*(Wo-1) + 1:s] is
+        what W[:, :, i, j] multiplies; dx is the interior of a padded gradient.
+    """
+    dx = np.zeros_like(x)   # TODO
+    dW = np.zeros_like(W)   # TODO
+    db = np.zeros_like(b)   # TODO
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Max-pool (docs/10-convolution.md, "Max-pool: routing")
+
+
+def maxpool2d_backward(x, dout, k):
+    """Backward of y[n, c, p, q] = max over the k x k window x[n, c, k p:k p + k, k q:k q + k]
+    (windows do not overlap; H and W are multiples of k).
+
+    Args:
+        x: (N, C, H, W) input; dout: (N, C, H / k, W / k) = dL/dy; k: the window size.
+    Returns:
+        dx (N, C, H, W): each dout entry goes to its window's maximum, 0 elsewhere. (The
+        checker's windows have one clear maximum; on a tie the library picks the first in
+        row-major order.)
+    """
+    dx = np.zeros_like(x)   # TODO
+    return dx

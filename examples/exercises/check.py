@@ -43,6 +43,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parents[1]))
 
 from vae_np import VAE, Adam, get_backend, use_fast_paths
+from vae_np import conv as conv_module
 from vae_np import likelihoods as likelihoods_module
 from vae_np import objectives as objectives_module
 from vae_np.gradcheck import check_gradients, numerical_partial
@@ -52,7 +53,8 @@ from vae_np.objectives import reparameterize_backward
 from vae_np.parameters import Parameters
 
 EXERCISES = ("linear_backward", "sigmoid_backward", "bernoulli_nll_grad", "kl_grad",
-             "reparameterize", "reparameterize_backward", "adam_step")
+             "reparameterize", "reparameterize_backward", "adam_step", "conv2d_backward",
+             "maxpool2d_backward")
 
 # Where each exercise is derived, and the library function that is its answer.
 WHERE = {
@@ -66,6 +68,10 @@ WHERE = {
     "reparameterize_backward": ("docs/02-reparameterization.md#the-two-derivatives",
                                 "vae_np.objectives.reparameterize_backward"),
     "adam_step": ("docs/06-adam.md#why-the-bias-correction", "vae_np.optim.Adam"),
+    "conv2d_backward": ("docs/10-convolution.md#conv2d-backward-linears-three-times",
+                        "vae_np.conv.conv2d_backward"),
+    "maxpool2d_backward": ("docs/10-convolution.md#max-pool-routing",
+                           "vae_np.conv.maxpool2d_backward"),
 }
 
 B64 = get_backend("numpy", "float64")
@@ -121,6 +127,9 @@ LIBRARY: dict[str, Callable] = {
     "reparameterize": objectives_module.reparameterize,
     "reparameterize_backward": reparameterize_backward,
     "adam_step": _library_adam_step,
+    "conv2d_backward": lambda x, W, b, dout, stride, padding: conv_module.conv2d_backward(
+        dout, x, W, (stride, stride), (padding, padding)),
+    "maxpool2d_backward": lambda x, dout, k: conv_module.maxpool2d_backward(dout, x, k),
 }
 
 
@@ -240,6 +249,33 @@ def _check_reparameterize_backward(impl, rng, forward):
                            {"mu": mu, "logvar": logvar}, dict(zip(("mu", "logvar"), grads)))
 
 
+def _check_conv2d(impl, rng):
+    """Stride 2 and padding 1 on odd sizes, so that strides, padding and the pixels no
+    window reaches all matter."""
+    x, W, b = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((4, 3, 3, 3)), \
+        rng.standard_normal(4)
+    forward = lambda: conv_module.conv2d_forward(x, W, b, (2, 2), (1, 1))   # noqa: E731
+    dout = rng.standard_normal(forward().shape)
+    grads = _as_arrays(impl(x.copy(), W.copy(), b.copy(), dout.copy(), 2, 1),
+                       ("dx", "dW", "db"), (x.shape, W.shape, b.shape), "conv2d_backward")
+    f = lambda: float(np.sum(forward() * dout))            # noqa: E731
+    return _gradient_check("conv2d_backward: dL/dx, dL/dW, dL/db with L = sum(y * dout), "
+                           "stride 2, padding 1", f, {"x": x, "W": W, "b": b},
+                           dict(zip("xWb", grads)))
+
+
+def _check_maxpool2d(impl, rng):
+    """Distinct values 0.01 apart: one clear maximum per window, so a central difference
+    with h = 1e-6 never crosses a tie."""
+    x = rng.permutation(np.arange(2 * 2 * 4 * 6) * 0.01 - 0.5).reshape(2, 2, 4, 6)
+    dout = rng.standard_normal((2, 2, 2, 3))
+    (dx,) = _as_arrays(impl(x.copy(), dout.copy(), 2), ("dx",), (x.shape,),
+                       "maxpool2d_backward")
+    f = lambda: float(np.sum(conv_module.maxpool2d_forward(x, 2) * dout))   # noqa: E731
+    return _gradient_check("maxpool2d_backward: dL/dx with L = sum(maxpool(x) * dout), k = 2",
+                           f, {"x": x}, {"x": dx})
+
+
 def _check_reparameterize(impl, rng):
     """Not a gradient: the samples must be N(mu, exp(logvar)) (within 5 standard errors)."""
     mu = np.array([[0.0, 1.5, -2.0, 0.3]])
@@ -330,6 +366,10 @@ def check(name: str, impl: Callable, forward: Callable | None = None, seed: int 
         elif name == "reparameterize_backward":
             passed, text = _check_reparameterize_backward(
                 impl, rng, forward or objectives_module.reparameterize)
+        elif name == "conv2d_backward":
+            passed, text = _check_conv2d(impl, rng)
+        elif name == "maxpool2d_backward":
+            passed, text = _check_maxpool2d(impl, rng)
         else:
             passed, text = _check_adam(impl, rng)
     except NotImplementedError:

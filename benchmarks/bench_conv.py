@@ -1,0 +1,188 @@
+"""Time the convolutional layers and networks (vae_np.conv, vae_np.networks) against
+PyTorch eager, forward + backward, float32, side by side in one process.
+
+    python benchmarks/bench_conv.py                  # batches 32 and 128, 2 threads
+    python benchmarks/bench_conv.py --quick          # a smoke run (seconds)
+    python benchmarks/bench_conv.py --batches 32 --rounds 30 --threads 2
+
+Rows: each layer of the starting example's convolutional encoder and decoder at MNIST size,
+at the shapes where the networks run it (Conv2d 1->32 at 28x28, 32->64 at 14x14, 64->32 at
+14x14, 32->1 at 28x28; MaxPool2d(2) on 32 channels at 28x28; Upsample(2) on 64 channels at
+7x7), then the two networks together: encoder forward, decoder forward on the first d of
+its outputs, both backward with fixed upstream gradients (no dx for the images: PyTorch's
+images do not require grad either). Not the VAE's loss or Adam: those are the MLP's
+(benchmarks/bench_step.py). Each round times vae_np then PyTorch on the same arrays
+(interleaved, so both see the same machine); the table gives medians over rounds and the
+ratio vae_np / PyTorch. BLAS and PyTorch are limited to ``--threads``.
+
+Shared machines swing by tens of percent: read the ratios, measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:
+    import vae_np  # noqa: F401
+except ImportError:  # a source checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_step import set_threads  # noqa: E402
+
+from vae_np.backend import get_backend  # noqa: E402
+from vae_np.conv import Conv2d, MaxPool2d, Upsample  # noqa: E402
+from vae_np.networks import conv_networks  # noqa: E402
+
+LATENT = 16
+LAYERS = {
+    "conv 1->32 @28": ((1, 28, 28), "conv", (1, 32)),
+    "conv 32->64 @14": ((32, 14, 14), "conv", (32, 64)),
+    "conv 64->32 @14": ((64, 14, 14), "conv", (64, 32)),
+    "conv 32->1 @28": ((32, 28, 28), "conv", (32, 1)),
+    "maxpool 32 @28": ((32, 28, 28), "pool", None),
+    "upsample 64 @7": ((64, 7, 7), "up", None),
+}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def layer_pair(kind, shape, channels, batch, backend, torch):
+    """(vae_np step, torch step): forward + backward of one layer on the same arrays."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *shape)).astype(np.float32)
+    if kind == "conv":
+        layer = Conv2d(*channels, 3, backend, rng, padding=1)
+        ref = torch.nn.Conv2d(*channels, 3, padding=1)
+        with torch.no_grad():
+            ref.weight.copy_(torch.from_numpy(layer.params["W"]))
+            ref.bias.copy_(torch.from_numpy(layer.params["b"]))
+    elif kind == "pool":
+        layer, ref = MaxPool2d(2, backend), torch.nn.MaxPool2d(2)
+    else:
+        layer, ref = Upsample(2, backend), torch.nn.Upsample(scale_factor=2, mode="nearest")
+    dout = rng.standard_normal(layer.forward(x).shape).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    dt = torch.from_numpy(dout)
+
+    def ours():
+        layer.forward(x)
+        layer.backward(dout)
+
+    def theirs():
+        xt.grad = None
+        ref(xt).backward(dt)
+
+    return ours, theirs
+
+
+def _torch_networks(enc, dec, torch):
+    """The same two networks in torch.nn (MNIST size, one channel), weights copied."""
+    nn = torch.nn
+
+    def build(net):
+        modules = []
+        for layer in net.layers:
+            kind = type(layer).__name__
+            if kind == "Conv2d":
+                m = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
+                with torch.no_grad():
+                    m.weight.copy_(torch.from_numpy(layer.params["W"]))
+                    m.bias.copy_(torch.from_numpy(layer.params["b"]))
+            elif kind == "Linear":
+                m = nn.Linear(layer.in_features, layer.out_features)
+                with torch.no_grad():
+                    m.weight.copy_(torch.from_numpy(layer.params["W"].T))
+                    m.bias.copy_(torch.from_numpy(layer.params["b"]))
+            elif kind == "Unflatten":
+                m = nn.Unflatten(1, layer.shape)
+            else:
+                m = {"ReLU": nn.ReLU, "MaxPool2d": lambda: nn.MaxPool2d(2), "Flatten": nn.Flatten,
+                     "Upsample": lambda: nn.Upsample(scale_factor=2, mode="nearest")}[kind]()
+            modules.append(m)
+        return nn.Sequential(*modules)
+
+    return build(enc), build(dec)
+
+
+def network_pair(batch, backend, torch):
+    rng = np.random.default_rng(0)
+    enc, dec = conv_networks((28, 28), LATENT, 1, backend, rng)
+    tenc, tdec = _torch_networks(enc, dec, torch)
+    x = rng.uniform(size=(batch, 784)).astype(np.float32)
+    g_out = rng.standard_normal((batch, 784)).astype(np.float32)
+    g_h = rng.standard_normal((batch, 2 * LATENT)).astype(np.float32)
+    xt, g_out_t, g_h_t = (torch.from_numpy(a) for a in (x, g_out, g_h))
+
+    def ours():
+        h = enc.forward(x)
+        dec.forward(h[:, :LATENT])
+        dz = dec.backward(g_out)
+        dh = g_h.copy()
+        dh[:, :LATENT] += dz
+        enc.backward(dh, input_grad=False)
+
+    def theirs():
+        tenc.zero_grad(set_to_none=True)
+        tdec.zero_grad(set_to_none=True)
+        h = tenc(xt)
+        out = tdec(h[:, :LATENT])
+        ((out * g_out_t).sum() + (h * g_h_t).sum()).backward()
+
+    return ours, theirs
+
+
+def measure(ours, theirs, rounds: int, warmup: int = 3):
+    for _ in range(warmup):
+        ours()
+        theirs()
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(_timed(ours))
+        b.append(_timed(theirs))
+    return statistics.median(a), statistics.median(b)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="32,128", help="comma-separated batch sizes")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per row")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 3 rounds")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch is not installed: nothing to compare with "
+              "(pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+        return 1
+    batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
+    rounds = 3 if args.quick else args.rounds
+    keep = set_threads(args.threads)  # noqa: F841  (the limits hold while it lives)
+    torch.set_num_threads(args.threads)
+    backend = get_backend("numpy", "float32")
+    print(f"vae_np (numpy, float32, fast paths) against PyTorch {torch.__version__} eager, "
+          f"{args.threads} threads, median of {rounds} interleaved rounds, forward + backward")
+    print(f"{'row':<22} {'batch':>5} {'vae_np ms':>10} {'torch ms':>10} {'ratio':>7}")
+    for batch in batches:
+        rows = [(name, layer_pair(kind, shape, ch, batch, backend, torch))
+                for name, (shape, kind, ch) in LAYERS.items()]
+        rows.append(("encoder + decoder", network_pair(batch, backend, torch)))
+        for name, (ours, theirs) in rows:
+            a, b = measure(ours, theirs, rounds)
+            print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} {a / b:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

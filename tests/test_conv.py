@@ -1,0 +1,454 @@
+"""vae_np.conv: forwards against independent oracles, every backward against central
+differences (element-wise and directional, float64), the im2col twins against the
+references, shapes by hypothesis, and bad input.
+
+Gradient tolerance: gradcheck.DEFAULT_TOLERANCE = 1e-6 (norm-wise relative error). The
+layers are piecewise linear in each input (max-pool) or linear (the rest), so the central
+difference with h = 1e-6 has no truncation error away from a max-pool tie and only
+round-off (~1e-16 |f| / h ~ 1e-10 relative); a wrong derivative is off by O(1).
+
+Max-pool ties: at an exact tie max is not differentiable, and a central difference sees
+the average of the two one-sided slopes (1/2), not the gradient any rule routes. So the
+finite-difference checks run on inputs whose windows have a unique maximum at least 1e-2
+(>> h) above the runner-up (``separated``: distinct grid values in random order), and
+ties are checked exactly: on a tied input the routed gradient is the one of the input
+with the first maximum lifted by 1e-3 (the side where the first one wins), entry for entry.
+
+Fast twins against references (NumPy): both compute the same sums of products in other
+orders (the references one ``tensordot`` per kernel offset, the twins one matrix product
+over all of them). Each is within (n - 1) u sum|terms| of the exact sum, u = eps / 2, n
+terms (recursive summation; the products' own rounding adds u per term), so the two
+differ by at most n eps sum|terms|, the bound asserted with the sums of |terms| computed
+by the reference on |x| and |W|. Max-pool compares and copies: equal to the bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vae_np import conv, gradcheck
+from vae_np.backend import get_backend, twin_of, use_fast_paths
+from vae_np.conv import Conv2d, Flatten, MaxPool2d, Unflatten, Upsample
+
+TOL = gradcheck.DEFAULT_TOLERANCE
+
+# (N, C_in, H, W, C_out, kernel, stride, padding): odd sizes, stride > 1, padding 0 and
+# > 0, rectangular kernels, one and three channels, a kernel as large as the padded input.
+CONV_CASES = [
+    (2, 1, 5, 7, 2, 3, 1, 0),
+    (2, 3, 7, 6, 4, 3, 2, 1),
+    (1, 3, 6, 9, 2, (2, 3), (2, 1), (0, 2)),
+    (2, 1, 5, 5, 3, 5, 1, 2),
+    (3, 3, 4, 5, 1, 1, 1, 0),
+    (1, 1, 3, 3, 2, 5, 3, 1),
+]
+CONV_IDS = [f"N{c[0]}C{c[1]}H{c[2]}W{c[3]}O{c[4]}k{c[5]}s{c[6]}p{c[7]}" for c in CONV_CASES]
+
+
+def make_conv(case, backend, seed=0):
+    n, c, h, w, o, k, s, p = case
+    rng = np.random.default_rng(seed)
+    layer = Conv2d(c, o, k, backend, rng, stride=s, padding=p)
+    layer.params["b"][...] = backend.asarray(rng.standard_normal(o))
+    x = rng.standard_normal((n, c, h, w))
+    return layer, x
+
+
+def naive_conv2d(x, weight, bias, stride, padding):
+    """The definition, seven loops deep: y[n,o,p,q] = b[o] + sum W[o,c,i,j] xpad[...]."""
+    (sh, sw), (ph, pw) = stride, padding
+    n_, c_, h, w = x.shape
+    o_, _, kh, kw = weight.shape
+    xpad = np.zeros((n_, c_, h + 2 * ph, w + 2 * pw))
+    xpad[:, :, ph:ph + h, pw:pw + w] = x
+    rows, cols = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    y = np.zeros((n_, o_, rows, cols))
+    for n in range(n_):
+        for o in range(o_):
+            for p in range(rows):
+                for q in range(cols):
+                    total = bias[o]
+                    for c in range(c_):
+                        for i in range(kh):
+                            for j in range(kw):
+                                total += weight[o, c, i, j] * xpad[n, c, sh * p + i, sw * q + j]
+                    y[n, o, p, q] = total
+    return y
+
+
+def separated(shape, seed=0, gap=1e-2):
+    """Distinct values k * gap (shuffled, centred): every max-pool window has one maximum,
+    at least ``gap`` above the runner-up, so a step of h = 1e-6 never changes the winner."""
+    values = (np.arange(np.prod(shape)) - np.prod(shape) / 2) * gap
+    return np.random.default_rng(seed).permutation(values).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# Forward values against oracles
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv_forward_matches_the_seven_loop_definition(case, backend, code_path):
+    layer, x = make_conv(case, backend)
+    y = backend.to_numpy(layer.forward(backend.asarray(x)))
+    expected = naive_conv2d(x, backend.to_numpy(layer.params["W"]),
+                            backend.to_numpy(layer.params["b"]), layer.stride, layer.padding)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv_forward_matches_torch(case, np64, code_path):
+    torch = pytest.importorskip("torch")
+    layer, x = make_conv(case, np64)
+    y = layer.forward(x)
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(layer.params["W"].copy()),
+        torch.from_numpy(layer.params["b"].copy()), stride=layer.stride,
+        padding=layer.padding).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_forward_with_stride_one_matches_scipy_correlate(np64):
+    signal = pytest.importorskip("scipy.signal")
+    layer, x = make_conv((1, 3, 6, 7, 2, 3, 1, 0), np64)
+    y = layer.forward(x)
+    for o in range(2):
+        expected = sum(signal.correlate(x[0, c], layer.params["W"][o, c], mode="valid")
+                       for c in range(3)) + layer.params["b"][o]
+        np.testing.assert_allclose(y[0, o], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_maxpool_forward_is_the_window_maximum(backend, code_path):
+    x = np.random.default_rng(1).standard_normal((2, 3, 6, 9))
+    y = backend.to_numpy(MaxPool2d(3, backend).forward(backend.asarray(x)))
+    for p in range(2):
+        for q in range(3):
+            np.testing.assert_array_equal(
+                y[:, :, p, q], x[:, :, 3 * p:3 * p + 3, 3 * q:3 * q + 3].max(axis=(2, 3)))
+
+
+def test_upsample_forward_copies_each_pixel_into_a_block(backend):
+    x = np.random.default_rng(2).standard_normal((2, 3, 3, 5))
+    y = backend.to_numpy(Upsample(2, backend).forward(backend.asarray(x)))
+    np.testing.assert_array_equal(y, np.kron(x, np.ones((2, 2))))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_flatten_orders_pixels_as_the_data_does(backend, channels_last):
+    """(N, G C, H, W) flattened: channel-major, or each group in (H, W, C) order."""
+    x = np.random.default_rng(3).standard_normal((2, 6, 4, 5))        # 2 groups of 3
+    flat = backend.to_numpy(Flatten(backend, channels_last=channels_last, groups=2)
+                            .forward(backend.asarray(x)))
+    if channels_last:
+        expected = np.concatenate([x[:, :3].transpose(0, 2, 3, 1).reshape(2, -1),
+                                   x[:, 3:].transpose(0, 2, 3, 1).reshape(2, -1)], axis=1)
+    else:
+        expected = x.reshape(2, -1)
+    np.testing.assert_array_equal(flat, expected)
+    back = Unflatten((6, 4, 5), backend, channels_last=channels_last, groups=2)
+    np.testing.assert_array_equal(backend.to_numpy(back.forward(backend.asarray(flat))), x)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward against central differences
+
+
+def _check(layer, x, record_check, family, backend, max_entries=None):
+    report = gradcheck.check_layer(layer, backend.asarray(x), max_entries=max_entries)
+    record_check(family, report.max_rel_error)
+    assert report.passed, report.table()
+    xb = backend.asarray(x)
+    out = layer.forward(xb)
+    dout = backend.asarray(np.random.default_rng(7).standard_normal(tuple(out.shape)))
+    arrays = {"input": xb, **layer.params}
+    dx = layer.backward(dout)
+    analytic = {"input": backend.to_numpy(dx).copy(),
+                **{k: backend.to_numpy(g).copy() for k, g in layer.grads.items()}}
+
+    def f():
+        return float(backend.xp.sum(layer.forward(xb) * dout))
+
+    result = gradcheck.check_directional(f, arrays, analytic)
+    record_check(family + " (directional)", result.rel_error)
+    assert result.passed, result
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv_backward(case, backend, code_path, record_check):
+    layer, x = make_conv(case, backend)
+    _check(layer, x, record_check, "conv.Conv2d", backend)
+
+
+@pytest.mark.parametrize("k, shape", [(2, (2, 1, 6, 4)), (3, (1, 3, 9, 6)), (1, (2, 3, 3, 5))])
+def test_maxpool_backward(k, shape, backend, code_path, record_check):
+    _check(MaxPool2d(k, backend), separated(shape), record_check, "conv.MaxPool2d", backend)
+
+
+@pytest.mark.parametrize("f, shape", [(2, (2, 1, 3, 5)), (3, (1, 3, 2, 2))])
+def test_upsample_backward(f, shape, backend, record_check):
+    x = np.random.default_rng(4).standard_normal(shape)
+    _check(Upsample(f, backend), x, record_check, "conv.Upsample", backend)
+
+
+@pytest.mark.parametrize("channels_last, groups", [(False, 1), (True, 1), (True, 3)])
+def test_flatten_and_unflatten_backward(channels_last, groups, backend, record_check):
+    x = np.random.default_rng(5).standard_normal((2, 6, 3, 5))
+    _check(Flatten(backend, channels_last, groups), x, record_check, "conv.Flatten", backend)
+    _check(Unflatten((6, 3, 5), backend, channels_last, groups), x.reshape(2, -1),
+           record_check, "conv.Unflatten", backend)
+
+
+def test_maxpool_ties_route_to_the_first_maximum(backend, code_path):
+    """Every window tied (all four equal, or two equal maxima): the gradient goes to the
+    first maximum in row-major order, as on the input where that one is lifted by 1e-3."""
+    rng = np.random.default_rng(6)
+    x = np.repeat(np.repeat(rng.standard_normal((2, 3, 2, 3)), 2, axis=2), 2, axis=3)
+    x[0, 0, 1, 1] = x[0, 0, 0, 1] = x[0, 0, 0, 0] + 1.0        # maxima at (0, 1) and (1, 1)
+    dout = rng.standard_normal((2, 3, 1 * 2, 3))
+    layer = MaxPool2d(2, backend)
+    layer.forward(backend.asarray(x))
+    dx = backend.to_numpy(layer.backward(backend.asarray(dout)))
+    lifted = x.copy()
+    for n, c, p, q in np.ndindex(2, 3, 2, 3):
+        window = x[n, c, 2 * p:2 * p + 2, 2 * q:2 * q + 2]
+        i, j = divmod(int(np.argmax(window)), 2)
+        lifted[n, c, 2 * p + i, 2 * q + j] += 1e-3
+    assert dx[0, 0, 0, 1] == dout[0, 0, 0, 0] and dx[0, 0, 1, 1] == 0.0
+    layer.forward(backend.asarray(lifted))
+    np.testing.assert_array_equal(dx, backend.to_numpy(layer.backward(backend.asarray(dout))))
+    assert np.count_nonzero(dx) == dout.size                   # one entry per window
+
+
+def test_input_grad_false_skips_dx_and_keeps_the_parameter_gradients(np64, code_path):
+    layer, x = make_conv(CONV_CASES[1], np64)
+    dout = np.random.default_rng(8).standard_normal(layer.forward(x).shape)
+    layer.backward(dout)
+    expected = {k: g.copy() for k, g in layer.grads.items()}
+    layer.forward(x)
+    assert layer.backward(dout, input_grad=False) is None
+    for key in expected:
+        np.testing.assert_array_equal(layer.grads[key], expected[key])
+
+
+def test_inference_call_keeps_the_training_cache(np64):
+    layer, x = make_conv(CONV_CASES[1], np64)
+    dout = np.random.default_rng(9).standard_normal(layer.forward(x).shape)
+    dx = layer.backward(dout)
+    layer.forward(x)
+    layer(x + 1.0)
+    np.testing.assert_array_equal(layer.backward(dout), dx)
+
+
+def test_he_initialisation_variance():
+    layer = Conv2d(16, 64, 3, get_backend("numpy", "float64"), np.random.default_rng(0))
+    w = layer.params["W"]
+    assert w.shape == (64, 16, 3, 3) and np.all(layer.params["b"] == 0)
+    assert abs(w.var() / (2.0 / (16 * 9)) - 1.0) < 0.05        # 9216 draws: ~1.5% sd
+
+
+# ------------------------------------------------------------------------------------------
+# Fast twins against the references
+
+
+def _bounds(x, weight, dout, stride, padding):
+    """n eps sum|terms| for y, dW and dx (per entry), from the reference on |.|."""
+    with use_fast_paths(False):
+        abs_y = conv.conv2d_forward(np.abs(x), np.abs(weight), np.zeros(weight.shape[0]),
+                                    stride, padding)
+        abs_dx, abs_dw, _ = conv.conv2d_backward(np.abs(dout), np.abs(x), np.abs(weight),
+                                                 stride, padding)
+    o, c, kh, kw = weight.shape
+    n_pos = dout.shape[0] * dout.shape[2] * dout.shape[3]
+    return abs_y, c * kh * kw + 1, abs_dw, n_pos, abs_dx, o * kh * kw
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv_twin_within_the_reordered_sum_bound(case, dtype):
+    backend = get_backend("numpy", dtype)
+    if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    layer, x = make_conv(case, get_backend("numpy", "float64"))
+    weight, bias = layer.params["W"], layer.params["b"]
+    eps = np.finfo(dtype).eps
+    xd, wd, bd = (a.astype(dtype) for a in (x, weight, bias))
+    y = conv.conv2d_forward(xd, wd, bd, layer.stride, layer.padding)
+    dout = np.random.default_rng(10).standard_normal(y.shape).astype(dtype)
+    dx, dw, db = conv.conv2d_backward(dout, xd, wd, layer.stride, layer.padding)
+    with use_fast_paths(False):
+        y0 = conv.conv2d_forward(xd, wd, bd, layer.stride, layer.padding)
+        dx0, dw0, db0 = conv.conv2d_backward(dout, xd, wd, layer.stride, layer.padding)
+    abs_y, n_y, abs_dw, n_dw, abs_dx, n_dx = _bounds(xd, wd, dout, layer.stride, layer.padding)
+    assert y.dtype == dx.dtype == dw.dtype == backend.numpy_dtype
+    assert np.all(np.abs(y - y0) <= n_y * eps * (abs_y + np.abs(bd).reshape(-1, 1, 1)))
+    assert np.all(np.abs(dw - dw0) <= n_dw * eps * abs_dw)
+    assert np.all(np.abs(dx - dx0) <= n_dx * eps * abs_dx)
+    np.testing.assert_array_equal(db, db0)                     # the same call
+
+
+def test_conv_twin_in_chunks_of_one_image(monkeypatch):
+    """The CPU twin runs large batches in chunks of images (CONV_CHUNK_BYTES); with one
+    image per chunk every path through the chunks is taken, within the same bound."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    monkeypatch.setattr(twins, "CONV_CHUNK_BYTES", 1)
+    test_conv_twin_within_the_reordered_sum_bound(CONV_CASES[1], "float32")
+    test_conv_twin_within_the_reordered_sum_bound(CONV_CASES[2], "float64")
+    layer, x = make_conv(CONV_CASES[1], get_backend("numpy", "float64"))
+    dout = np.ones(layer.forward(x).shape)
+    _, dw, db = conv.conv2d_backward(dout, x, layer.params["W"], layer.stride, layer.padding,
+                                     input_grad=False)
+    dx1, dw1, _ = conv.conv2d_backward(dout, x, layer.params["W"], layer.stride, layer.padding)
+    np.testing.assert_array_equal(dw, dw1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_maxpool_twin_is_bit_identical(dtype):
+    x = np.round(np.random.default_rng(11).standard_normal((3, 2, 6, 8)), 1).astype(dtype)
+    dout = np.random.default_rng(12).standard_normal((3, 2, 3, 4)).astype(dtype)
+    y, dx = conv.maxpool2d_forward(x, 2), conv.maxpool2d_backward(dout, x, 2)
+    with use_fast_paths(False):
+        np.testing.assert_array_equal(y, conv.maxpool2d_forward(x, 2))
+        np.testing.assert_array_equal(dx, conv.maxpool2d_backward(dout, x, 2))
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       o=st.integers(1, 3), kh=st.integers(1, 4), kw=st.integers(1, 4), s=st.integers(1, 3),
+       p=st.integers(0, 2))
+def test_conv_shapes(n, c, h, w, o, kh, kw, s, p):
+    backend = get_backend("numpy", "float64")
+    layer = Conv2d(c, o, (kh, kw), backend, np.random.default_rng(0), stride=s, padding=p)
+    x = np.ones((n, c, h, w))
+    if h + 2 * p < kh or w + 2 * p < kw:
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            layer.forward(x)
+        return
+    y = layer.forward(x)
+    assert y.shape == (n, o, (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1)
+    assert y.shape[1:] == layer.output_shape(h, w)
+    dx = layer.backward(np.ones(y.shape))
+    assert dx.shape == x.shape and layer.grads["W"].shape == layer.params["W"].shape
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 3), c=st.integers(1, 3), hk=st.integers(1, 4), wk=st.integers(1, 4),
+       k=st.integers(1, 3))
+def test_pool_and_upsample_shapes_invert(n, c, hk, wk, k):
+    backend = get_backend("numpy", "float64")
+    x = np.random.default_rng(0).standard_normal((n, c, hk * k, wk * k))
+    pool, up = MaxPool2d(k, backend), Upsample(k, backend)
+    y = pool.forward(x)
+    assert y.shape == (n, c, hk, wk)
+    assert pool.backward(y).shape == x.shape
+    assert up.forward(y).shape == x.shape and up.backward(x).shape == y.shape
+    flat = Flatten(backend)
+    assert Unflatten(x.shape[1:], backend).forward(flat.forward(x)).shape == x.shape
+
+
+def test_upsample_backward_sums_each_block(np64):
+    dout = np.random.default_rng(13).standard_normal((2, 3, 6, 9))
+    layer = Upsample(3, np64)
+    layer.forward(np.zeros((2, 3, 2, 3)))
+    blocks = dout.reshape(2, 3, 2, 3, 3, 3)
+    expected, magnitude = blocks.sum(axis=(3, 5)), np.abs(blocks).sum(axis=(3, 5))
+    # the same 9 terms in another order: within 9 eps sum|terms|
+    assert np.all(np.abs(layer.backward(dout) - expected) <= 9 * np.finfo(float).eps * magnitude)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_is_named(np64):
+    rng = np.random.default_rng(0)
+    layer = Conv2d(3, 2, 3, np64, rng)
+    with pytest.raises(ValueError, match=r"x: expected images of shape \(N, C, H, W\)"):
+        layer.forward(np.zeros((3, 5, 5)))
+    with pytest.raises(ValueError, match="x: expected 3 channels"):
+        layer.forward(np.zeros((1, 1, 5, 5)))
+    with pytest.raises(ValueError, match=r"kernel of 3 is larger than the padded input"):
+        layer.forward(np.zeros((1, 3, 2, 5)))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        MaxPool2d(2, np64).forward(np.zeros((1, 1, 5, 4)))
+    with pytest.raises(ValueError, match="x: expected images"):
+        MaxPool2d(2, np64).forward(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="x: expected images"):
+        Upsample(2, np64).forward(np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match=r"x: expected shape \(N, 12\)"):
+        Unflatten((3, 2, 2), np64).forward(np.zeros((2, 13)))
+    with pytest.raises(ValueError, match="3 channels do not split into 2 groups"):
+        Flatten(np64, groups=2).forward(np.zeros((1, 3, 2, 2)))
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        Conv2d(1, 1, 1, np64, rng).backward(np.zeros((1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda b, r: Upsample(1.5, b), "scale_factor: expected a positive integer"),
+    (lambda b, r: Upsample(0, b), "scale_factor"),
+    (lambda b, r: MaxPool2d(2.0, b), "kernel_size: expected a positive integer"),
+    (lambda b, r: Conv2d(0, 2, 3, b, r), "in_channels"),
+    (lambda b, r: Conv2d(1, 2, (3, 0), b, r), "kernel_size: expected an integer >= 1"),
+    (lambda b, r: Conv2d(1, 2, 3, b, r, stride=0), "stride: expected an integer >= 1"),
+    (lambda b, r: Conv2d(1, 2, 3, b, r, padding=-1), "padding: expected an integer >= 0"),
+    (lambda b, r: Conv2d(1, 2, 3, b, r, padding=(1, 1, 1)), "padding"),
+    (lambda b, r: Conv2d(1, 2, 3, b, r, init="kaiming"), "init: expected one of"),
+    (lambda b, r: Unflatten((3, 4), b), r"shape: expected \(C, H, W\)"),
+    (lambda b, r: Flatten(b, groups=0), "groups: expected a positive integer"),
+])
+def test_bad_constructor_arguments(np64, make, message):
+    with pytest.raises(ValueError, match=message):
+        make(np64, np.random.default_rng(0))
+
+
+def test_channels_last_must_be_a_bool(np64):
+    with pytest.raises(TypeError, match="channels_last: expected True or False"):
+        Flatten(np64, channels_last="yes")
+
+
+# ------------------------------------------------------------------------------------------
+# The CuPy twins (run where there is a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_cupy_conv_twin_matches_the_numpy_reference(case):
+    import cupy
+
+    layer, x = make_conv(case, get_backend("numpy", "float64"))
+    w, b = layer.params["W"], layer.params["b"]
+    dout = np.random.default_rng(14).standard_normal(
+        conv.conv2d_forward(x, w, b, layer.stride, layer.padding).shape)
+    with use_fast_paths(False):
+        y0 = conv.conv2d_forward(x, w, b, layer.stride, layer.padding)
+        dx0, dw0, db0 = conv.conv2d_backward(dout, x, w, layer.stride, layer.padding)
+    y = conv.conv2d_forward(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), layer.stride,
+                            layer.padding)
+    dx, dw, db = conv.conv2d_backward(cupy.asarray(dout), cupy.asarray(x), cupy.asarray(w),
+                                      layer.stride, layer.padding)
+    abs_y, n_y, abs_dw, n_dw, abs_dx, n_dx = _bounds(x, w, dout, layer.stride, layer.padding)
+    eps = np.finfo(np.float64).eps
+    assert np.all(np.abs(y.get() - y0) <= n_y * eps * (abs_y + np.abs(b).reshape(-1, 1, 1)))
+    assert np.all(np.abs(dw.get() - dw0) <= n_dw * eps * abs_dw)
+    assert np.all(np.abs(dx.get() - dx0) <= n_dx * eps * abs_dx)
+    assert np.all(np.abs(db.get() - db0) <= dout.size * eps * np.abs(dout).sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cupy_maxpool_twin_is_bit_identical(dtype):
+    import cupy
+
+    x = np.round(np.random.default_rng(15).standard_normal((3, 2, 6, 8)), 1).astype(dtype)
+    dout = np.random.default_rng(16).standard_normal((3, 2, 3, 4)).astype(dtype)
+    with use_fast_paths(False):
+        y0, dx0 = conv.maxpool2d_forward(x, 2), conv.maxpool2d_backward(dout, x, 2)
+    np.testing.assert_array_equal(conv.maxpool2d_forward(cupy.asarray(x), 2).get(), y0)
+    np.testing.assert_array_equal(
+        conv.maxpool2d_backward(cupy.asarray(dout), cupy.asarray(x), 2).get(), dx0)
