@@ -150,9 +150,15 @@ def _check_preset(image_shape, latent_dim, channels, hidden, extra_features):
     if h % 4 or w % 4:
         raise ValueError(f"image_shape: the two 2x2 max-pools need H and W that are multiples "
                          f"of 4, got {tuple(image_shape)}")
-    for name, value in (("latent_dim", latent_dim), ("hidden", hidden)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not isinstance(latent_dim, (int, np.integer)) or isinstance(latent_dim, bool) \
+            or latent_dim < 1:
+        raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim!r}")
+    widths = (hidden,) if isinstance(hidden, (int, np.integer)) and not isinstance(
+        hidden, bool) else hidden
+    if not isinstance(widths, (tuple, list)) or any(
+            not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in widths):
+        raise ValueError(f"hidden: expected a positive integer or a sequence of them (the "
+                         f"dense widths between the convolutions and z), got {hidden!r}")
     if not isinstance(channels, (tuple, list)) or len(channels) != 2 or any(
             not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in channels):
         raise ValueError(f"channels: expected two positive integers (the two convolutions' "
@@ -160,11 +166,23 @@ def _check_preset(image_shape, latent_dim, channels, hidden, extra_features):
     if not isinstance(extra_features, (int, np.integer)) or isinstance(extra_features, bool) \
             or extra_features < 0:
         raise ValueError(f"extra_features: expected an integer >= 0, got {extra_features!r}")
-    return c, h, w, channels_last
+    return c, h, w, channels_last, tuple(int(v) for v in widths)
+
+
+def _dense(widths, backend, rng, last_init="he") -> list[Layer]:
+    """Linear(widths[0], widths[1]), ReLU, ..., Linear(widths[-2], widths[-1]): a ReLU
+    between each two, He-initialised but for the last (``last_init``)."""
+    layers: list[Layer] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        last = i == len(widths) - 2
+        layers.append(Linear(n_in, n_out, backend, rng, init=last_init if last else "he"))
+        if not last:
+            layers.append(ReLU(backend))
+    return layers
 
 
 def conv_encoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.Generator, *,
-                 channels: Sequence[int] = (32, 64), hidden: int = 512,
+                 channels: Sequence[int] = (32, 64), hidden: int | Sequence[int] = 512,
                  extra_features: int = 0) -> Sequential:
     """The starting example's encoder: (N, C H W [+ E]) -> (N, 2 d), [mu, logvar].
 
@@ -179,17 +197,19 @@ def conv_encoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     ``image_shape`` is (H, W) or (H, W, C) as ``vae_np.data`` gives it (flat examples in
     (H, W, C) order); ``extra_features`` E columns (a conditional VAE's labels) join at
     the first Linear. Hidden layers He-initialised, the head Glorot, as in the MLP.
+    ``hidden``: the width of the dense layer (512), or a sequence of widths for several
+    (``()``: the head right after the convolutions).
     """
-    c, h, w, channels_last = _check_preset(image_shape, latent_dim, channels, hidden,
-                                           extra_features)
+    c, h, w, channels_last, widths = _check_preset(image_shape, latent_dim, channels, hidden,
+                                                   extra_features)
     c1, c2 = channels
     layers = [
         Unflatten((c, h, w), backend, channels_last=channels_last),
         Conv2d(c, c1, 3, backend, rng, padding=1), ReLU(backend), MaxPool2d(2, backend),
         Conv2d(c1, c2, 3, backend, rng, padding=1), ReLU(backend), MaxPool2d(2, backend),
         Flatten(backend),
-        Linear(c2 * (h // 4) * (w // 4) + extra_features, hidden, backend, rng), ReLU(backend),
-        Linear(hidden, 2 * latent_dim, backend, rng, init="glorot"),
+        *_dense((c2 * (h // 4) * (w // 4) + extra_features, *widths, 2 * latent_dim),
+                backend, rng, last_init="glorot"),
     ]
     return Sequential(layers, backend, extra_features=extra_features,
                       extra_at=8 if extra_features else None)
@@ -197,7 +217,7 @@ def conv_encoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
 
 def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.Generator, *,
                  outputs_per_pixel: int = 1, channels: Sequence[int] = (32, 64),
-                 hidden: int = 512, extra_features: int = 0) -> Sequential:
+                 hidden: int | Sequence[int] = 512, extra_features: int = 0) -> Sequential:
     """The starting example's decoder: (N, d [+ E]) -> (N, K C H W), K outputs per pixel.
 
         Linear(d [+ E], 512), ReLU, Linear(512, 64 (H/4) (W/4)), Unflatten(64, H/4, W/4),
@@ -210,9 +230,10 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     likelihood's [mu (c), logvar (c)] layout on (M, K c), c = C H W. The ReLU after each
     Upsample is the example's order (ReLU and nearest upsampling commute). ``extra_features``
     E (labels appended to z) widen the first Linear. The last layer is Glorot-initialised.
+    ``hidden``: as the encoder's, mirrored (the last width first).
     """
-    c, h, w, channels_last = _check_preset(image_shape, latent_dim, channels, hidden,
-                                           extra_features)
+    c, h, w, channels_last, widths = _check_preset(image_shape, latent_dim, channels, hidden,
+                                                   extra_features)
     if not isinstance(outputs_per_pixel, (int, np.integer)) or isinstance(outputs_per_pixel, bool) \
             or outputs_per_pixel < 1:
         raise ValueError(f"outputs_per_pixel: expected a positive integer, got "
@@ -220,8 +241,8 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     c1, c2 = channels
     k = int(outputs_per_pixel)
     layers = [
-        Linear(latent_dim + extra_features, hidden, backend, rng), ReLU(backend),
-        Linear(hidden, c2 * (h // 4) * (w // 4), backend, rng),
+        *_dense((latent_dim + extra_features, *reversed(widths), c2 * (h // 4) * (w // 4)),
+                backend, rng),
         Unflatten((c2, h // 4, w // 4), backend),
         Upsample(2, backend), ReLU(backend), Conv2d(c2, c1, 3, backend, rng, padding=1),
         Upsample(2, backend), ReLU(backend),
@@ -234,7 +255,7 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
 def conv_networks(image_shape, latent_dim: int, outputs_per_pixel: int, backend: Backend,
                   rng: np.random.Generator, *, extra_features: int = 0,
                   channels: Sequence[int] = (32, 64),
-                  hidden: int = 512) -> tuple[Sequential, Sequential]:
+                  hidden: int | Sequence[int] = 512) -> tuple[Sequential, Sequential]:
     """(encoder, decoder) of the starting example, drawn from ``rng`` in that order (as
     ``VAE`` draws its two MLPs); ``extra_features`` go to both (the encoder at its first
     Linear, the decoder after z)."""
