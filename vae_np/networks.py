@@ -265,3 +265,39 @@ def conv_networks(image_shape, latent_dim: int, outputs_per_pixel: int, backend:
                            outputs_per_pixel=outputs_per_pixel, channels=channels,
                            hidden=hidden, extra_features=extra_features)
     return encoder, decoder
+
+
+#: ``VAE(architecture=...)``: ``mlp``, fully connected layers (the default), or ``conv``,
+#: the starting example's convolutional encoder and decoder (:func:`conv_networks`).
+ARCHITECTURES = ("mlp", "conv")
+#: Each architecture's dense widths when ``hidden`` is left out: the MLP's two layers of
+#: 512, the conv preset's one dense layer of 512.
+DEFAULT_HIDDEN = {"mlp": (512, 512), "conv": (512,)}
+#: The conv preset's two convolution widths.
+CONV_CHANNELS = (32, 64)
+
+
+def conv_image_shape(image_shape, input_dim: int | None) -> tuple[int, ...]:
+    """The image shape of a conv VAE, (H, W) or (H, W, C): ``image_shape`` (whose pixel
+    count ``input_dim`` must match when given), or MNIST's (28, 28) when both are left out
+    or ``input_dim`` is 784. Any other flat size is ambiguous: ValueError asking for it."""
+    if image_shape is None:
+        if input_dim not in (None, 784):
+            raise ValueError(f"image_shape: the conv architecture needs the image shape, "
+                             f"(H, W) or (H, W, C), of the input_dim={input_dim} values of "
+                             f"an example")
+        return (28, 28)
+    c, h, w, _ = image_layout(image_shape)
+    shape = (h, w) if len(tuple(image_shape)) == 2 else (h, w, c)
+    if input_dim is not None and input_dim != h * w * c:
+        raise ValueError(f"image_shape: {shape} holds {h * w * c} values, input_dim is "
+                         f"{input_dim}")
+    return shape
+
+
+def conv_widest(image_shape, channels: Sequence[int], hidden: Sequence[int]) -> int:
+    """The widest decoder activation of one example, in values: the last convolution's
+    c1 H W input (the im2col columns are chunked by the layer itself) or a dense layer."""
+    c, h, w, _ = image_layout(image_shape)
+    c1, c2 = channels
+    return max(c1 * h * w, c2 * (h // 2) * (w // 2), *hidden)
