@@ -75,11 +75,19 @@ def save_model(model: VAE, path: str | os.PathLike, *, image_shape=None,
 
     ``image_shape`` ((H, W), (H, W, 3) or None) and ``binarize`` describe the data, so
     that ``vae-np`` draws and evaluates the model as it was trained; ``data`` may add a
-    JSON-able summary (source, description). Returns ``path``.
+    JSON-able summary (source, description). A model that knows its image shape (a conv
+    VAE) gives the default, and a different ``image_shape`` is a ValueError. (Its
+    architecture, image shape and channels travel in ``model_config`` either way.)
+    Returns ``path``.
     """
     if not isinstance(model, VAE):
         raise TypeError(f"model: expected a vae_np.VAE, got {type(model).__name__}")
     shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
+    own = _drawable(model.image_shape)
+    if shape is None:
+        shape = own
+    elif own is not None and _drawable(shape) != own:
+        raise ValueError(f"image_shape: {shape}, but the model's is {own}")
     summary = dict(data or {})
     summary.update({"image_shape": None if shape is None else list(shape),
                     "binarize": binarize})
@@ -143,7 +151,7 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
         raise CheckpointError(f"{path}: {PREFIX}* arrays do not fit metadata model_config: "
                               f"{exc}") from None
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    image_shape = _stored_image_shape(path, data, model.config["input_dim"])
+    image_shape = _stored_image_shape(path, data, model)
     binarize = data.get("binarize")
     if binarize not in (None, "none", "static", "dynamic"):
         raise CheckpointError(f"{path}: metadata data.binarize: expected none, static or "
@@ -153,14 +161,28 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
                       path=path)
 
 
-def _stored_image_shape(path: Path, data: dict, input_dim: int) -> tuple[int, ...] | None:
+def _drawable(shape) -> tuple[int, ...] | None:
+    """A model's image shape as the data summary holds it: (H, W) for one channel,
+    (H, W, 3); None for None or a channel count no picture draws."""
+    if shape is None or len(shape) == 2:
+        return None if shape is None else tuple(shape)
+    if shape[2] == 1:
+        return tuple(shape[:2])
+    return tuple(shape) if shape[2] == 3 else None
+
+
+def _stored_image_shape(path: Path, data: dict, model: VAE) -> tuple[int, ...] | None:
     """The image shape the file records; for files that record none (trainer checkpoints
-    of MNIST), 28x28 for MNIST, a square for a square feature count, else None."""
+    of MNIST), the model's own (a conv VAE's), 28x28 for MNIST, a square for a square
+    feature count, else None."""
+    input_dim = model.input_dim
     if "image_shape" in data:
         try:
             return _check_image_shape(data["image_shape"], input_dim, "image_shape")
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: metadata data.{exc}") from None
+    if model.image_shape is not None:
+        return _drawable(model.image_shape)
     if data.get("source") in MNIST_SOURCES and input_dim == 784:
         return (28, 28)
     side = math.isqrt(input_dim)

@@ -121,10 +121,11 @@ def _layers(g: _Graph, model: VAE, part: str, x: str) -> str:
 
 def onnx_models(model: VAE):
     """(encoder, decoder): two checked ``onnx.ModelProto`` of ``model`` (module docstring)."""
+    check_model(model)
+    network_layers(model, "encoder")  # an architecture ONNX cannot map yet: before onnx
     onnx = require("onnx", "ONNX export")
     import onnx.numpy_helper  # noqa: F401  (a submodule the package does not import itself)
 
-    check_model(model)
     dtype = model.backend.numpy_dtype
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     d, c, k = model.latent_dim, model.input_dim, model.num_classes

@@ -98,8 +98,13 @@ class Trainer:
         self.comm.attach(self.backend)
         self.dataset = dataset
         self.data = RunData(dataset, self.config, self.backend)
+        if config.architecture == "conv" and dataset.image_shape is None:
+            raise ValueError(f"architecture: 'conv' needs images, and {dataset.description} "
+                             f"holds flat feature vectors (no image_shape)")
         self.model = VAE(input_dim=dataset.n_features, backend=self.backend,
-                         num_classes=self.data.num_classes, **config.model_kwargs())
+                         num_classes=self.data.num_classes, **config.model_kwargs(),
+                         **({"image_shape": dataset.image_shape}
+                            if config.architecture == "conv" else {}))
         if config.output_bias == "data-logit":  # as Burda et al.'s code: see RunData
             self.model.decoder.linears[-1].params["b"][...] = self.data.mean_pixel_logits()
         self.optimizer = Adam(self.model.parameters, lr=config.lr, eps=config.adam_eps,
