@@ -587,3 +587,39 @@ def test_cli_errors_are_one_line_with_status_1(tmp_path, capsys):
 def test_imported_model_image_shape_guess():
     assert ImportedModel(VAE(), "torch").image_shape == (28, 28)
     assert ImportedModel(small_model(), "torch").image_shape is None
+
+
+# ------------------------------------------------------------------------------------------
+# The conv architecture: safetensors keeps it; ONNX and the torch layout do not map it yet
+
+CONV = dict(architecture="conv", image_shape=(8, 8, 3), channels=(2, 3), hidden=(5,),
+            latent_dim=3)
+
+
+def test_conv_export_to_onnx_or_torch_is_refused_naming_the_architecture(tmp_path, capsys):
+    model = VAE(**CONV)
+    with pytest.raises(ValueError, match="'conv' architecture to ONNX is not supported yet"):
+        export_model(model, tmp_path / "c.onnx", "onnx")
+    with pytest.raises(ValueError, match="torch layout maps the MLP, not 'conv'"):
+        export_model(model, tmp_path / "c.pt", "torch")
+    save_model(model, tmp_path / "conv.npz")
+    code, _, err = run(capsys, "export", tmp_path / "conv.npz", "--format", "onnx",
+                       "--out", tmp_path / "c.onnx")
+    assert code == 1 and err.count("\n") == 1 and "'conv' architecture" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.npz"]   # nothing written
+
+
+def test_a_conditional_conv_model_round_trips_through_safetensors_exactly(tmp_path):
+    pytest.importorskip("safetensors")
+    model = VAE(**CONV, num_classes=2, decoder="gaussian", dtype="float64", seed=3)
+    (path,) = export_model(model, tmp_path / "c.safetensors", "safetensors")
+    imported = import_model(path)
+    back = imported.model
+    assert back.config == model.config and back.architecture == "conv"
+    assert imported.image_shape == (8, 8, 3)                # the model's own
+    x = np.random.default_rng(0).random((4, 192))
+    y = np.array([0, 1, 1, 0])
+    for a, b in zip(model.encode(x, y=y), back.encode(x, y=y)):
+        assert np.array_equal(a, b)
+    z = np.random.default_rng(1).standard_normal((4, 3))
+    assert np.array_equal(model.decode(z, y=y), back.decode(z, y=y))
