@@ -73,9 +73,9 @@ def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
                             "(H and W multiples of 4)")
     model.add_argument("--hidden", type=layer_widths, default=None,
                        help="encoder dense layer widths; the decoder mirrors them "
-                            "(default: 512,512 for mlp, 512 for conv)")
+                            "(None: 512,512 for mlp, 512 for conv)")
     model.add_argument("--channels", type=layer_widths, default=None,
-                       help="conv: the two convolutions' widths (default: 32,64)")
+                       help="conv: the two convolutions' widths (None: 32,64)")
     model.add_argument("--latent-dim", type=positive_int, default=d.latent_dim,
                        help="latent dimension d (2 also draws the manifold and latent scatter)")
     model.add_argument("--decoder", choices=LIKELIHOOD_NAMES,
