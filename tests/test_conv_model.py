@@ -327,6 +327,18 @@ def test_training_lowers_the_loss_and_resume_is_bit_for_bit(dataset, tmp_path):
     assert meta["model_config"]["image_shape"] == [8, 8]
 
 
+def test_a_conv_run_draws_every_picture(dataset, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    trainer = Trainer(conv_config(epochs=1), dataset, tmp_path, log=None,
+                      progress=False, pictures=True)
+    trainer.fit()
+    for name in ["reconstructions.png", "samples.png", "loss_curves.png", "manifold.png",
+                 "latent_scatter.png"]:
+        with Image.open(tmp_path / name) as image:
+            image.load()
+            assert image.size[0] > 100 and image.size[1] > 100, name
+
+
 def test_a_mid_epoch_interrupt_resumes_bit_for_bit(dataset, tmp_path):
     config = conv_config()
     whole = make_trainer(config, dataset, tmp_path / "whole")
