@@ -17,8 +17,8 @@ The formats, each documented in its module:
 
 - ``onnx`` (:mod:`.onnx_graphs`): two models, the encoder x [, y] -> (mu, logvar) and the
   decoder z [, y] -> the decoder distribution's parameters, built with ``onnx.helper``
-  and checked with ``onnx.checker``; any MLP model vae_np trains (the ``conv``
-  architecture is not supported yet: a ValueError naming it).
+  and checked with ``onnx.checker``; any model vae_np trains (a conv model in float32:
+  ONNX Runtime has no float64 Conv).
 - ``safetensors`` (:mod:`.safetensors_file`): every parameter under vae_np's name
   (``encoder.linear0.W``, (D_in, D_out)) and ``VAE.config`` in the metadata; any model,
   and it imports back exactly.

@@ -31,19 +31,14 @@ def check_model(model) -> VAE:
 
 def architecture(model: VAE) -> str:
     """The network family of ``model`` (``mlp`` or ``conv``, ``VAE.architecture``); each
-    format maps each family it supports."""
+    format maps each family it supports (torch: the MLP only)."""
     return model.config.get("architecture", "mlp")
 
 
 def network_layers(model: VAE, part: str) -> list:
     """The layers of ``part`` (``encoder`` or ``decoder``), input to output: for the MLP,
-    Linear layers with an activation layer between each two. The ``conv`` architecture is
-    not supported yet (ONNX Conv, MaxPool and Resize nodes would map it): a one-line
-    ValueError naming it."""
-    if architecture(model) != "mlp":
-        raise ValueError(f"model: exporting the {architecture(model)!r} architecture to ONNX "
-                         f"is not supported yet (only 'mlp'); the safetensors format keeps "
-                         f"any model")
+    Linear layers with an activation layer between each two; for ``conv``, the
+    ``networks.Sequential``'s layers (Unflatten, Conv2d, ..., Flatten)."""
     return list(getattr(model, part).layers)
 
 
