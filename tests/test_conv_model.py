@@ -384,10 +384,13 @@ def test_train_config_architecture_fields():
         TrainConfig(architecture="resnet")
 
 
-def test_a_conv_run_on_flat_features_is_refused(tmp_path):
+def test_a_conv_run_on_flat_features_or_odd_sizes_is_refused(tmp_path):
     flat = synthetic_dataset(20, 10, side=8, flat=True)
     with pytest.raises(ValueError, match="architecture: 'conv' needs images"):
         make_trainer(conv_config(), flat, tmp_path)
+    odd = synthetic_dataset(20, 10, side=6)
+    with pytest.raises(ValueError, match="multiples of 4; the images are 6x6.*--image-size"):
+        make_trainer(conv_config(), odd, tmp_path / "odd")
 
 
 def test_vae_np_train_architecture_conv(tmp_path, capsys):

@@ -112,6 +112,11 @@ class VAE:
             ``vae_np.data`` gives it (``Dataset.image_shape``). Conv: default (28, 28),
             allowed only with input_dim 784 or left out. The MLP only records it.
         channels: conv only: the two convolutions' widths, default (32, 64).
+
+    Attributes besides the arguments: ``encoder``, ``decoder`` (``layers.MLP`` or
+    ``networks.Sequential``), ``parameters``, ``config`` (the arguments, JSON-able: what
+    ``vae_np.saving`` stores), ``widest`` (the widest decoder activation per example, in
+    values: :func:`log_likelihood_chunk_size` sizes its chunks by it).
     """
 
     def __init__(self, input_dim: int | None = None, hidden: Sequence[int] | None = None,

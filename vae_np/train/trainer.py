@@ -101,6 +101,12 @@ class Trainer:
         if config.architecture == "conv" and dataset.image_shape is None:
             raise ValueError(f"architecture: 'conv' needs images, and {dataset.description} "
                              f"holds flat feature vectors (no image_shape)")
+        if config.architecture == "conv" and (dataset.image_shape[0] % 4
+                                              or dataset.image_shape[1] % 4):
+            raise ValueError(f"architecture: 'conv' pools twice by 2, so it needs H and W "
+                             f"that are multiples of 4; the images are "
+                             f"{'x'.join(map(str, dataset.image_shape[:2]))} (a folder of "
+                             f"images can be resized with --image-size, e.g. 32x32)")
         self.model = VAE(input_dim=dataset.n_features, backend=self.backend,
                          num_classes=self.data.num_classes, **config.model_kwargs(),
                          **({"image_shape": dataset.image_shape}
