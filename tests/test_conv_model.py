@@ -382,6 +382,8 @@ def test_train_config_architecture_fields():
         TrainConfig(architecture="conv", output_bias="data-logit")
     with pytest.raises(ValueError, match="architecture: expected one of mlp, conv"):
         TrainConfig(architecture="resnet")
+    with pytest.raises(ValueError, match="activation: the conv architecture has ReLU units"):
+        TrainConfig(architecture="conv", activation="tanh")
 
 
 def test_a_conv_run_on_flat_features_or_odd_sizes_is_refused(tmp_path):

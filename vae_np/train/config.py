@@ -214,6 +214,9 @@ class TrainConfig:
                 f"beta: the iwae objective has no KL term to weight, so beta must stay 1 "
                 f"(got beta={self.beta!r} with objective='iwae'); --beta is for "
                 f"--objective vae")
+        if self.architecture == "conv" and self.activation != "relu":
+            raise ValueError(f"activation: the conv architecture has ReLU units (the "
+                             f"starting example's), got {self.activation!r}")
         if self.output_bias == "data-logit" and self.architecture != "mlp":
             raise ValueError(f"output_bias='data-logit' sets one logit per pixel, and the "
                              f"{self.architecture!r} decoder's last bias is one per channel; "
