@@ -6,6 +6,7 @@ pictures: the same command as ``vae-np train`` (``vae_np.train_cli``), kept so t
     python examples/train_mnist.py --latent-dim 2 --out results/2d   # adds the 2-D maps
     python examples/train_mnist.py --resume            # continue the run in --out
     python examples/train_mnist.py --dataset my_data.npz --decoder gaussian   # your data
+    python examples/train_mnist.py --architecture conv   # the starting example's conv net
     mpiexec -n 4 python examples/train_mnist.py --distributed          # 4 data-parallel ranks
 
 keep working. ``--help`` lists every flag; the exit statuses are ``vae_np.train_cli``'s.

@@ -32,6 +32,10 @@ def files(tmp_path):
                tmp_path / "vec_model.npz")
     save_model(VAE(input_dim=16, hidden=(8,), latent_dim=2, num_classes=3, seed=0),
                tmp_path / "cond_model.npz", image_shape=(4, 4))
+    conv = dict(architecture="conv", image_shape=(4, 4), channels=(2, 3), hidden=(8,),
+                latent_dim=2, seed=0)
+    save_model(VAE(**conv), tmp_path / "conv_model.npz")      # its own image shape
+    save_model(VAE(**conv, num_classes=3, decoder="gaussian"), tmp_path / "convcond_model.npz")
     return tmp_path
 
 
@@ -42,7 +46,7 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "array_api_strict"])
-@pytest.mark.parametrize("kind", ["img", "vec", "cond"])
+@pytest.mark.parametrize("kind", ["img", "vec", "cond", "conv", "convcond"])
 def test_every_subcommand_writes_its_file(files, capsys, backend, kind):
     pytest.importorskip(backend)
     ckpt, data = files / f"{kind}_model.npz", files / ("vec.npz" if kind == "vec" else "img.npz")

@@ -45,6 +45,13 @@ tiny_config = partial(helpers.tiny_config, batch_size=16, lr=1e-3, dtype="float6
                       eval_samples=5, eval_batch_size=10, samples=2, distributed=True)
 
 
+#: The mpiexec workers' runs: the config changes of each mode that trains. ``conv``: the
+#: convolutional VAE (tiny channels, 28x28 images), conditional, its labels side inputs.
+MODES = {"train": {}, "conditional": {"conditional": True},
+         "conv": {"architecture": "conv", "channels": (2, 3), "hidden": (8,),
+                  "conditional": True}}
+
+
 def parameters(trainer) -> np.ndarray:
     return trainer.backend.to_numpy(trainer.model.parameters.data).copy()
 
@@ -149,12 +156,13 @@ def test_sharded_evaluation_adds_up_to_the_single_process_numbers(conditional):
 # The trainer with a one-rank communicator, and one rank of several
 
 
-def test_a_one_rank_distributed_run_is_the_plain_run_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("mode", ["train", "conv"])
+def test_a_one_rank_distributed_run_is_the_plain_run_bit_for_bit(tmp_path, mode):
     dataset = tiny_dataset()
-    plain = Trainer(tiny_config(distributed=False), dataset, tmp_path / "plain", log=None,
-                    progress=False, pictures=False)
-    one = Trainer(tiny_config(), dataset, tmp_path / "one", log=None, progress=False,
-                  pictures=False, comm=SingleProcess())
+    plain = Trainer(tiny_config(distributed=False, **MODES[mode]), dataset, tmp_path / "plain",
+                    log=None, progress=False, pictures=False)
+    one = Trainer(tiny_config(**MODES[mode]), dataset, tmp_path / "one", log=None,
+                  progress=False, pictures=False, comm=SingleProcess())
     a, b = plain.fit(), one.fit()
     np.testing.assert_array_equal(parameters(plain), parameters(one))
     assert a["final_epoch"]["test_loss"] == b["final_epoch"]["test_loss"]
@@ -297,8 +305,8 @@ def mpiexec(ranks: int, mode: str, out: Path, epochs: int, timeout: float = 60):
 
 def worker(mode: str, out: str, epochs: str) -> None:
     """One rank of an mpiexec test: train (``train``; ``conditional``: a conditional
-    model), resume (``resume``) or raise on rank 1 (``raise``); every rank saves its final
-    parameters as ``out/rank<r>.npy``."""
+    model; ``conv``: a conditional conv VAE; see ``MODES``), resume (``resume``) or raise
+    on rank 1 (``raise``); every rank saves its final parameters as ``out/rank<r>.npy``."""
     from vae_np.distributed import abort_on_error, world
 
     comm = world("numpy")
@@ -309,7 +317,7 @@ def worker(mode: str, out: str, epochs: str) -> None:
         trainer = Trainer.resume(out_dir / "run", dataset, overrides={"epochs": int(epochs)},
                                  **options)
     else:
-        config = tiny_config(epochs=int(epochs), conditional=mode == "conditional")
+        config = tiny_config(epochs=int(epochs), **MODES.get(mode, {}))
         trainer = Trainer(config, dataset, out_dir / "run", **options)
     if mode == "raise" and comm.rank == 1:
         raise RuntimeError("boom on rank 1")
@@ -317,11 +325,12 @@ def worker(mode: str, out: str, epochs: str) -> None:
     np.save(out_dir / f"rank{comm.rank}.npy", parameters(trainer))
 
 
-def shard_sum_reference(epochs: int, size: int, conditional: bool = False) -> np.ndarray:
-    """The run of ``tiny_config`` computed in one process, each global batch's gradient
-    the sum, in rank order, of the ``size`` shards' weighted gradients (each shard with
-    its own rows' labels, for a ``conditional`` model)."""
-    config = tiny_config(epochs=epochs, conditional=conditional)
+def shard_sum_reference(epochs: int, size: int, **changes) -> np.ndarray:
+    """The run of ``tiny_config(**changes)`` computed in one process, each global batch's
+    gradient the sum, in rank order, of the ``size`` shards' weighted gradients (each shard
+    with its own rows' labels, for a conditional model)."""
+    config = tiny_config(epochs=epochs, **changes)
+    conditional = config.conditional
     backend = get_backend("numpy", "float64")
     model = VAE(input_dim=784, backend=backend, num_classes=10 if conditional else None,
                 **config.model_kwargs())
@@ -352,24 +361,25 @@ def shard_sum_reference(epochs: int, size: int, conditional: bool = False) -> np
 
 @pytest.mark.slow
 @needs_mpiexec
-@pytest.mark.parametrize("mode", ["train", "conditional"])
+@pytest.mark.parametrize("mode", ["train", "conditional", "conv"])
 def test_two_ranks_train_the_one_rank_model(tmp_path, mode):
-    conditional = mode == "conditional"
+    conditional = MODES[mode].get("conditional", False)
     done = mpiexec(2, mode, tmp_path, 2)
     assert done.returncode == 0, done.stderr
     two = [np.load(tmp_path / f"rank{r}.npy") for r in range(2)]
     np.testing.assert_array_equal(two[0], two[1])        # every rank took the same steps
-    one = Trainer(tiny_config(conditional=conditional), tiny_dataset(), tmp_path / "one",
+    one = Trainer(tiny_config(**MODES[mode]), tiny_dataset(), tmp_path / "one",
                   log=None, progress=False, pictures=False, comm=SingleProcess())
     results = one.fit()
     single = parameters(one)
     assert np.linalg.norm(two[0] - single) <= 1e-12 * np.linalg.norm(single)
     # and the same bits as one process summing the two shards in rank order
-    np.testing.assert_array_equal(two[0], shard_sum_reference(2, 2, conditional))
+    np.testing.assert_array_equal(two[0], shard_sum_reference(2, 2, **MODES[mode]))
     # rank 0 wrote the run; the checkpoint records the ranks
     saved = read_run(tmp_path / "run")
     assert saved.ranks == 2 and saved.epochs_done == 2
     assert (saved.model_config["num_classes"] == 10) == conditional
+    assert saved.model_config["architecture"] == MODES[mode].get("architecture", "mlp")
     # the sharded test ELBO and ln p(x) (with labels) are the one-rank numbers
     sharded = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
     assert sharded["final_epoch"]["test_loss"] == pytest.approx(

@@ -606,3 +606,70 @@ def test_cli_export_and_import_never_write_over_their_input(tmp_path, capsys):
     code, _, err = run(capsys, "import", tmp_path / "m.pt", "--out", tmp_path / "back.pt")
     assert code == 1 and ".npz" in err and not (tmp_path / "back.pt").exists(), err
     assert (tmp_path / "m.npz").read_bytes() == before and (tmp_path / "m.pt").read_bytes() == pt
+
+
+# ------------------------------------------------------------------------------------------
+# The conv architecture: safetensors keeps it; ONNX and the torch layout do not map it yet
+
+CONV = dict(architecture="conv", image_shape=(8, 8, 3), channels=(2, 3), hidden=(5,),
+            latent_dim=3)
+
+
+@pytest.mark.parametrize("decoder, num_classes, channels",
+                         [("bernoulli", None, 1), ("gaussian", 3, 3), ("gaussian-fixed", 3, 1)])
+def test_onnx_runtime_runs_the_conv_graphs_as_vae_np(tmp_path, decoder, num_classes, channels):
+    """float32 against vae_np: both sum the same products (at most 3 * 3 * C_in, or a dense
+    layer's dozen, per output) in other orders; the unit roundoff 6e-8 times a few dozen
+    terms of size O(1) is ~2e-6, so 1e-5 (absolute and relative) has a margin of 5."""
+    shape = (8, 8) if channels == 1 else (8, 8, channels)
+    variance = 0.3 if decoder == "gaussian-fixed" else None
+    model = jitter_biases(VAE(**{**CONV, "image_shape": shape}, decoder=decoder,
+                              num_classes=num_classes, variance=variance, seed=2))
+    enc, dec = sessions(tmp_path, model)
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 64 * channels)).astype(np.float32)
+    labels = rng.integers(0, 3, 5)
+    extra, feed = {}, {}
+    if num_classes:
+        extra, feed = {"y": labels}, {"y": np.eye(3, dtype=np.float32)[labels]}
+    for got, want in zip(enc.run(["mu", "logvar"], {"x": x, **feed}), model.encode(x, **extra)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    z = rng.standard_normal((5, 3)).astype(np.float32)
+    outs = np.concatenate(dec.run(None, {"z": z, **feed}), axis=1)
+    np.testing.assert_allclose(outs, model.decoder_outputs(z, **extra), rtol=1e-5, atol=1e-5)
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(tmp_path / "vae.encoder.onnx")).graph
+    names = {i.name for i in graph.initializer if i.name.endswith((".W", ".b"))}
+    assert names == {n for n in model.state_dict() if n.startswith("encoder.")}
+
+
+def test_conv_export_refuses_float64_onnx_and_the_torch_layout(tmp_path, capsys):
+    model = VAE(**CONV, dtype="float64")
+    with pytest.raises(ValueError, match="float64 conv VAE: ONNX Runtime has no float64 Conv"):
+        export_model(model, tmp_path / "c.onnx", "onnx")
+    with pytest.raises(ValueError, match="torch layout maps the MLP, not 'conv'"):
+        export_model(model, tmp_path / "c.pt", "torch")
+    save_model(model, tmp_path / "conv.npz")
+    code, _, err = run(capsys, "export", tmp_path / "conv.npz", "--format", "torch",
+                       "--out", tmp_path / "c.pt")
+    assert code == 1 and err.count("\n") == 1 and "not 'conv'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.npz"]   # nothing written
+    code, _, err = run(capsys, "export", tmp_path / "conv.npz", "--format", "onnx",
+                       "--dtype", "float32", "--out", tmp_path / "c.onnx")
+    assert code == 0, err
+
+
+def test_a_conditional_conv_model_round_trips_through_safetensors_exactly(tmp_path):
+    pytest.importorskip("safetensors")
+    model = VAE(**CONV, num_classes=2, decoder="gaussian", dtype="float64", seed=3)
+    (path,) = export_model(model, tmp_path / "c.safetensors", "safetensors")
+    imported = import_model(path)
+    back = imported.model
+    assert back.config == model.config and back.architecture == "conv"
+    assert imported.image_shape == (8, 8, 3)                # the model's own
+    x = np.random.default_rng(0).random((4, 192))
+    y = np.array([0, 1, 1, 0])
+    for a, b in zip(model.encode(x, y=y), back.encode(x, y=y)):
+        assert np.array_equal(a, b)
+    z = np.random.default_rng(1).standard_normal((4, 3))
+    assert np.array_equal(model.decode(z, y=y), back.decode(z, y=y))

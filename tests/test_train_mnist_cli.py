@@ -80,7 +80,8 @@ def test_help_lists_every_flag_with_its_default(cli, capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     text = text[text.index("options:"):]  # the flag descriptions, not the usage line
     for flag, default in [("--backend", "numpy"), ("--epochs", "10"), ("--batch-size", "32"),
-                          ("--hidden", "512,512"), ("--latent-dim", "64"),
+                          ("--hidden", "None"), ("--architecture", "mlp"),
+                          ("--channels", "None"), ("--latent-dim", "64"),
                           ("--decoder", "bernoulli"), ("--variance", "None"),
                           ("--samples", "1"), ("--beta", "1.0"), ("--lr", "0.001"),
                           ("--binarize", "auto"), ("--dtype", "float32"), ("--seed", "0"),
@@ -93,6 +94,7 @@ def test_help_lists_every_flag_with_its_default(cli, capsys):
     for flag in ("--resume", "--no-download", "--limit-train", "--clip-norm", "--overwrite"):
         assert flag in text
     assert "papers use 5000" in text and "dynamic" in text
+    assert "(None: 512,512 for mlp, 512 for conv)" in text and "(None: 32,64)" in text
 
 
 @pytest.mark.parametrize("argv, message", [

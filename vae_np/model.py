@@ -1,5 +1,8 @@
-"""The variational autoencoder: an MLP encoder q(z | x), an MLP decoder p(x | z) and the
-training objective between them, with hand-written backprop.
+"""The variational autoencoder: an encoder q(z | x), a decoder p(x | z) and the training
+objective between them, with hand-written backprop. The networks are MLPs
+(``architecture="mlp"``, the default) or the starting example's convolutional encoder and
+decoder (``architecture="conv"``, ``vae_np.networks.conv_networks``); both take and give
+flat examples (N, c), so everything below is the same for both.
 
 Forward (``VAE.loss``), for a batch x of N examples and S samples per example:
 
@@ -14,11 +17,13 @@ where the objective, chosen once at construction (``objective="vae"``: the negat
 then the encoder's; docs/05-whole-model.md and docs/09-iwae.md derive every line.
 
 A conditional VAE (``num_classes``) appends the one-hot label of each example to the
-encoder's input and to the decoder's latent input (``_one_hot``, ``_with_labels``).
+encoder's input and to the decoder's latent input (``_one_hot``, ``_with_labels``); the
+convolutional encoder takes them as side inputs that join at its first dense layer
+(``networks.Sequential``'s ``extra_features``).
 
 Inference (``encode``, ``decode``, ``reconstruct``, ``sample``, ``log_likelihood``) keeps
 nothing and disturbs nothing; what ``backward`` reads is kept by ``loss`` on the model
-(and by each MLP's ``forward`` in that MLP). ``log_likelihood`` estimates ln p(x) by
+(and by each network's ``forward`` in that network). ``log_likelihood`` estimates ln p(x) by
 importance sampling with the ln w of the IWAE bound (``objectives.iwae_log_weights``).
 
 There is one ``loss`` and one ``backward``. Each op they call chooses its own variant:
@@ -38,11 +43,13 @@ import numpy as np
 from .backend import Backend, get_backend
 from .layers import MLP
 from .likelihoods import make_likelihood
+from .networks import (ARCHITECTURES, CONV_CHANNELS, DEFAULT_HIDDEN, conv_image_shape,
+                       conv_networks, conv_widest)
 from .objectives import (OBJECTIVES, ELBOTerms, iwae_log_weights, make_objective,
                          repeat_over_samples, reparameterize)
 from .parameters import Parameters
-from .validation import check_array, check_int, check_labels, check_layers_fit, check_number, \
-    check_range, check_rng
+from .validation import (check_array, check_choice, check_int, check_labels, check_layers_fit,
+                         check_number, check_range, check_rng)
 
 # ELBOTerms and OBJECTIVES live in objectives.py; named here too for the callers that have
 # always imported them from the model (the trainer, train_cli).
@@ -56,15 +63,23 @@ def log_likelihood_chunk_size(model: "VAE", n: int, num_samples: int) -> int:
     asks for the same chunks, so that on CuPy, whose RNG keys each draw by its call number,
     the draws are the single-process ones (on NumPy they do not depend on the chunking)."""
     width = model.input_dim * model.likelihood.outputs_per_pixel
-    return max(1, min(num_samples, 2 ** 22 // (n * max(width, *model.hidden, 1))))
+    return max(1, min(num_samples, 2 ** 22 // (n * max(width, model.widest, 1))))
 
 
 class VAE:
-    """A VAE with MLP encoder and decoder and hand-written backprop.
+    """A VAE with MLP or convolutional encoder and decoder and hand-written backprop.
+
+        VAE()                                                # MNIST, 784-512-512-64 MLP
+        VAE(architecture="conv")                             # MNIST, the example's conv net
+        VAE(architecture="conv", image_shape=(32, 32, 3))    # your RGB images
+        VAE(architecture="conv", image_shape=(8, 8), channels=(4, 8), hidden=(16,))
 
     Args:
-        input_dim: c, pixels per example (784 for MNIST).
-        hidden: hidden layer widths of the encoder; the decoder mirrors them.
+        input_dim: c, values per example: default 784 (MNIST) for the MLP, H W C of
+            ``image_shape`` when that is given (a different input_dim is a ValueError).
+        hidden: dense layer widths of the encoder; the decoder mirrors them. Default
+            (512, 512) for the MLP; (512,) for conv, the one dense layer between the
+            convolutions and z (``()``: none).
         latent_dim: d.
         decoder: ``"bernoulli"`` (logits), ``"gaussian"`` (mean and log-variance) or
             ``"gaussian-fixed"`` (mean, with fixed ``variance``).
@@ -89,18 +104,44 @@ class VAE:
             to the decoder's latent input, so the model is q(z | x, y) and p(x | z, y);
             ``loss``, ``encode``, ``decode``, ``reconstruct``, ``sample`` and
             ``log_likelihood`` then take labels ``y``, (N,) integers in 0..K-1.
+        architecture: ``"mlp"`` (default) or ``"conv"``: the starting example's
+            Conv2d(C, 32, 3) ReLU MaxPool(2) Conv2d(32, 64, 3) ReLU MaxPool(2) dense
+            encoder and its mirror with nearest Upsample(2) (``vae_np.networks``), for
+            images with H and W multiples of 4; ReLU units only.
+        image_shape: (H, W) or (H, W, C) of one example, flat in (H, W, C) order as
+            ``vae_np.data`` gives it (``Dataset.image_shape``). Conv: default (28, 28),
+            allowed only with input_dim 784 or left out. The MLP only records it.
+        channels: conv only: the two convolutions' widths, default (32, 64).
+
+    Attributes besides the arguments: ``encoder``, ``decoder`` (``layers.MLP`` or
+    ``networks.Sequential``), ``parameters``, ``config`` (the arguments, JSON-able: what
+    ``vae_np.saving`` stores), ``widest`` (the widest decoder activation per example, in
+    values: :func:`log_likelihood_chunk_size` sizes its chunks by it).
     """
 
-    def __init__(self, input_dim: int = 784, hidden: Sequence[int] = (512, 512),
+    def __init__(self, input_dim: int | None = None, hidden: Sequence[int] | None = None,
                  latent_dim: int = 64, decoder: str = "bernoulli",
                  variance: float | None = None, beta: float = 1.0, samples: int = 1,
                  activation: str = "relu", input_shift: float = 0.5,
                  backend: Backend | str = "numpy", dtype: str | None = None, seed: int = 0,
-                 objective: str = "vae", num_classes: int | None = None):
-        self.input_dim = check_int("input_dim", input_dim, 1)
+                 objective: str = "vae", num_classes: int | None = None,
+                 architecture: str = "mlp", image_shape: Sequence[int] | None = None,
+                 channels: Sequence[int] | None = None):
+        self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
+        input_dim = check_int("input_dim", input_dim, 1, allow_none=True)
+        if self.architecture == "conv":
+            self.image_shape = conv_image_shape(image_shape, input_dim)
+        else:
+            self.image_shape = None if image_shape is None else conv_image_shape(image_shape,
+                                                                                 input_dim)
+        if input_dim is None:
+            input_dim = 784 if self.image_shape is None else math.prod(self.image_shape)
+        self.input_dim = input_dim
         self.num_classes = check_int("num_classes", num_classes, 1, allow_none=True)
         self.latent_dim = check_int("latent_dim", latent_dim, 1)
         self.samples = check_int("samples", samples, 1)
+        if hidden is None:
+            hidden = DEFAULT_HIDDEN[self.architecture]
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise TypeError(f"hidden: expected a sequence of layer widths such as (512, 512) "
                             f"(or () for none), got {hidden!r}")
@@ -117,18 +158,41 @@ class VAE:
         widths = ((self.input_dim + k, *self.hidden, 2 * self.latent_dim),
                   (self.latent_dim + k, *reversed(self.hidden),
                    self.input_dim * self.likelihood.outputs_per_pixel))
-        check_layers_fit(f"VAE(input_dim={self.input_dim}, hidden={list(self.hidden)}, "
-                         f"latent_dim={self.latent_dim}, num_classes={self.num_classes})",
-                         widths, self.backend.numpy_dtype.itemsize)
         init_rng = np.random.default_rng(seed)
-        self.encoder = MLP(widths[0], self.backend, init_rng, activation)
-        self.decoder = MLP(widths[1], self.backend, init_rng, activation)
+        self.channels = None
+        if self.architecture == "mlp":
+            if channels is not None:
+                raise ValueError(f"channels: the convolution widths are for "
+                                 f"architecture='conv', got {channels!r} with 'mlp'")
+            check_layers_fit(f"VAE(input_dim={self.input_dim}, hidden={list(self.hidden)}, "
+                             f"latent_dim={self.latent_dim}, num_classes={self.num_classes})",
+                             widths, self.backend.numpy_dtype.itemsize)
+            self.encoder = MLP(widths[0], self.backend, init_rng, activation)
+            self.decoder = MLP(widths[1], self.backend, init_rng, activation)
+            self.widest = max(self.hidden, default=1)
+        else:
+            if activation != "relu":
+                raise ValueError(f"activation: the conv architecture has ReLU units (the "
+                                 f"starting example's), got {activation!r}")
+            channels = CONV_CHANNELS if channels is None else channels
+            self.encoder, self.decoder = conv_networks(     # which checks channels
+                self.image_shape, self.latent_dim, self.likelihood.outputs_per_pixel,
+                self.backend, init_rng, extra_features=k, channels=channels,
+                hidden=self.hidden)
+            self.channels = tuple(int(c) for c in channels)
+            self.widest = conv_widest(self.image_shape, self.channels, self.hidden)
         if decoder == "gaussian":
             # logvar_x = 0 at the start: random weights there put exp(-logvar_x) anywhere up
-            # to 1e35 on a fresh model (issue 19); they learn from zero like a bias.
-            last = self.decoder.linears[-1].params
-            last["W"][:, self.input_dim:] = 0.0
-            last["b"][self.input_dim:] = 0.0
+            # to 1e35 on a fresh model (issue 19); they learn from zero like a bias. The
+            # logvar outputs are the second half of the last layer's outputs (the Linear's
+            # columns, the Conv2d's output channels: the likelihood's [mu, logvar] layout).
+            last = [layer for layer in self.decoder.layers if layer.params][-1].params
+            half = last["b"].shape[0] // 2
+            if last["W"].ndim == 2:
+                last["W"][:, half:] = 0.0
+            else:
+                last["W"][half:, ...] = 0.0
+            last["b"][half:] = 0.0
         self.parameters = Parameters(self.backend, [*self.encoder.named_parameters("encoder."),
                                                     *self.decoder.named_parameters("decoder.")])
         self.config = {
@@ -137,7 +201,9 @@ class VAE:
             "variance": getattr(self.likelihood, "variance", None), "beta": self.beta,
             "samples": self.samples, "activation": activation, "input_shift": self.input_shift,
             "dtype": self.backend.dtype_name, "seed": seed, "objective": self.objective,
-            "num_classes": self.num_classes,
+            "num_classes": self.num_classes, "architecture": self.architecture,
+            "image_shape": None if self.image_shape is None else list(self.image_shape),
+            "channels": None if self.channels is None else list(self.channels),
         }
         self._step = None                          # what the last loss kept for backward
 

@@ -150,9 +150,15 @@ def _check_preset(image_shape, latent_dim, channels, hidden, extra_features):
     if h % 4 or w % 4:
         raise ValueError(f"image_shape: the two 2x2 max-pools need H and W that are multiples "
                          f"of 4, got {tuple(image_shape)}")
-    for name, value in (("latent_dim", latent_dim), ("hidden", hidden)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not isinstance(latent_dim, (int, np.integer)) or isinstance(latent_dim, bool) \
+            or latent_dim < 1:
+        raise ValueError(f"latent_dim: expected a positive integer, got {latent_dim!r}")
+    widths = (hidden,) if isinstance(hidden, (int, np.integer)) and not isinstance(
+        hidden, bool) else hidden
+    if not isinstance(widths, (tuple, list)) or any(
+            not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in widths):
+        raise ValueError(f"hidden: expected a positive integer or a sequence of them (the "
+                         f"dense widths between the convolutions and z), got {hidden!r}")
     if not isinstance(channels, (tuple, list)) or len(channels) != 2 or any(
             not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 for v in channels):
         raise ValueError(f"channels: expected two positive integers (the two convolutions' "
@@ -160,11 +166,23 @@ def _check_preset(image_shape, latent_dim, channels, hidden, extra_features):
     if not isinstance(extra_features, (int, np.integer)) or isinstance(extra_features, bool) \
             or extra_features < 0:
         raise ValueError(f"extra_features: expected an integer >= 0, got {extra_features!r}")
-    return c, h, w, channels_last
+    return c, h, w, channels_last, tuple(int(v) for v in widths)
+
+
+def _dense(widths, backend, rng, last_init="he") -> list[Layer]:
+    """Linear(widths[0], widths[1]), ReLU, ..., Linear(widths[-2], widths[-1]): a ReLU
+    between each two, He-initialised but for the last (``last_init``)."""
+    layers: list[Layer] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        last = i == len(widths) - 2
+        layers.append(Linear(n_in, n_out, backend, rng, init=last_init if last else "he"))
+        if not last:
+            layers.append(ReLU(backend))
+    return layers
 
 
 def conv_encoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.Generator, *,
-                 channels: Sequence[int] = (32, 64), hidden: int = 512,
+                 channels: Sequence[int] = (32, 64), hidden: int | Sequence[int] = 512,
                  extra_features: int = 0) -> Sequential:
     """The starting example's encoder: (N, C H W [+ E]) -> (N, 2 d), [mu, logvar].
 
@@ -179,17 +197,19 @@ def conv_encoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     ``image_shape`` is (H, W) or (H, W, C) as ``vae_np.data`` gives it (flat examples in
     (H, W, C) order); ``extra_features`` E columns (a conditional VAE's labels) join at
     the first Linear. Hidden layers He-initialised, the head Glorot, as in the MLP.
+    ``hidden``: the width of the dense layer (512), or a sequence of widths for several
+    (``()``: the head right after the convolutions).
     """
-    c, h, w, channels_last = _check_preset(image_shape, latent_dim, channels, hidden,
-                                           extra_features)
+    c, h, w, channels_last, widths = _check_preset(image_shape, latent_dim, channels, hidden,
+                                                   extra_features)
     c1, c2 = channels
     layers = [
         Unflatten((c, h, w), backend, channels_last=channels_last),
         Conv2d(c, c1, 3, backend, rng, padding=1), ReLU(backend), MaxPool2d(2, backend),
         Conv2d(c1, c2, 3, backend, rng, padding=1), ReLU(backend), MaxPool2d(2, backend),
         Flatten(backend),
-        Linear(c2 * (h // 4) * (w // 4) + extra_features, hidden, backend, rng), ReLU(backend),
-        Linear(hidden, 2 * latent_dim, backend, rng, init="glorot"),
+        *_dense((c2 * (h // 4) * (w // 4) + extra_features, *widths, 2 * latent_dim),
+                backend, rng, last_init="glorot"),
     ]
     return Sequential(layers, backend, extra_features=extra_features,
                       extra_at=8 if extra_features else None)
@@ -197,7 +217,7 @@ def conv_encoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
 
 def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.Generator, *,
                  outputs_per_pixel: int = 1, channels: Sequence[int] = (32, 64),
-                 hidden: int = 512, extra_features: int = 0) -> Sequential:
+                 hidden: int | Sequence[int] = 512, extra_features: int = 0) -> Sequential:
     """The starting example's decoder: (N, d [+ E]) -> (N, K C H W), K outputs per pixel.
 
         Linear(d [+ E], 512), ReLU, Linear(512, 64 (H/4) (W/4)), Unflatten(64, H/4, W/4),
@@ -210,9 +230,10 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     likelihood's [mu (c), logvar (c)] layout on (M, K c), c = C H W. The ReLU after each
     Upsample is the example's order (ReLU and nearest upsampling commute). ``extra_features``
     E (labels appended to z) widen the first Linear. The last layer is Glorot-initialised.
+    ``hidden``: as the encoder's, mirrored (the last width first).
     """
-    c, h, w, channels_last = _check_preset(image_shape, latent_dim, channels, hidden,
-                                           extra_features)
+    c, h, w, channels_last, widths = _check_preset(image_shape, latent_dim, channels, hidden,
+                                                   extra_features)
     if not isinstance(outputs_per_pixel, (int, np.integer)) or isinstance(outputs_per_pixel, bool) \
             or outputs_per_pixel < 1:
         raise ValueError(f"outputs_per_pixel: expected a positive integer, got "
@@ -220,8 +241,8 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     c1, c2 = channels
     k = int(outputs_per_pixel)
     layers = [
-        Linear(latent_dim + extra_features, hidden, backend, rng), ReLU(backend),
-        Linear(hidden, c2 * (h // 4) * (w // 4), backend, rng),
+        *_dense((latent_dim + extra_features, *reversed(widths), c2 * (h // 4) * (w // 4)),
+                backend, rng),
         Unflatten((c2, h // 4, w // 4), backend),
         Upsample(2, backend), ReLU(backend), Conv2d(c2, c1, 3, backend, rng, padding=1),
         Upsample(2, backend), ReLU(backend),
@@ -234,7 +255,7 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
 def conv_networks(image_shape, latent_dim: int, outputs_per_pixel: int, backend: Backend,
                   rng: np.random.Generator, *, extra_features: int = 0,
                   channels: Sequence[int] = (32, 64),
-                  hidden: int = 512) -> tuple[Sequential, Sequential]:
+                  hidden: int | Sequence[int] = 512) -> tuple[Sequential, Sequential]:
     """(encoder, decoder) of the starting example, drawn from ``rng`` in that order (as
     ``VAE`` draws its two MLPs); ``extra_features`` go to both (the encoder at its first
     Linear, the decoder after z)."""
@@ -244,3 +265,39 @@ def conv_networks(image_shape, latent_dim: int, outputs_per_pixel: int, backend:
                            outputs_per_pixel=outputs_per_pixel, channels=channels,
                            hidden=hidden, extra_features=extra_features)
     return encoder, decoder
+
+
+#: ``VAE(architecture=...)``: ``mlp``, fully connected layers (the default), or ``conv``,
+#: the starting example's convolutional encoder and decoder (:func:`conv_networks`).
+ARCHITECTURES = ("mlp", "conv")
+#: Each architecture's dense widths when ``hidden`` is left out: the MLP's two layers of
+#: 512, the conv preset's one dense layer of 512.
+DEFAULT_HIDDEN = {"mlp": (512, 512), "conv": (512,)}
+#: The conv preset's two convolution widths.
+CONV_CHANNELS = (32, 64)
+
+
+def conv_image_shape(image_shape, input_dim: int | None) -> tuple[int, ...]:
+    """The image shape of a conv VAE, (H, W) or (H, W, C): ``image_shape`` (whose pixel
+    count ``input_dim`` must match when given), or MNIST's (28, 28) when both are left out
+    or ``input_dim`` is 784. Any other flat size is ambiguous: ValueError asking for it."""
+    if image_shape is None:
+        if input_dim not in (None, 784):
+            raise ValueError(f"image_shape: the conv architecture needs the image shape, "
+                             f"(H, W) or (H, W, C), of the input_dim={input_dim} values of "
+                             f"an example")
+        return (28, 28)
+    c, h, w, _ = image_layout(image_shape)
+    shape = (h, w) if len(tuple(image_shape)) == 2 else (h, w, c)
+    if input_dim is not None and input_dim != h * w * c:
+        raise ValueError(f"image_shape: {shape} holds {h * w * c} values, input_dim is "
+                         f"{input_dim}")
+    return shape
+
+
+def conv_widest(image_shape, channels: Sequence[int], hidden: Sequence[int]) -> int:
+    """The widest decoder activation of one example, in values: the last convolution's
+    c1 H W input (the im2col columns are chunked by the layer itself) or a dense layer."""
+    c, h, w, _ = image_layout(image_shape)
+    c1, c2 = channels
+    return max(c1 * h * w, c2 * (h // 2) * (w // 2), *hidden)

@@ -82,8 +82,10 @@ def save_model(model: VAE, path: str | os.PathLike, *, image_shape=_UNSET,
     ``image_shape`` ((H, W), (H, W, 3) or None: not images) and ``binarize`` describe the
     data, so that ``vae-np`` draws and evaluates the model as it was trained; ``data``
     may add a JSON-able summary (source, description). Not given, they are what the file
-    the model was read from says (:func:`load_model`), else unrecorded (a reader takes a
-    square feature count for square images). Returns ``path``.
+    the model was read from says (:func:`load_model`), else the model's own image shape
+    (a conv VAE knows it; a different ``image_shape`` is a ValueError), else unrecorded (a
+    reader takes a square feature count for square images). (A conv VAE's architecture,
+    image shape and channels travel in ``model_config`` either way.) Returns ``path``.
     """
     if not isinstance(model, VAE):
         raise TypeError(f"model: expected a vae_np.VAE, got {type(model).__name__}")
@@ -91,9 +93,16 @@ def save_model(model: VAE, path: str | os.PathLike, *, image_shape=_UNSET,
     summary = {**known, **(data or {})}
     if image_shape is _UNSET:
         image_shape = known.get("image_shape", _UNSET)
+    own = _drawable(model.image_shape)
     if image_shape is not _UNSET:
         shape = _check_image_shape(image_shape, model.config["input_dim"], "image_shape")
+        if shape is None:
+            shape = own
+        elif own is not None and _drawable(shape) != own:
+            raise ValueError(f"image_shape: {shape}, but the model's is {own}")
         summary["image_shape"] = None if shape is None else list(shape)
+    elif own is not None:
+        summary["image_shape"] = list(own)
     summary["binarize"] = known.get("binarize") if binarize is _UNSET else binarize
     arrays = {PREFIX + name: value for name, value in model.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "vae_np_version": __version__,
@@ -162,7 +171,7 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
         raise CheckpointError(f"{path}: {PREFIX}* arrays do not fit metadata model_config: "
                               f"{exc}") from None
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    image_shape = _stored_image_shape(path, data, model.config["input_dim"])
+    image_shape = _stored_image_shape(path, data, model)
     binarize = data.get("binarize")
     if binarize not in (None, "none", "static", "dynamic"):
         raise CheckpointError(f"{path}: metadata data.binarize: expected none, static or "
@@ -193,14 +202,28 @@ def _check_run_config(path: Path, run: Any, config: dict) -> None:
                               f"{', '.join(differ)}; the file was edited or damaged")
 
 
-def _stored_image_shape(path: Path, data: dict, input_dim: int) -> tuple[int, ...] | None:
+def _drawable(shape) -> tuple[int, ...] | None:
+    """A model's image shape as the data summary holds it: (H, W) for one channel,
+    (H, W, 3); None for None or a channel count no picture draws."""
+    if shape is None or len(shape) == 2:
+        return None if shape is None else tuple(shape)
+    if shape[2] == 1:
+        return tuple(shape[:2])
+    return tuple(shape) if shape[2] == 3 else None
+
+
+def _stored_image_shape(path: Path, data: dict, model: VAE) -> tuple[int, ...] | None:
     """The image shape the file records; for files that record none (trainer checkpoints
-    of MNIST), 28x28 for MNIST, a square for a square feature count, else None."""
+    of MNIST), the model's own (a conv VAE's), 28x28 for MNIST, a square for a square
+    feature count, else None."""
+    input_dim = model.input_dim
     if "image_shape" in data:
         try:
             return _check_image_shape(data["image_shape"], input_dim, "image_shape")
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: metadata data.{exc}") from None
+    if model.image_shape is not None:
+        return _drawable(model.image_shape)
     if data.get("source") in MNIST_SOURCES and input_dim == 784:
         return (28, 28)
     side = math.isqrt(input_dim)

@@ -9,6 +9,7 @@ your own data (``--dataset``) and keep the model, the numbers and the pictures.
     python examples/train_mnist.py --objective iwae --samples 5       # the IWAE bound, k = 5
     python examples/train_mnist.py --preset burda2015 --objective iwae --samples 50 --stages 5
     python examples/train_mnist.py --conditional                      # q(z|x,y), p(x|z,y)
+    python examples/train_mnist.py --architecture conv                # the example's conv net
     mpiexec -n 4 python examples/train_mnist.py --distributed          # 4 data-parallel ranks
 
 The script only turns flags into a ``vae_np.train.TrainConfig``; the loop, evaluation,
@@ -44,6 +45,7 @@ from .distributed import (Communicator, DistributedUnavailable, OtherRankFailed,
 from .layers import ACTIVATIONS
 from .likelihoods import DEFAULT_FIXED_VARIANCE, LIKELIHOOD_NAMES
 from .model import OBJECTIVES
+from .networks import ARCHITECTURES
 from .train import (
     OutDirInUse, OutDirLock, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
     check_out_dir, read_run,
@@ -58,7 +60,7 @@ CONFIG_FLAGS = ("hidden", "latent_dim", "decoder", "variance", "samples", "beta"
                 "clip_norm", "batch_size", "epochs", "binarize", "limit_train", "limit_test",
                 "backend", "dtype", "seed", "eval_samples", "eval_batch_size", "log_every",
                 "distributed", "objective", "activation", "adam_eps", "output_bias",
-                "schedule", "conditional", "input_shift")
+                "schedule", "conditional", "input_shift", "architecture", "channels")
 
 
 def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
@@ -70,8 +72,15 @@ def build_parser(prog: str = "train_mnist.py") -> argparse.ArgumentParser:
                     "go to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--hidden", type=layer_widths, default=",".join(map(str, d.hidden)),
-                       help="encoder hidden layer widths; the decoder mirrors them")
+    model.add_argument("--architecture", choices=ARCHITECTURES, default=d.architecture,
+                       help="mlp: fully connected; conv: the starting example's "
+                            "convolutional encoder and decoder, on the data's image shape "
+                            "(H and W multiples of 4)")
+    model.add_argument("--hidden", type=layer_widths, default=None,
+                       help="encoder dense layer widths; the decoder mirrors them "
+                            "(None: 512,512 for mlp, 512 for conv)")
+    model.add_argument("--channels", type=layer_widths, default=None,
+                       help="conv: the two convolutions' widths (None: 32,64)")
     model.add_argument("--latent-dim", type=positive_int, default=d.latent_dim,
                        help="latent dimension d (2 also draws the manifold and latent scatter)")
     model.add_argument("--decoder", choices=LIKELIHOOD_NAMES,

@@ -17,7 +17,8 @@ The formats, each documented in its module:
 
 - ``onnx`` (:mod:`.onnx_graphs`): two models, the encoder x [, y] -> (mu, logvar) and the
   decoder z [, y] -> the decoder distribution's parameters, built with ``onnx.helper``
-  and checked with ``onnx.checker``; any model vae_np trains.
+  and checked with ``onnx.checker``; any model vae_np trains (a conv model in float32:
+  ONNX Runtime has no float64 Conv).
 - ``safetensors`` (:mod:`.safetensors_file`): every parameter under vae_np's name
   (``encoder.linear0.W``, (D_in, D_out)) and ``VAE.config`` in the metadata; any model,
   and it imports back exactly.
@@ -86,11 +87,15 @@ class ImportedModel:
 
     @property
     def image_shape(self) -> tuple[int, ...] | None:
-        """The recorded image shape, else a square for a square pixel count (28 x 28 for
-        784: the example's MNIST), else None (feature vectors)."""
+        """The recorded image shape, else a conv model's own (when a picture can show
+        it: 1 or 3 channels), else a square for a square pixel count (28 x 28 for 784:
+        the example's MNIST), else None (feature vectors)."""
         if "image_shape" in self.data:
             shape = self.data["image_shape"]
             return None if shape is None else tuple(shape)
+        own = self.model.image_shape
+        if own is not None:
+            return own[:2] if own[2:] == (1,) else (own if own[2:] in ((), (3,)) else None)
         side = math.isqrt(self.model.input_dim)
         return (side, side) if side > 1 and side * side == self.model.input_dim else None
 

@@ -30,16 +30,15 @@ def check_model(model) -> VAE:
 
 
 def architecture(model: VAE) -> str:
-    """The network family of ``model`` (``mlp`` today); each format maps each family."""
+    """The network family of ``model`` (``mlp`` or ``conv``, ``VAE.architecture``); each
+    format maps each family it supports (torch: the MLP only)."""
     return model.config.get("architecture", "mlp")
 
 
 def network_layers(model: VAE, part: str) -> list:
     """The layers of ``part`` (``encoder`` or ``decoder``), input to output: for the MLP,
-    Linear layers with an activation layer between each two."""
-    if architecture(model) != "mlp":
-        raise ValueError(f"model: exporting the {architecture(model)!r} architecture is not "
-                         f"implemented (only 'mlp')")
+    Linear layers with an activation layer between each two; for ``conv``, the
+    ``networks.Sequential``'s layers (Unflatten, Conv2d, ..., Flatten)."""
     return list(getattr(model, part).layers)
 
 

@@ -11,6 +11,7 @@ from ..backend import BACKEND_NAMES, DTYPE_NAMES, get_backend
 from ..data import BINARIZE_MODES
 from ..layers import ACTIVATIONS
 from ..likelihoods import make_likelihood
+from ..networks import ARCHITECTURES, DEFAULT_HIDDEN
 from ..objectives import OBJECTIVES
 from ..validation import check_bool, check_choice, check_int, check_number
 
@@ -78,7 +79,12 @@ class TrainConfig:
     lr 1e-3, batch 32, 10 epochs) with the Bernoulli decoder.
 
     Model (passed to :class:`vae_np.VAE`, which checks them):
-        hidden: encoder hidden widths; the decoder mirrors them.
+        architecture: ``mlp`` (default) or ``conv``, the starting example's convolutional
+            encoder and decoder (``VAE(architecture="conv")``), on the data set's
+            ``image_shape``.
+        hidden: encoder dense widths; the decoder mirrors them (None: the
+            architecture's, (512, 512) for the MLP, (512,) for conv).
+        channels: conv only: the two convolutions' widths (None: (32, 64)).
         latent_dim: d. decoder: ``bernoulli``, ``gaussian`` or ``gaussian-fixed``.
         variance: lambda of ``gaussian-fixed`` (None: the VAE's default).
         samples: S, reparameterised samples per image in the training loss.
@@ -129,7 +135,7 @@ class TrainConfig:
             the same Adam step; only rank 0 writes. Needs mpi4py (the ``mpi`` extra).
     """
 
-    hidden: tuple[int, ...] = (512, 512)
+    hidden: tuple[int, ...] | None = None
     latent_dim: int = 64
     decoder: str = "bernoulli"
     variance: float | None = None
@@ -156,6 +162,8 @@ class TrainConfig:
     schedule: str = "constant"
     conditional: bool = False
     input_shift: float = 0.5
+    architecture: str = "mlp"
+    channels: tuple[int, ...] | None = None
 
     #: Fields a resumed run may change; every other field defines the run. (A resumed
     #: run must still have the number of ranks the checkpoint records.)
@@ -163,6 +171,23 @@ class TrainConfig:
                            "distributed")
 
     def __post_init__(self):
+        check_choice("architecture", self.architecture, ARCHITECTURES)
+        if self.hidden is None:
+            self.hidden = DEFAULT_HIDDEN[self.architecture]
+        if self.channels is not None:
+            if self.architecture != "conv":
+                raise ValueError(f"channels: the convolution widths are for "
+                                 f"architecture='conv', got {self.channels!r} with "
+                                 f"{self.architecture!r}")
+            if isinstance(self.channels, (str, bytes)) or not isinstance(self.channels,
+                                                                         Sequence):
+                raise TypeError(f"channels: expected two widths, got {self.channels!r}")
+            self.channels = tuple(self.channels)
+            if len(self.channels) != 2:
+                raise ValueError(f"channels: expected the two convolutions' widths, got "
+                                 f"{len(self.channels)}: {self.channels!r}")
+            for width in self.channels:
+                check_int("channels", width, 1)
         if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Sequence):
             raise TypeError(f"hidden: expected a sequence of layer widths, got {self.hidden!r}")
         self.hidden = tuple(self.hidden)
@@ -197,6 +222,13 @@ class TrainConfig:
                 f"beta: the iwae objective has no KL term to weight, so beta must stay 1 "
                 f"(got beta={self.beta!r} with objective='iwae'); --beta is for "
                 f"--objective vae")
+        if self.architecture == "conv" and self.activation != "relu":
+            raise ValueError(f"activation: the conv architecture has ReLU units (the "
+                             f"starting example's), got {self.activation!r}")
+        if self.output_bias == "data-logit" and self.architecture != "mlp":
+            raise ValueError(f"output_bias='data-logit' sets one logit per pixel, and the "
+                             f"{self.architecture!r} decoder's last bias is one per channel; "
+                             f"it needs architecture='mlp'")
         if self.output_bias == "data-logit" and self.decoder != "bernoulli":
             raise ValueError(f"output_bias='data-logit' sets the decoder's Bernoulli logits "
                              f"to the data's; it needs decoder='bernoulli', got "
@@ -225,7 +257,9 @@ class TrainConfig:
         return {"hidden": self.hidden, "latent_dim": self.latent_dim, "decoder": self.decoder,
                 "variance": self.variance, "beta": self.beta, "samples": self.samples,
                 "seed": self.seed, "activation": self.activation,
-                "objective": self.objective, "input_shift": self.input_shift}
+                "objective": self.objective, "input_shift": self.input_shift,
+                **({"architecture": "conv", "channels": self.channels}
+                   if self.architecture == "conv" else {})}
 
     def learning_rate(self, epoch: int) -> float:
         """The learning rate of epoch ``epoch`` (1-based): ``lr``, or for the burda2015
@@ -251,6 +285,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["hidden"] = list(self.hidden)
+        if self.channels is not None:
+            values["channels"] = list(self.channels)
         return values
 
     @classmethod

@@ -78,6 +78,10 @@ def header_lines(config, model, backend, dataset, data, position: tuple[int, int
     writes."""
     n_train, n_test = data.n_train, data.n_test
     layers = "-".join(str(w) for w in (model.input_dim, *config.hidden, config.latent_dim))
+    if model.architecture == "conv":  # e.g. 28x28 conv 32,64-512-64
+        layers = (f"{'x'.join(map(str, model.image_shape))} conv "
+                  f"{','.join(map(str, model.channels))}-"
+                  + "-".join(str(w) for w in (*config.hidden, config.latent_dim)))
     lines = [f"VAE {layers} ({config.decoder} decoder, {model.num_parameters:,} parameters) "
              f"on {backend.name}/{backend.dtype_name}, seed {config.seed}"]
     details = []

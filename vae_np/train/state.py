@@ -50,7 +50,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 #: TrainConfig fields added after checkpoints were first written: a checkpoint without
 #: one was written before it existed, and gets its default (the behaviour of that time).
 ADDED_FIELDS = ("distributed", "objective", "activation", "adam_eps", "output_bias",
-                "schedule", "conditional", "input_shift")
+                "schedule", "conditional", "input_shift", "architecture", "channels")
 _DEFAULTS = TrainConfig()
 CHECKPOINT_FORMAT = "vae_np.train checkpoint"  # metadata["format"] of a trainer checkpoint
 

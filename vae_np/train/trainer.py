@@ -99,11 +99,25 @@ class Trainer:
         self.comm.attach(self.backend)
         self.dataset = dataset
         self.data = RunData(dataset, self.config, self.backend)
+        if config.architecture == "conv" and dataset.image_shape is None:
+            raise ValueError(f"architecture: 'conv' needs images, and {dataset.description} "
+                             f"holds flat feature vectors (no image_shape)")
+        if config.architecture == "conv" and (dataset.image_shape[0] % 4
+                                              or dataset.image_shape[1] % 4):
+            raise ValueError(f"architecture: 'conv' pools twice by 2, so it needs H and W "
+                             f"that are multiples of 4; the images are "
+                             f"{'x'.join(map(str, dataset.image_shape[:2]))} (a folder of "
+                             f"images can be resized with --image-size, e.g. 32x32)")
         self.model = VAE(input_dim=dataset.n_features, backend=self.backend,
-                         num_classes=self.data.num_classes, **config.model_kwargs())
+                         num_classes=self.data.num_classes, **config.model_kwargs(),
+                         **({"image_shape": dataset.image_shape}
+                            if config.architecture == "conv" else {}))
         if config.output_bias == "data-logit":  # as Burda et al.'s code: see RunData
             self.model.decoder.linears[-1].params["b"][...] = self.data.mean_pixel_logits()
-        if config.decoder == "gaussian":  # start at the data's scale (train.initialise)
+        # start at the data's scale (train.initialise: it rescales the MLP's first and last
+        # Linear; a conv model's image pixels are of order 1, and its decoder's logvar
+        # outputs start at 0 as the VAE builds them)
+        if config.decoder == "gaussian" and config.architecture == "mlp":
             init_gaussian_from_data(self.model, self.data.train_pixel_means(),
                                     self.data.train_feature_variances())
         self.optimizer = Adam(self.model.parameters, lr=config.lr, eps=config.adam_eps,
