@@ -102,7 +102,7 @@ def test_onnx_runtime_runs_each_conv_network_as_vae_np(image_shape, decoder, num
 def test_the_bound_catches_a_layout_mistake():
     """A network whose Unflatten reads the pixels channel-major instead of (H, W, C) is the
     mistake the Transposes prevent: it moves the outputs by far more than the bound."""
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     model = conv_model((8, 8, 3), dtype="float32")
     enc = model.encoder
     x = inputs(model)[0]
@@ -111,7 +111,6 @@ def test_the_bound_catches_a_layout_mistake():
     enc.layers[0].channels_last = True
     bound = rounding_bound(enc, x, unit_roundoff(np.float32))
     assert np.max(np.abs(wrong - enc(x)) - bound) > 100 * np.max(bound)
-    assert onnx is not None
 
 
 def test_network_model_refuses_what_it_cannot_map():
@@ -196,3 +195,51 @@ def test_the_torch_layout_refuses_a_conv_model_on_one_line(tmp_path):
         export_model(conv_model((8, 8)), tmp_path / "m.pt", "torch")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_nested_network_exports_under_its_parameter_names():
+    pytest.importorskip("onnx")
+    from vae_np.layers import Linear, Tanh
+    from vae_np.networks import Sequential, conv_encoder
+
+    model = conv_model((8, 8), dtype="float64")
+    rng = np.random.default_rng(5)
+    trunk = conv_encoder((8, 8), D, model.backend, rng, channels=(2, 3), hidden=6)
+    net = Sequential([trunk, Tanh(model.backend), Linear(2 * D, 4, model.backend, rng)],
+                     model.backend)
+    net.layers[2].params["b"][...] = rng.standard_normal(4)
+    proto = network_model(net)
+    names = [name for name, _, _ in net.named_parameters()]
+    assert "sequential0.conv2d0.W" in names
+    assert set(names) <= {i.name for i in proto.graph.initializer}
+    x = inputs(model)[0]
+    (out,) = session(proto).run(None, {"x": x})
+    assert_within(out, net(x), rounding_bound(net, x, unit_roundoff(np.float64)), "nested")
+
+
+@pytest.mark.skipif("architecture" not in __import__("inspect").signature(VAE).parameters,
+                    reason="VAE(architecture='conv') is not in this tree yet")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_conv_vae_exports_and_its_safetensors_import_back(tmp_path, dtype):
+    """The integration: VAE(architecture="conv") exports to ONNX as its networks compute,
+    and its safetensors file rebuilds it (VAE(**model_config)) bit for bit."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("safetensors")
+    from vae_np.interop import import_model
+
+    model = jitter_biases(VAE(input_dim=192, latent_dim=D, architecture="conv",
+                              image_shape=(8, 8, 3), num_classes=2, dtype=dtype, seed=3), 3)
+    enc_path, _ = export_model(model, tmp_path / "vae.onnx", "onnx")
+    x, labels, one_hot, _ = inputs(model)
+    mu, logvar = ort.InferenceSession(str(enc_path), providers=["CPUExecutionProvider"]).run(
+        ["mu", "logvar"], {"x": x, "y": one_hot})
+    h = np.concatenate([x, one_hot], axis=1)
+    bound = rounding_bound(model.encoder, h, unit_roundoff(dtype),
+                           np.r_[np.full(192, model.input_shift), np.zeros(2)])
+    ref = np.concatenate(model.encode(x, y=labels), axis=1)
+    assert_within(np.concatenate([mu, logvar], axis=1), ref, bound, "encoder")
+    (path,) = export_model(model, tmp_path / "m.safetensors", "safetensors")
+    back = import_model(path).model
+    assert back.config == model.config
+    for name, value in model.state_dict().items():
+        assert np.array_equal(back.state_dict()[name], value), name

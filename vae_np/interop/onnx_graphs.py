@@ -13,15 +13,19 @@ The decoder model (``<prefix>.decoder.onnx``):
     outputs  bernoulli: logits (M, c); gaussian: mean (M, c), logvar (M, c);
              gaussian-fixed: mean (M, c) (the fixed variance is in the metadata)
 
-N and M are symbolic: any batch size. Tensors are float32 or float64, as the model.
-Any network of mapped layers exports: the MLP and ``vae_np.networks.Sequential`` (the
-convolutional networks), whose side input (a conditional model's labels, ``extra_features``)
-joins by Concat at the layer ``extra_at`` (an MLP, and a network without side inputs, take
-the labels appended to their input, as ``VAE`` gives them). :func:`network_model` exports
-one network alone. Initializers carry vae_np's parameter names (``encoder.linear0.W``, (D_in,
-D_out); ``encoder.conv2d0.W``), so a graph reads like ``VAE.state_dict()``; each model's metadata_props hold ``vae_np.part``
-and ``vae_np.model_config`` (the JSON of ``VAE.config``). Opset 17, IR version 8: what
-ONNX Runtime 1.14 and newer run.
+N and M are symbolic: any batch size. Tensors are float32 or float64, as the model; x and
+the decoder's outputs are flat, c values per example (images in the data's (H, W, C)
+order: the convolutional networks' Unflatten / Flatten do the layout in the graph).
+
+Any network of mapped layers exports: the MLP, and ``vae_np.networks.Sequential`` (the
+convolutional networks), whose side input (a conditional model's labels, E =
+``extra_features``) joins by Concat before layer ``extra_at`` instead (the conv encoder's
+first Linear); an MLP, and a Sequential without side inputs (the conv decoder), take y
+appended to their input, as ``VAE`` gives it. :func:`network_model` exports one network
+alone. Initializers carry vae_np's parameter names (``encoder.linear0.W``, (D_in, D_out);
+``encoder.conv2d0.W``, (O, C, kh, kw)), so a graph reads like ``VAE.state_dict()``; each
+model's metadata_props hold ``vae_np.part`` and ``vae_np.model_config`` (the JSON of
+``VAE.config``). Opset 17, IR version 8: what ONNX Runtime 1.14 and newer run.
 
 Each layer kind maps to ONNX operators in ``LAYER_OPS`` (one function per kind: a new
 architecture adds its layers there):
@@ -37,7 +41,8 @@ architecture adds its layers there):
                                            (ONNX Runtime has no float64 Softplus; exact to an
                                            absolute 1e-16, as log1p would be)
     Conv2d       Conv(W (O, C, kh, kw), b; pads, strides, group 1): vae_np's layout and
-                 cross-correlation are ONNX's. float64 (ONNX Runtime has no float64 Conv):
+                 cross-correlation are ONNX's. float64 (ONNX Runtime's CPU provider, 1.32,
+                 has no float64 Conv):
                  im2col, conv2d_forward's formula as one product: Pad, Transpose to (N, H,
                  W, C), a strided Slice per kernel offset (i, j), Concat -> (N, Ho, Wo, kh kw
                  C), MatMul with W transposed to (kh, kw, C, O) and reshaped, Add(b),
