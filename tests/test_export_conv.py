@@ -113,6 +113,26 @@ def test_the_bound_catches_a_layout_mistake():
     assert np.max(np.abs(wrong - enc(x)) - bound) > 100 * np.max(bound)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_strides_rectangular_kernels_and_padding_map_in_both_forms(dtype):
+    """Conv2d's attributes beyond the example's 3x3, stride 1, padding 1: pads are (rows,
+    columns) per side, the im2col form's slices step by the stride."""
+    pytest.importorskip("onnx")
+    from vae_np.backend import get_backend
+    from vae_np.conv import Conv2d, Flatten, Unflatten, Upsample
+    from vae_np.networks import Sequential
+
+    backend, rng = get_backend("numpy", dtype), np.random.default_rng(4)
+    conv = Conv2d(2, 3, (3, 2), backend, rng, stride=(2, 1), padding=(1, 0))
+    conv.params["b"][...] = rng.standard_normal(3)
+    net = Sequential([Unflatten((2, 7, 6), backend, channels_last=True), conv,
+                      Upsample(3, backend), Flatten(backend, channels_last=True)], backend)
+    x = rng.standard_normal((5, 84)).astype(dtype)
+    (out,) = session(network_model(net)).run(None, {"x": x})
+    assert out.shape == (5, 3 * 12 * 15)                 # (7 + 2 - 3) // 2 + 1 = 4 rows, x3
+    assert_within(out, net(x), rounding_bound(net, x, unit_roundoff(dtype)), "strided conv")
+
+
 def test_network_model_refuses_what_it_cannot_map():
     with pytest.raises(TypeError, match="network: expected a vae_np MLP or Sequential"):
         network_model({"layers": []})
