@@ -96,7 +96,7 @@ def test_onnx_runtime_runs_each_conv_network_as_vae_np(image_shape, decoder, num
     assert out.shape == (len(z), model.likelihood.outputs_per_pixel * model.input_dim)
     bound = rounding_bound(dec, h, eps)
     assert_within(out, dec(h), bound, "decoder")
-    assert np.max(bound) < (1e-4 if dtype == "float32" else 1e-12)   # tight enough to mean something
+    assert np.max(bound) < (1e-4 if dtype == "float32" else 1e-12)   # tight enough to matter
 
 
 def test_the_bound_catches_a_layout_mistake():
