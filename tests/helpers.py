@@ -1,6 +1,7 @@
 """Helpers shared by the tests: the small model problem's sizes, its data and noise, random
 biases off ReLU's kink, an independent MLP forward, and a few training steps recorded with
-the fast paths on or off (test_model.py, test_iwae.py, test_fast_paths.py); and one factory
+the fast paths on or off (test_model.py, test_iwae.py, test_fast_paths.py); the rounding
+bound of two evaluations of a network (test_export.py, test_export_conv.py); and one factory
 per kind of test object: ``tiny_vae`` (a small model), ``tiny_config`` (a TrainConfig that
 trains in seconds), ``synthetic_dataset`` (a tiny Dataset). A test file binds its own
 settings once with ``functools.partial``."""
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from numpy.lib.stride_tricks import sliding_window_view
+
 from vae_np import VAE, Adam
 from vae_np.backend import use_fast_paths
+from vae_np.conv import Conv2d, Flatten, MaxPool2d, Unflatten, Upsample
+from vae_np.layers import LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
 from vae_np.data import Dataset
 from vae_np.train import TrainConfig
 
@@ -162,3 +167,113 @@ def assert_identical(fast: dict, reference: dict) -> None:
     for key in reference["params"]:
         assert np.array_equal(fast["params"][key], reference["params"][key]), key
     assert np.array_equal(fast["m"], reference["m"]) and np.array_equal(fast["v"], reference["v"])
+
+
+# ------------------------------------------------------------------------------------------
+# The tolerance: two evaluations of one network in floating point
+
+
+ACTIVATIONS = {  # float64 reference and Lipschitz constant
+    ReLU: (lambda layer, h: np.maximum(h, 0.0), 1.0),
+    LeakyReLU: (lambda layer, h: np.where(h > 0, h, layer.slope * h), 1.0),
+    Tanh: (lambda layer, h: np.tanh(h), 1.0),
+    Sigmoid: (lambda layer, h: 0.5 + 0.5 * np.tanh(0.5 * h), 0.25),
+    Softplus: (lambda layer, h: np.maximum(h, 0.0) + np.log1p(np.exp(-np.abs(h))), 1.0),
+}
+
+
+def _host(layer, key):
+    return np.asarray(layer.backend.to_numpy(layer.params[key]), np.float64)
+
+
+def _correlate(h, w, stride, padding):
+    """float64 cross-correlation of h (N, C, H, W) with w (O, C, kh, kw), from windows."""
+    (ph, pw), (sh, sw) = padding, stride
+    padded = np.pad(h, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    windows = sliding_window_view(padded, w.shape[2:], axis=(2, 3))[:, :, ::sh, ::sw]
+    return np.einsum("ncpqij,ocij->nopq", windows, w)
+
+
+def _bound_step(layer, h, err, eps):
+    """(h, err) after ``layer``: h the float64 value, err the elementwise bound."""
+    if isinstance(layer, (Linear, Conv2d)):
+        w, b = _host(layer, "W"), _host(layer, "b")
+        if isinstance(layer, Linear):
+            n, apply = w.shape[0] + 1, (lambda a, m: a @ m)
+            bias = b
+        else:
+            n = int(np.prod(w.shape[1:])) + 1
+            apply = (lambda a, m: _correlate(a, m, layer.stride, layer.padding))
+            bias = b[:, None, None]
+        gamma = n * eps / (1 - n * eps)
+        err = np.sqrt(apply(err ** 2, w ** 2)) \
+            + 2 * gamma * (apply(np.abs(h) + err, np.abs(w)) + np.abs(bias))
+        return apply(h, w) + bias, err
+    if type(layer) in ACTIVATIONS:
+        f, lipschitz = ACTIVATIONS[type(layer)]
+        h = f(layer, h)
+        return h, lipschitz * err + 16 * eps * (np.abs(h) + 1)
+    if isinstance(layer, MaxPool2d):      # |max a - max b| <= max |a - b|; max rounds nothing
+        k = layer.kernel_size
+        pool = lambda a: a.reshape(*a.shape[:2], a.shape[2] // k, k, a.shape[3] // k, k) \
+            .max(axis=(3, 5))
+        return pool(h), pool(err)
+    if isinstance(layer, Upsample):       # copies
+        f = layer.scale_factor
+        copy = lambda a: a.repeat(f, axis=2).repeat(f, axis=3)
+        return copy(h), copy(err)
+    if isinstance(layer, (Flatten, Unflatten)):   # a permutation: the layer's own, exact
+        return layer(h), layer(err)
+    if hasattr(layer, "layers"):
+        return _network_bound(layer, h, err, eps)
+    raise TypeError(f"rounding_bound: no bound for {type(layer).__name__}")
+
+
+def _network_bound(network, h, err, eps):
+    side = getattr(network, "extra_features", 0)
+    if side:
+        h, extras = h[:, :-side], h[:, -side:]
+        err, extras_err = err[:, :-side], err[:, -side:]
+    for i, layer in enumerate(network.layers):
+        if side and i == network.extra_at:
+            h = np.concatenate([h, extras], axis=1)
+            err = np.concatenate([err, extras_err], axis=1)
+        h, err = _bound_step(layer, h, err, eps)
+    return h, err
+
+
+def rounding_bound(network, h, eps, shift=0.0, err=None):
+    """An elementwise tolerance for |a - b|, a and b two evaluations of ``network`` (an MLP
+    or a Sequential, side inputs last in ``h`` as it takes them) on the input ``h`` (M,
+    D_0) in arithmetic with unit roundoff ``eps`` (``err``: how far their inputs already
+    differ, default the one rounding of ``h - shift``).
+
+    Each Linear output is a dot product of length n = D_in (+ 1 for the bias), each Conv2d
+    output one of length n = C kh kw + 1; computed in any order (blocked, vectorised, with
+    FMA, im2col) it is within gamma_n |x|.|w| of the exact value, gamma_n = n eps / (1 - n
+    eps) (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5): the "n eps |x|
+    |W|" reassociation bound, twice for two evaluations. What the inputs already differed
+    by is carried through W as independent errors, sqrt(err^2 @ W^2) (rounding errors of
+    different dot products are uncorrelated; carrying them as err @ |W|, all aligned, would
+    grow a 784-512-512 encoder's tolerance to 0.5, useless). The activations are Lipschitz
+    (constant L) and each computed to a few ulps: 8 eps (|y| + 1) per side covers
+    vectorised exp / tanh. Max-pooling, upsampling and (un)flattening round nothing (a max
+    moves by at most its inputs' largest error; the others copy). The result is about 1e3
+    times the differences seen (those are ~ sqrt(n) eps), and 1e-3 of what a real mistake
+    moves (a transposed weight, a lost bias, a wrong slope, shift or layout: O(|W|)).
+    """
+    h = np.asarray(h, dtype=np.float64) - shift
+    err = 2 * eps * np.abs(h) if err is None else err
+    return _network_bound(network, h, err, eps)[1]
+
+
+def unit_roundoff(dtype):
+    return np.finfo(dtype).eps / 2
+
+
+def assert_within(actual, reference, bound, what):
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape, what
+    excess = np.abs(actual - reference) - bound
+    assert np.all(excess <= 0), f"{what}: off by {np.max(np.abs(actual - reference)):.3g}, " \
+                                f"the rounding bound allows {bound.flat[np.argmax(excess)]:.3g}"

@@ -17,8 +17,8 @@ The formats, each documented in its module:
 
 - ``onnx`` (:mod:`.onnx_graphs`): two models, the encoder x [, y] -> (mu, logvar) and the
   decoder z [, y] -> the decoder distribution's parameters, built with ``onnx.helper``
-  and checked with ``onnx.checker``; any model vae_np trains (a conv model in float32:
-  ONNX Runtime has no float64 Conv).
+  and checked with ``onnx.checker``; any model vae_np trains (a float64 conv model's
+  Conv and Upsample as im2col MatMul and Expand: ONNX Runtime has no float64 Conv).
 - ``safetensors`` (:mod:`.safetensors_file`): every parameter under vae_np's name
   (``encoder.linear0.W``, (D_in, D_out)) and ``VAE.config`` in the metadata; any model,
   and it imports back exactly.

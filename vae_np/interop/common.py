@@ -1,5 +1,5 @@
-"""What the exporters share: the optional packages, a model's networks as layer lists,
-and the checks every importer makes of the tensors it is given."""
+"""What the exporters share: the optional packages, a model's architecture, host copies
+of parameters, and the checks every importer makes of the tensors it is given."""
 
 from __future__ import annotations
 
@@ -30,21 +30,14 @@ def check_model(model) -> VAE:
 
 
 def architecture(model: VAE) -> str:
-    """The network family of ``model`` (``mlp`` or ``conv``, ``VAE.architecture``); each
-    format maps each family it supports (torch: the MLP only)."""
+    """The network family of ``model``: ``config["architecture"]``, ``mlp`` when absent (the
+    MLP models written before there was a choice)."""
     return model.config.get("architecture", "mlp")
 
 
-def network_layers(model: VAE, part: str) -> list:
-    """The layers of ``part`` (``encoder`` or ``decoder``), input to output: for the MLP,
-    Linear layers with an activation layer between each two; for ``conv``, the
-    ``networks.Sequential``'s layers (Unflatten, Conv2d, ..., Flatten)."""
-    return list(getattr(model, part).layers)
-
-
-def host_params(model: VAE, layer) -> dict[str, np.ndarray]:
-    """A layer's parameters as host NumPy arrays of the model's dtype."""
-    return {k: np.asarray(model.backend.to_numpy(v)) for k, v in layer.params.items()}
+def host_params(layer) -> dict[str, np.ndarray]:
+    """A layer's parameters as host NumPy arrays of its backend's dtype."""
+    return {k: np.asarray(layer.backend.to_numpy(v)) for k, v in layer.params.items()}
 
 
 def float_dtype(tensors: dict[str, np.ndarray], dtype: str | None, where: str) -> str:

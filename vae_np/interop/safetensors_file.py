@@ -6,7 +6,10 @@ Tensors (float32 or float64, as the model), for an MLP with L hidden layers:
     encoder.linear{i}.W (D_in, D_out), encoder.linear{i}.b (D_out,)   i = 0..L
     decoder.linear{i}.W, decoder.linear{i}.b                          i = 0..L
 
-``y = x W + b`` (W is (in, out), torch's weight transposed). The encoder's input is
+``y = x W + b`` (W is (in, out), torch's weight transposed). The convolutional networks
+(``vae_np.networks.Sequential``) name theirs by layer kind and count, as
+``named_parameters`` does: ``encoder.conv2d{i}.W`` (C_out, C_in, kh, kw), ``.b`` (C_out,),
+``encoder.linear{i}.W`` (D_in, D_out), ``decoder.conv2d{i}.W``, ... The encoder's input is
 x - input_shift (and, for a conditional model, the one-hot label appended: D_in = c + K);
 its last layer outputs [mu, logvar] side by side (2d). The decoder's input is z (with
 the one-hot label appended); its outputs are the decoder distribution's parameters (c

@@ -45,7 +45,8 @@ import re
 import numpy as np
 
 from ..model import VAE
-from .common import check_model, float_dtype, host_params
+from ..layers import MLP
+from .common import architecture, check_model, float_dtype, host_params
 
 __all__ = ["HEADS", "from_torch_layout", "is_torch_layout", "to_torch_layout"]
 
@@ -58,8 +59,10 @@ def to_torch_layout(model: VAE) -> dict[str, np.ndarray]:
     order (encoder, then decoder)."""
     check_model(model)
     config = model.config
-    if config.get("architecture", "mlp") != "mlp":
-        raise ValueError(f"model: the torch layout maps the MLP, not {config['architecture']!r}")
+    if architecture(model) != "mlp" or not isinstance(model.encoder, MLP) \
+            or not isinstance(model.decoder, MLP):
+        raise ValueError(f"model: architecture {architecture(model)!r}; the torch layout maps "
+                         f"only the starting example's MLP: export it as onnx or safetensors")
     if model.num_classes is not None:
         raise ValueError(f"model: conditional (num_classes={model.num_classes}); the starting "
                          f"example's layout has no label input: export it as onnx or "
@@ -68,8 +71,8 @@ def to_torch_layout(model: VAE) -> dict[str, np.ndarray]:
         raise ValueError(f"model: activation {config['activation']!r}; the starting example's "
                          f"layout has ReLU modules: export it as onnx or safetensors")
     d = model.latent_dim
-    enc = [host_params(model, layer) for layer in model.encoder.linears]
-    dec = [host_params(model, layer) for layer in model.decoder.linears]
+    enc = [host_params(layer) for layer in model.encoder.linears]
+    dec = [host_params(layer) for layer in model.decoder.linears]
     out: dict[str, np.ndarray] = {}
     for i, p in enumerate(enc[:-1]):
         out[f"encoder.base.{2 * i + 1}.weight"] = p["W"].T.copy()
