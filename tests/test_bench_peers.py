@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers  # noqa: E402
 
 jax = pytest.importorskip("jax")
+pytestmark = pytest.mark.slow   # importing JAX alone takes seconds
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
