@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -206,6 +207,12 @@ class TrainConfig:
                 or not (0 < self.adam_eps < float("inf")):
             raise ValueError(f"adam_eps: expected a finite number > 0, got {self.adam_eps!r}")
         self.adam_eps = float(self.adam_eps)
+        if isinstance(self.input_shift, (bool, np.bool_)) \
+                or not isinstance(self.input_shift, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(self.input_shift):
+            raise ValueError(f"input_shift: expected a finite number (0.5 centres [0, 1] "
+                             f"pixels, 0 feeds them as they are), got {self.input_shift!r}")
+        self.input_shift = float(self.input_shift)
         if self.objective == "iwae" and self.beta != 1:
             raise ValueError(
                 f"beta: the iwae objective has no KL term to weight, so beta must stay 1 "
