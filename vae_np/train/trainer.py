@@ -19,6 +19,7 @@ from ..distributed import (Communicator, check_same_everywhere, shard_bounds,
 from ..model import VAE, ELBOTerms
 from ..optim import Adam
 from ..plotting import require_matplotlib
+from .active_units import active_units, active_units_line
 from .config import TrainConfig, check_int
 from .evaluation import log_likelihood_summary, per_image_log_likelihood, test_elbo
 from .guards import StopOnCtrlC, diverged, first_non_finite_row, interrupted
@@ -199,8 +200,9 @@ class Trainer:
         """Train the remaining epochs, then evaluate; returns (and writes) the results.
 
         Returns the dict written to ``results.json``: config, data, the last epoch's
-        metrics, the importance-sampled test ln p(x) (None when ``eval_samples`` is 0)
-        and the total training time.
+        metrics, the importance-sampled test ln p(x) (None when ``eval_samples`` is 0),
+        the active units on the test set (:mod:`vae_np.train.active_units`) and the
+        total training time.
 
         Raises OutDirInUse (another run holds ``out_dir``), TrainingInterrupted (Ctrl-C;
         a checkpoint to resume from is on disk) and TrainingDiverged (NaN/inf; the last
@@ -523,6 +525,10 @@ class Trainer:
         log_likelihood = None
         if self.config.eval_samples > 0:
             log_likelihood = self.test_log_likelihood()
+        size = self.config.eval_batch_size  # on every rank: one encoder pass, no noise
+        active = active_units(self.model, self.data.test_batches(size, self._check_stop),
+                              None if self.model.num_classes is None
+                              else self.data.test_label_batches(size))
         last = self.history[-1]
         results = {
             "config": self.config.to_dict(),
@@ -533,6 +539,7 @@ class Trainer:
             "epochs": self.epochs_done,
             "final_epoch": last,
             "test_log_likelihood": log_likelihood,
+            "active_units": active,
             "train_seconds_total": sum(e["train_seconds"] for e in self.history),
         }
         if self.is_root:
@@ -542,6 +549,7 @@ class Trainer:
                   f"{'-ln p(x | y), the labels given' if self.config.conditional else '-ln p(x)'})")
         if log_likelihood is not None:
             self._log(log_likelihood_line(log_likelihood))
+        self._log(active_units_line(active))
         self._log(f"wrote {self.out_dir / RESULTS_FILE}")
         return results
 
