@@ -184,7 +184,21 @@ def _cuda() -> bool:
     return _CUDA
 
 
+# The fast loop (pytest -m "not slow") keeps one instance of each check and leaves these
+# repeats of it to the full suite: the convolution's backward on array-api-strict (NumPy
+# checks both code paths), the conv VAE's gradient check on 3-channel images (1-channel
+# images check every decoder, variant and code path). The full suite runs them all.
+SLOW_REPEATS = {
+    "tests/test_conv.py::test_conv_backward": "[array_api_strict-",
+    "tests/test_conv_model.py::test_check_vae_passes_on_the_conv_vae": "-3-",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # before -m deselects: see SLOW_REPEATS
+        marker = SLOW_REPEATS.get(item.nodeid.split("[", 1)[0])
+        if marker is not None and marker in item.nodeid:
+            item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_items and not _cuda():
         skip = pytest.mark.skip(reason="needs CuPy and a usable NVIDIA GPU")
@@ -227,21 +241,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for family in sorted(_WRONG):
             errors = _WRONG[family]
             write(f"{family:<44} {len(errors):>6} {min(errors):>17.2e}")
-
-
-# The fast loop (pytest -m "not slow") keeps one instance of each check and leaves these
-# repeats of it to the full suite: the convolution's backward on array-api-strict (NumPy
-# checks both code paths), the conv VAE's gradient check on 3-channel images (1-channel
-# images check every decoder, variant and code path). The full suite runs them all.
-SLOW_REPEATS = {
-    "tests/test_conv.py::test_conv_backward": "[array_api_strict-",
-    "tests/test_conv_model.py::test_check_vae_passes_on_the_conv_vae": "-3-",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        base = item.nodeid.split("[", 1)[0]
-        marker = SLOW_REPEATS.get(base)
-        if marker is not None and marker in item.nodeid:
-            item.add_marker(pytest.mark.slow)

@@ -5,9 +5,11 @@ MNIST itself is replaced by tiny IDX files."""
 import builtins
 import gzip
 import hashlib
+import io
 import struct
 import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,18 +54,23 @@ TINY = {
 TINY["train_images"][0, 0, 0], TINY["train_images"][0, 0, 1] = 0, 255
 
 
+def publish(monkeypatch, name, content):
+    """Make ``content`` (raw IDX bytes) the published content of MNIST file ``name``."""
+    monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(content).hexdigest())
+
+
 @pytest.fixture
 def tiny_mnist(tmp_path, monkeypatch):
-    """Write the four tiny files (gzipped) and make their hashes the expected ones.
+    """Write the four tiny files (gzipped) and make the sums of their IDX content the
+    published ones.
 
     Returns (data_dir, {file name: gz bytes})."""
     blobs = {}
     for role, name in data.MNIST_FILES.items():
-        blob = gzip.compress(idx_bytes(TINY[role]))
+        content = idx_bytes(TINY[role])
+        blob = gzip.compress(content, mtime=0)
         blobs[name] = blob
-        # the published sums are of the decompressed IDX content (gzipped or not)
-        monkeypatch.setitem(data.MNIST_SHA256, name,
-                            hashlib.sha256(idx_bytes(TINY[role])).hexdigest())
+        publish(monkeypatch, name, content)
         (tmp_path / name).write_bytes(blob)
     return tmp_path, blobs
 
@@ -245,6 +252,171 @@ def test_download_rejects_corrupt_present_file(tiny_mnist, no_network):
     assert (d / "t10k-images-idx3-ubyte.gz").read_bytes() == b"corrupt"  # not overwritten
 
 
+# ------------------------------------------ the files' two forms, checked by content
+
+# A gzip header, then a deflate block of the reserved type 3: zlib rejects the data.
+BAD_DEFLATE = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x07" + bytes(20)
+
+
+def content_of(role):
+    return idx_bytes(TINY[role])
+
+
+def write_raw(d, monkeypatch=None):
+    """The four tiny files uncompressed, under the names without .gz."""
+    d.mkdir(exist_ok=True)
+    for role, name in data.MNIST_FILES.items():
+        (d / name[:-3]).write_bytes(content_of(role))
+    return d
+
+
+def assert_same_data(a, b):
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert (a.source, a.description) == (b.source, b.description)
+
+
+def test_gzipped_and_raw_files_load_the_same_data(tiny_mnist, tmp_path, no_network):
+    d, _ = tiny_mnist
+    gz = load_mnist(d, log=None)
+    raw_dir = write_raw(tmp_path / "raw")
+    raw = load_mnist(raw_dir, log=None)
+    assert_same_data(gz, raw)
+    np.testing.assert_array_equal(raw.y_test, TINY["test_labels"])
+    assert_same_data(data.load_mnist_files(raw_dir), gz)
+    paths = download_mnist(raw_dir)  # all present: nothing fetched, the raw files named
+    assert {p.name for p in paths.values()} == {n[:-3] for n in data.MNIST_FILES.values()}
+    # a mixed folder (some raw, some gzipped) is one data set too
+    (d / "train-images-idx3-ubyte.gz").unlink()
+    (d / "train-images-idx3-ubyte").write_bytes(content_of("train_images"))
+    assert_same_data(load_mnist(d, log=None), gz)
+    assert no_network == []
+
+
+def test_a_recompressed_copy_passes(tiny_mnist, no_network):
+    """Other gzip level, timestamp and header file name: other .gz bytes, same content."""
+    d, blobs = tiny_mnist
+    reference = load_mnist(d, log=None)
+    for role, name in data.MNIST_FILES.items():
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="copy.idx", mode="wb", fileobj=buf, compresslevel=1,
+                           mtime=1234567890) as f:
+            f.write(content_of(role))
+        assert buf.getvalue() != blobs[name]
+        (d / name).write_bytes(buf.getvalue())
+        data.verify_file(d / name)
+    assert_same_data(load_mnist(d, log=None), reference)
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+@pytest.mark.parametrize("kind", ["foreign", "one byte changed"])
+def test_a_corrupt_or_foreign_file_is_one_line_naming_it_and_both_sums(
+        tiny_mnist, no_network, gzipped, kind):
+    d, _ = tiny_mnist
+    name = "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(content_of("test_labels"))
+    if kind == "foreign":   # well-formed IDX, not the published content
+        content = bytearray(idx_bytes(np.array([1, 2, 3, 4], dtype=np.uint8)))
+    else:
+        content[-1] ^= 1
+    (d / name).unlink()
+    path = d / (name if gzipped else name[:-3])
+    path.write_bytes(gzip.compress(bytes(content)) if gzipped else bytes(content))
+    for load in (lambda: load_mnist(d, log=None), lambda: data.load_mnist_files(d),
+                 lambda: download_mnist(d), lambda: data.verify_file(path)):
+        with pytest.raises(ChecksumError) as ei:
+            load()
+        msg = str(ei.value)
+        assert "\n" not in msg and str(path) in msg
+        expected = hashlib.sha256(content_of("test_labels")).hexdigest()
+        actual = hashlib.sha256(bytes(content)).hexdigest()
+        assert (ei.value.expected, ei.value.actual) == (expected, actual)
+        assert expected in msg and actual in msg and "decompressed IDX content" in msg
+    assert no_network == []
+
+
+@pytest.mark.parametrize("blob, reason", [
+    (b"\x1f\x8bnot deflate data", "Unknown compression method"),    # bad gzip header
+    (BAD_DEFLATE, "invalid block type"),                              # zlib.error
+    (gzip.compress(idx_bytes(TINY["test_images"]))[:-30], "ended before"),   # cut short
+])
+def test_a_corrupt_gzip_stream_is_a_checksum_error(tiny_mnist, no_network, blob, reason):
+    d, _ = tiny_mnist
+    path = d / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(blob)
+    with pytest.raises(MNISTFormatError, match=f"{path}: corrupt gzip stream.*{reason}"):
+        data.content_sha256(path)
+    for load in (lambda: load_mnist(d, log=None), lambda: download_mnist(d)):
+        with pytest.raises(ChecksumError) as ei:
+            load()
+        msg = str(ei.value)
+        assert "\n" not in msg and str(path) in msg and reason in msg
+        assert data.MNIST_SHA256[path.name] in msg and "corrupt gzip stream" in msg
+    assert path.read_bytes() == blob and no_network == []  # reported, never replaced
+
+
+def test_a_folder_with_both_forms_needs_both_to_be_genuine(tiny_mnist, no_network):
+    """torchvision's MNIST/raw/ keeps each .gz beside what it extracted from it."""
+    d, blobs = tiny_mnist
+    reference = load_mnist(d, log=None)
+    write_raw(d)
+    assert len(list(d.iterdir())) == 8
+    assert data.find_mnist_file(d, "train-images-idx3-ubyte.gz").name == "train-images-idx3-ubyte"
+    assert_same_data(load_mnist(d, log=None), reference)
+    for bad in ("t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte"):
+        good = (d / bad).read_bytes()
+        (d / bad).write_bytes(gzip.compress(b"other") if bad.endswith(".gz") else b"other")
+        for load in (lambda: load_mnist(d, log=None), lambda: data.load_mnist_files(d),
+                     lambda: download_mnist(d)):
+            with pytest.raises(ChecksumError, match=f"{d / bad}: expected"):
+                load()
+        (d / bad).write_bytes(good)
+    assert no_network == []
+
+
+def test_a_mirror_serving_a_recompressed_copy_or_a_corrupt_stream(tiny_mnist, monkeypatch):
+    d, blobs = tiny_mnist
+    name = "train-labels-idx1-ubyte.gz"
+    (d / name).unlink()
+    recompressed = gzip.compress(content_of("train_labels"), compresslevel=9, mtime=42)
+    assert recompressed != blobs[name]
+    served = {"https://broken.invalid/": BAD_DEFLATE, "https://wrong.invalid/":
+              gzip.compress(b"wrong"), "https://copy.invalid/": recompressed}
+
+    def fetch(url, out, timeout):
+        out.write(served[url.rsplit("/", 1)[0] + "/"])
+
+    monkeypatch.setattr(download, "_fetch_url", fetch)
+    download_mnist(d, mirrors=tuple(served))                 # the third mirror's copy
+    assert (d / name).read_bytes() == recompressed and len(list(d.iterdir())) == 4
+    (d / name).unlink()
+    with pytest.raises(ChecksumError) as ei:
+        download_mnist(d, mirrors=("https://broken.invalid/", "https://wrong.invalid/"))
+    msg = str(ei.value)
+    assert "https://broken.invalid/" in msg and "corrupt gzip stream" in msg
+    assert hashlib.sha256(b"wrong").hexdigest() in msg and "\n" not in msg
+    assert len(list(d.iterdir())) == 3  # nothing left of either download
+
+
+# The real files, where this machine has them (CI and the development machine keep them in
+# ../shared/mnist; a user's machine has no such folder, and the test skips).
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "mnist"
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"no full MNIST in {SHARED_MNIST}")
+def test_the_real_files_pass_and_hold_full_mnist(no_network):
+    ds = data.load_mnist_files(SHARED_MNIST)  # verified against the published raw sums
+    assert ds.source == "mnist" and (ds.n_train, ds.n_test) == (60_000, 10_000)
+    assert ds.x_train.shape == (60_000, 784) and ds.x_test.shape == (10_000, 784)
+    # the label counts its README gives
+    assert np.bincount(ds.y_train, minlength=10).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(ds.y_test, minlength=10).tolist() == [
+        980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+    assert no_network == []
+
+
 # -------------------------------------------------------------------- load_mnist
 
 
@@ -269,8 +441,7 @@ def test_load_mnist_downloads_when_missing(tmp_path, monkeypatch):
     blobs = {}
     for role, name in data.MNIST_FILES.items():
         blobs[name] = gzip.compress(idx_bytes(TINY[role]))
-        monkeypatch.setitem(data.MNIST_SHA256, name,
-                            hashlib.sha256(idx_bytes(TINY[role])).hexdigest())
+        publish(monkeypatch, name, idx_bytes(TINY[role]))
     monkeypatch.setattr(download, "_fetch_url", lambda url, out, timeout: out.write(blobs[url.rsplit("/", 1)[1]]))
     ds = load_mnist(tmp_path / "new" / "dir", log=None)
     assert ds.source == "mnist" and ds.n_train == 6
@@ -352,19 +523,15 @@ def test_format_error_with_matching_checksum_is_raised(tmp_path, monkeypatch, no
         arr = TINY[role]
         if role == "test_labels":
             arr = arr[:-1]  # 3 labels for 4 images
-        payload = idx_bytes(arr)
+        content = idx_bytes(arr)
         if role == "train_images":
-            payload = payload[:-5]  # truncated payload
-        blob = gzip.compress(payload)
-        monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(payload).hexdigest())
-        (tmp_path / name).write_bytes(blob)
+            content = content[:-5]  # truncated payload
+        publish(monkeypatch, name, content)
+        (tmp_path / name).write_bytes(gzip.compress(content))
     with pytest.raises(MNISTFormatError, match="train-images-idx3-ubyte.gz.*truncated"):
         load_mnist(tmp_path, log=None)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(TINY["train_images"])))
-    monkeypatch.setitem(
-        data.MNIST_SHA256, "train-images-idx3-ubyte.gz",
-        hashlib.sha256(idx_bytes(TINY["train_images"])).hexdigest(),
-    )
+    publish(monkeypatch, "train-images-idx3-ubyte.gz", idx_bytes(TINY["train_images"]))
     with pytest.raises(MNISTFormatError, match="4 images but .* 3 labels"):
         load_mnist(tmp_path, log=None)
 

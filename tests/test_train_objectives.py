@@ -472,3 +472,59 @@ def test_every_new_option_runs_under_array_api_strict(dataset, tmp_path):
     assert run.backend.name == "array_api_strict" and run.epochs_done == 2
     assert math.isfinite(results["test_log_likelihood"]["mean"])
     assert (tmp_path / "samples.png").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# input_shift: what the encoder subtracts from the pixels (the burda2015 preset: nothing)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "0.5", None, True,
+                                 [0.5]])
+def test_input_shift_must_be_a_finite_number(bad):
+    with pytest.raises(ValueError, match=r"^input_shift: expected a finite number.*got "):
+        TrainConfig(input_shift=bad)
+
+
+def test_input_shift_reaches_the_encoder_and_the_log(dataset, tmp_path):
+    assert TrainConfig().input_shift == 0.5
+    config = tiny_config(input_shift=0, epochs=1)
+    assert config.input_shift == 0.0 and isinstance(config.input_shift, float)
+    lines = []
+    run = trainer(config, dataset, tmp_path, log=lines.append)
+    assert run.model.input_shift == 0.0
+    x = run.data.x_test
+    mu, _ = run.model.encode(x)
+    d = run.model.latent_dim
+    # the encoder network sees the pixels themselves: mu(x) = encoder(x)[:, :d]
+    np.testing.assert_array_equal(run.backend.to_numpy(mu),
+                                  run.backend.to_numpy(run.model.encoder(x)[:, :d]))
+    run.fit()
+    assert any("input shift 0" in line for line in lines)
+    lines.clear()
+    trainer(tiny_config(epochs=1), dataset, tmp_path / "default", log=lines.append).fit()
+    assert lines and not any("input shift" in line for line in lines)   # the default goes unsaid
+
+
+def test_the_burda2015_preset_feeds_the_pixels_uncentred(tmp_path, capsys):
+    assert preset("burda2015")["input_shift"] == 0.0
+    assert TrainConfig(**preset("burda2015")).input_shift == 0.0
+    assert cli_config(["--preset", "burda2015"], tmp_path).input_shift == 0.0
+    # the flag, with or without the preset (a typed flag wins over the preset)
+    assert cli_config(["--input-shift", "0.25"], tmp_path).input_shift == 0.25
+    assert cli_config(["--preset", "burda2015", "--input-shift", "0.5"],
+                      tmp_path).input_shift == 0.5
+    status, err = cli_status(["--input-shift", "nan", "--out", str(tmp_path)], capsys)
+    assert status == 2 and err.count("\n") == 1 and "input_shift: expected a finite" in err
+
+
+def test_a_checkpoint_without_input_shift_resumes_centred_and_keeps_it(dataset, tmp_path):
+    """Checkpoints from before the field were all trained with the shift 0.5."""
+    trainer(tiny_config(epochs=1), dataset, tmp_path).fit()
+    path = tmp_path / CHECKPOINT_FILE
+    arrays, meta = load_checkpoint(path)
+    del meta["config"]["input_shift"]
+    save_checkpoint(path, arrays, meta)
+    run = resume(tmp_path, dataset, epochs=2)
+    assert run.config.input_shift == 0.5 and run.model.input_shift == 0.5
+    with pytest.raises(ValueError, match="input_shift: the run in"):
+        resume(tmp_path, dataset, input_shift=0.0, epochs=2)

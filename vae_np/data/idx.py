@@ -28,7 +28,7 @@ _IDX_DTYPES: dict[int, np.dtype] = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class MNISTFormatError(ValueError):
@@ -47,7 +47,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     buf = path.read_bytes()
-    if buf[:2] == _GZIP_MAGIC:
+    if buf[:2] == GZIP_MAGIC:
         try:
             buf = gzip.decompress(buf)
         # BadGzipFile is an OSError; EOFError = stream cut short; zlib.error = bad deflate data.

@@ -16,8 +16,7 @@ import numpy as np
 
 from .dataset import IMAGE_SHAPE, N_CLASSES, N_PIXELS, Dataset
 from .download import (
-    MIRRORS, MNIST_FILES, DownloadError, default_data_dir, download_mnist, find_mnist_file,
-    verify_file,
+    MIRRORS, MNIST_FILES, DownloadError, default_data_dir, download_mnist, present_mnist_files,
 )
 from .idx import MNISTFormatError, read_idx
 
@@ -61,19 +60,18 @@ def _to_unit_float(images: np.ndarray) -> np.ndarray:
 def load_mnist_files(data_dir: str | os.PathLike | None = None, verify: bool = True) -> Dataset:
     """Load full MNIST from the four files in ``data_dir`` (no network, no fallback).
 
-    Raises ``FileNotFoundError`` if a file is missing, ``ChecksumError`` (when
-    ``verify``) or ``MNISTFormatError`` if one is corrupt.
+    Each file may be gzipped (``train-images-idx3-ubyte.gz``) or raw (the same name
+    without ``.gz``); see ``vae_np.data.download.present_mnist_files``. Raises
+    ``FileNotFoundError`` if a file is missing, ``ChecksumError`` (when ``verify``) or
+    ``MNISTFormatError`` if one is corrupt.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    found = {role: find_mnist_file(data_dir, name) for role, name in MNIST_FILES.items()}
+    found = present_mnist_files(data_dir, verify=verify)
     missing = [MNIST_FILES[role] for role, p in found.items() if p is None]
     if missing:
         raise FileNotFoundError(f"MNIST files missing from {data_dir}: {', '.join(missing)} "
                                 "(gzipped, or raw without the .gz)")
     paths: dict[str, Path] = found  # type: ignore[assignment]  # none is None here
-    if verify:
-        for path in paths.values():
-            verify_file(path)
     arrays = {}
     for role, path in paths.items():
         arr = read_idx(path)
@@ -151,11 +149,8 @@ def load_mnist(
        ``DownloadError`` / ``FileNotFoundError`` is raised.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    found = [find_mnist_file(data_dir, name) for name in MNIST_FILES.values()]
-    for path in found:
-        if path is not None:
-            verify_file(path)
-    missing = [name for name, path in zip(MNIST_FILES.values(), found) if path is None]
+    found = present_mnist_files(data_dir)  # every present file verified
+    missing = [MNIST_FILES[role] for role, path in found.items() if path is None]
     if not missing:
         return load_mnist_files(data_dir, verify=False)  # verified just above
 

@@ -17,6 +17,7 @@ What a run leaves in ``out_dir``:
                         (pickle-free, written atomically: see ``vae_np.checkpoint``)
     metrics.jsonl       one JSON object per finished epoch (keys: ``EPOCH_METRICS``)
     results.json        the final summary, with the importance-sampled test ln p(x)
+                        and the active units
     reconstructions.png, samples.png, loss_curves.png   refreshed every epoch
     manifold.png, latent_scatter.png                    also, when latent_dim == 2
     .lock               while a run writes there (pid and host; removed at the end)
@@ -66,6 +67,7 @@ One concern per module:
     metrics     per-batch terms, metrics.jsonl, results.json
     evaluation  test negative ELBO; importance-sampled ln p(x) and its standard error
                 (each batch sharded over the ranks, with a conditional model's labels)
+    active_units  the latent dimensions the encoder uses (Burda et al. 2015, sec. 5.2)
     pictures    the PNGs of each epoch
     report      what is printed: messages, progress bars, the epoch line
 """

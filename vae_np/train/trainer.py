@@ -23,6 +23,7 @@ from ..distributed import Communicator, SingleProcess, all_or_none, world
 from ..model import VAE
 from ..optim import Adam
 from ..plotting import require_matplotlib
+from .active_units import active_units, active_units_line
 from .config import TrainConfig, check_int
 from .evaluation import run_log_likelihood, run_test_elbo
 from .guards import StopOnCtrlC, diverged, first_non_finite_row, interrupted
@@ -164,8 +165,9 @@ class Trainer:
         """Train the remaining epochs, then evaluate; returns (and writes) the results.
 
         Returns the dict written to ``results.json``: config, data, the last epoch's
-        metrics, the importance-sampled test ln p(x) (None when ``eval_samples`` is 0)
-        and the total training time.
+        metrics, the importance-sampled test ln p(x) (None when ``eval_samples`` is 0),
+        the active units on the test set (:mod:`vae_np.train.active_units`) and the
+        total training time.
 
         Raises OutDirInUse (another run holds ``out_dir``), TrainingInterrupted (Ctrl-C;
         a checkpoint to resume from is on disk) and TrainingDiverged (NaN/inf; the last
@@ -377,13 +379,19 @@ class Trainer:
 
     def _final_evaluation(self) -> dict[str, Any]:
         log_likelihood = self.test_log_likelihood() if self.config.eval_samples > 0 else None
+        size = self.config.eval_batch_size  # on every rank: one encoder pass, no noise
+        active = active_units(self.model, self.data.test_batches(size, self._check_stop),
+                              None if self.model.num_classes is None
+                              else self.data.test_label_batches(size))
         results = run_results(self.config, self.data.summary(), self.backend, self.model,
                               self.history, log_likelihood)
+        results["active_units"] = active
         if self.is_root:
             write_results(self.out_dir, results)
         for line in final_lines(self.config, self.epochs_done, self.history[-1],
                                 log_likelihood):
             self._log(line)
+        self._log(active_units_line(active))
         self._log(f"wrote {self.out_dir / RESULTS_FILE}")
         return results
 
