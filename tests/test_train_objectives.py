@@ -301,14 +301,19 @@ def test_a_checkpoint_from_before_the_new_fields_resumes_with_their_defaults(dat
     assert same_parameters(run, reference)
 
 
-def test_iwae_trains_the_same_bits_on_one_distributed_rank(dataset, tmp_path):
-    config = tiny_config(objective="iwae", samples=3)
+@pytest.mark.parametrize("changes", [dict(objective="iwae", samples=3), dict(conditional=True)],
+                         ids=["iwae", "conditional"])
+def test_a_run_trains_the_same_bits_on_one_distributed_rank(dataset, tmp_path, changes):
+    """The sharded step and evaluation (IWAE weights; a conditional model's labels): one
+    rank is the plain run."""
+    config = tiny_config(**changes)
     plain = trainer(config, dataset, tmp_path / "plain")
     one = trainer(dataclasses.replace(config, distributed=True), dataset, tmp_path / "one",
                   comm=SingleProcess())
     a, b = plain.fit(), one.fit()
     assert same_parameters(plain, one)
     assert a["final_epoch"]["test_loss"] == b["final_epoch"]["test_loss"]
+    assert a["test_log_likelihood"]["mean"] == b["test_log_likelihood"]["mean"]
 
 
 # --------------------------------------------------------------------------------------
@@ -402,18 +407,6 @@ def test_conditional_feature_vectors_draw_a_panel_per_class(tmp_path):
 def test_conditional_needs_labels(tmp_path):
     with pytest.raises(ValueError, match="synthetic bands .* has none"):
         trainer(tiny_config(conditional=True), make_dataset(labels=False), tmp_path)
-
-
-def test_conditional_trains_the_same_bits_on_one_distributed_rank(dataset, tmp_path):
-    """The sharded step and evaluation carry the labels: one rank is the plain run."""
-    config = tiny_config(conditional=True)
-    plain = trainer(config, dataset, tmp_path / "plain")
-    one = trainer(dataclasses.replace(config, distributed=True), dataset, tmp_path / "one",
-                  comm=SingleProcess())
-    a, b = plain.fit(), one.fit()
-    assert same_parameters(plain, one)
-    assert a["final_epoch"]["test_loss"] == b["final_epoch"]["test_loss"]
-    assert a["test_log_likelihood"]["mean"] == b["test_log_likelihood"]["mean"]
 
 
 def test_conditional_end_to_end_from_the_command_line(tmp_path, capsys):
