@@ -186,18 +186,22 @@ def _cuda() -> bool:
 
 # The fast loop (pytest -m "not slow") keeps one instance of each check and leaves these
 # repeats of it to the full suite: the convolution's backward on array-api-strict (NumPy
-# checks both code paths), the conv VAE's gradient check on 3-channel images (1-channel
-# images check every decoder, variant and code path). The full suite runs them all.
+# checks both code paths), the conv VAE's gradient check on 3-channel images and on the
+# reference path (1-channel images on the fast path check every decoder and variant; each
+# reference layer has its own checks in test_conv.py), the conv networks' gradients on
+# array-api-strict. The full suite runs them all. Test -> the id fragments that mark one.
 SLOW_REPEATS = {
-    "tests/test_conv.py::test_conv_backward": "[array_api_strict-",
-    "tests/test_conv_model.py::test_check_vae_passes_on_the_conv_vae": "-3-",
+    "tests/test_conv.py::test_conv_backward": ("[array_api_strict-",),
+    "tests/test_conv_model.py::test_check_vae_passes_on_the_conv_vae": ("-3-", "[reference-"),
+    "tests/test_networks.py::test_encoder_gradients": ("[array_api_strict-",),
+    "tests/test_networks.py::test_decoder_gradients": ("[array_api_strict-",),
 }
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:  # before -m deselects: see SLOW_REPEATS
-        marker = SLOW_REPEATS.get(item.nodeid.split("[", 1)[0])
-        if marker is not None and marker in item.nodeid:
+        fragments = SLOW_REPEATS.get(item.nodeid.split("[", 1)[0], ())
+        if any(fragment in item.nodeid for fragment in fragments):
             item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_items and not _cuda():

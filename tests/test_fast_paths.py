@@ -274,6 +274,12 @@ def _case_relu_backward(dtype, rng):
     return (out.reshape(2, 3, 3, 3), dout.reshape(2, 3, 3, 3)), {}
 
 
+def _case_relu_backward_and_bias_grad(dtype, rng):
+    """(N, D) with special values in both (NaN in dout where out > 0 reaches the sum)."""
+    out, dout = _specials(dtype, (37, 9), rng), _specials(dtype, (37, 9), rng)[::-1].copy()
+    return (out, dout), {}
+
+
 def _case_matmul_into(dtype, rng):
     a = rng.standard_normal((5, 6)).astype(dtype).T          # a transposed view, as x.T
     return (np.full((6, 4), 7.0, dtype), a, rng.standard_normal((5, 4)).astype(dtype)), {}
@@ -322,6 +328,7 @@ def _case_iwae_latent_backward(dtype, rng):
 TWIN_CASES = {
     "layers.linear_relu_forward": _case_linear_relu_forward,
     "layers.relu_backward": _case_relu_backward,
+    "layers.relu_backward_and_bias_grad": _case_relu_backward_and_bias_grad,
     "layers.matmul_into": _case_matmul_into,
     "losses.kl_standard_normal": _case_kl_standard_normal,
     "losses.bernoulli_nll": _case_bernoulli_nll,

@@ -91,6 +91,32 @@ def relu_backward(out, dout):
     return dx
 
 
+@_jit
+def relu_mask_column_sum(out, dout, dx, db):  # pragma: no cover - compiled
+    """dx = where(out > 0, dout, 0) and db = sum(dx, axis=0), (N, D) arrays and (D,).
+    NumPy sums axis 0 of a C-ordered (N, D >= 2) array row after row from zero, as here."""
+    zero = dout.dtype.type(0)
+    for j in range(db.shape[0]):
+        db[j] = zero
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            d = dout[i, j] if out[i, j] > zero else zero
+            dx[i, j] = d
+            db[j] += d
+
+
+def relu_backward_and_bias_grad(out, dout):
+    """The mask and the column sum in one pass (C-ordered (N, D >= 2) only: a single
+    column NumPy sums pairwise, which this loop would not reproduce)."""
+    if not (_served(out, dout) and out.ndim == 2 and out.shape == dout.shape
+            and out.shape[1] >= 2 and out.flags.c_contiguous and dout.flags.c_contiguous):
+        return NotImplemented
+    dx = np.empty(dout.shape, dtype=dout.dtype)
+    db = np.empty(dout.shape[1], dtype=dout.dtype)
+    relu_mask_column_sum(out, dout, dx, db)
+    return dx, db
+
+
 def matmul_into(out, a, b):
     """The product written by BLAS straight into ``out`` (no temporary, no copy)."""
     if not (_served(out, a, b) and a.ndim == 2 and b.ndim == 2 and out.flags.c_contiguous
@@ -288,6 +314,7 @@ def iwae_latent_backward(dz, dloss_dnll, z, logvar, eps):
 TWINS: dict = {
     "layers.linear_relu_forward": linear_relu_forward,
     "layers.relu_backward": relu_backward,
+    "layers.relu_backward_and_bias_grad": relu_backward_and_bias_grad,
     "layers.matmul_into": matmul_into,
     "losses.kl_standard_normal": kl_standard_normal,
     "losses.bernoulli_nll": bernoulli_nll,

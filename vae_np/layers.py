@@ -54,6 +54,16 @@ def relu_backward(out, dout):
 
 
 @fast_twin
+def relu_backward_and_bias_grad(out, dout):
+    """The backward of a ReLU and the bias gradient of the Linear before it, for
+    out = max(x @ W + b, 0) and dout = dL/d(out), both (N, D): (dpre, db) with
+    dpre = dL/d(x @ W + b) = relu_backward(out, dout), (N, D), and db = sum_n dpre, (D,).
+    (Its compiled twin masks and sums in one pass over dout.)"""
+    dpre = relu_backward(out, dout)
+    return dpre, namespace_of(dpre).sum(dpre, axis=0)
+
+
+@fast_twin
 def matmul_into(out, a, b):
     """out[...] = a @ b for a (M, K), b (K, N) and out (M, N) (a gradient's view of the
     flat buffer, ``vae_np.parameters``); returns out. (Its twins write the product
@@ -118,15 +128,21 @@ class Linear(Layer):
 
     def forward(self, x):
         self.cache = x
-        return x @ self.params["W"] + self.params["b"]
+        y = x @ self.params["W"]
+        y += self.params["b"]           # in place on the fresh product: one array, not two
+        return y
 
-    def backward(self, dout, input_grad: bool = True):
+    def backward(self, dout, input_grad: bool = True, bias_grad=None):
         """``input_grad=False`` skips dx (returns None): a network's input needs none, and
-        its dx is the largest matrix product of the first layer's backward."""
+        its dx is the largest matrix product of the first layer's backward. ``bias_grad``:
+        sum_n dout (D_out,) when the caller has it already (the MLP's ReLU backward sums
+        it in the same pass as its mask, :func:`relu_backward_and_bias_grad`)."""
         x = self._cached()
         W = self.params["W"]
         matmul_into(self.grads["W"], x.T, dout)                 # dW = x^T dout
-        self.grads["b"][...] = self.backend.xp.sum(dout, axis=0)
+        if bias_grad is None:
+            bias_grad = self.backend.xp.sum(dout, axis=0)       # db = sum_n dout
+        self.grads["b"][...] = bias_grad
         return dout @ W.T if input_grad else None
 
 
@@ -289,9 +305,16 @@ class MLP(Layer):
         """dL/d(input), or None with ``input_grad=False`` (the first Linear skips its dx)."""
         self._cached()
         self.cache = None                   # one backward per forward
-        for layer in reversed(self.layers[1:]):
-            dout = layer.backward(dout)
-        return self.layers[0].backward(dout, input_grad=input_grad)
+        layers, i = self.layers, len(self.layers) - 1
+        while i > 0:
+            layer, below = layers[i], layers[i - 1]
+            if type(layer) is ReLU and type(below) is Linear:  # the pair _run ran as one op
+                dpre, db = relu_backward_and_bias_grad(layer.cache, dout)
+                dout = below.backward(dpre, input_grad=input_grad or i > 1, bias_grad=db)
+                i -= 2
+            else:
+                dout, i = layer.backward(dout), i - 1
+        return layers[0].backward(dout, input_grad=input_grad) if i == 0 else dout
 
 
 # MLP.cache after a forward (the layers hold the caches themselves).
