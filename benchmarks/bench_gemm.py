@@ -1,7 +1,7 @@
-"""The training step's matrix products through NumPy's BLAS and through Intel's MKL, side by
-side: is another BLAS worth an optional extra on this machine?
+"""The training step's matrix products through NumPy's BLAS and through Intel's MKL and BLIS,
+side by side: is another BLAS worth an optional extra on this machine?
 
-    pip install mkl                       # Intel's oneMKL runtime wheel (libmkl_rt)
+    pip install mkl blis                  # oneMKL's runtime wheel (libmkl_rt), cython-blis
     python benchmarks/bench_gemm.py       # float32, 2 threads each
 
 For each Linear of the starting configuration (784-512-512-128 encoder, 64-512-512-784
@@ -9,7 +9,10 @@ decoder) and batch 32 / 128 / 512, the three products of a step (forward x W, we
 gradient x^T dout, input gradient dout W^T, the transposes as views, as vae_np passes them)
 are timed through ``numpy.matmul`` and through MKL's ``cblas_sgemm`` called with ctypes on
 the same arrays; best of 5 blocks of 20, alternating. MKL is found as ``libmkl_rt.so*`` in
-the environment's lib folder (where the ``mkl`` wheel puts it) or on the loader's path.
+the environment's lib folder (where the ``mkl`` wheel puts it) or on the loader's path;
+BLIS is cython-blis's ``blis.py.gemm`` (its own bundled kernels, ``BLIS_NUM_THREADS``). Each
+side's total is also given in GFLOP/s and as a share of NumPy's best square product (sizes
+1024-2048), the peak the step's products are measured against.
 """
 
 from __future__ import annotations
@@ -59,6 +62,36 @@ def mkl_matmul(gemm, a, b, out):
     return out
 
 
+def load_blis(threads: int):
+    """cython-blis's gemm (``pip install blis``) as out = a @ b, or None."""
+    try:
+        import blis.py as blis_py
+    except ImportError:
+        return None
+    os.environ.setdefault("BLIS_NUM_THREADS", str(threads))
+
+    def blis_matmul(a, b, out):
+        trans_a, trans_b = not a.flags.c_contiguous, not b.flags.c_contiguous
+        return blis_py.gemm(a.T if trans_a else a, b.T if trans_b else b, out=out,
+                            trans1=trans_a, trans2=trans_b, alpha=1.0, beta=0.0)
+    return blis_matmul
+
+
+def square_peak(repeats: int = 5) -> float:
+    """Best GFLOP/s of NumPy's float32 square products of sizes 1024-2048."""
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for n in (1024, 1536, 2048):
+        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        c = np.empty((n, n), np.float32)
+        np.matmul(a, b, out=c)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.matmul(a, b, out=c)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -69,40 +102,53 @@ def main(argv=None) -> int:
         limits = threadpool_limits(args.threads, user_api="blas")  # noqa: F841 (held)
     except ImportError:
         print("threadpoolctl missing: NumPy's BLAS keeps its own thread count")
+    sides = {"numpy": lambda a, b, o: np.matmul(a, b, out=o)}
     path, gemm = load_mkl(args.threads)
-    if gemm is None:
-        print("MKL not found: pip install mkl")
+    if gemm is not None:
+        sides["mkl"] = lambda a, b, o: mkl_matmul(gemm, a, b, o)
+        print(f"MKL: {path}")
+    blis_matmul = load_blis(args.threads)
+    if blis_matmul is not None:
+        sides["blis"] = blis_matmul
+    if len(sides) == 1:
+        print("neither MKL nor blis found: pip install mkl, pip install blis")
         return 1
-    print(f"MKL: {path}; {args.threads} threads each; float32; ms per step's three products")
+    peak = square_peak()
+    names = list(sides)
+    print(f"{args.threads} threads each; float32; ms per step's three products; NumPy's "
+          f"square-product peak {peak:.1f} GFLOP/s")
     rng = np.random.default_rng(0)
-    totals = {}
+    totals: dict = {}
     for batch in (int(b) for b in args.batches.split(",")):
         for fan_in, fan_out in LAYERS:
             x = rng.standard_normal((batch, fan_in)).astype(np.float32)
             w = rng.standard_normal((fan_in, fan_out)).astype(np.float32)
             dout = rng.standard_normal((batch, fan_out)).astype(np.float32)
-            ok = np.allclose(mkl_matmul(gemm, x.T, dout, np.empty((fan_in, fan_out), np.float32)),
-                             x.T @ dout, rtol=1e-4, atol=1e-3)
-            sides = {"numpy": lambda a, b, o: np.matmul(a, b, out=o),
-                     "mkl": lambda a, b, o: mkl_matmul(gemm, a, b, o)}
+            differ = [name for name, f in sides.items() if not np.allclose(
+                f(x.T, dout, np.empty((fan_in, fan_out), np.float32)), x.T @ dout,
+                rtol=1e-4, atol=1e-3)]
             best = {name: float("inf") for name in sides}
-            for trial in range(10):
-                name = ("numpy", "mkl")[trial % 2]
-                f = sides[name]
+            for trial in range(5 * len(names)):
+                f = sides[names[trial % len(names)]]
                 time.sleep(0.05)
                 start = time.perf_counter()
                 for _ in range(20):
                     f(x, w, np.empty((batch, fan_out), np.float32))
                     f(x.T, dout, np.empty((fan_in, fan_out), np.float32))
                     f(dout, w.T, np.empty((batch, fan_in), np.float32))
-                best[name] = min(best[name], (time.perf_counter() - start) / 20 * 1e3)
+                best[names[trial % len(names)]] = min(best[names[trial % len(names)]],
+                                                      (time.perf_counter() - start) / 20 * 1e3)
             for name in best:
                 totals[(batch, name)] = totals.get((batch, name), 0.0) + best[name]
-            print(f"batch {batch:3d}  {fan_in:3d} x {fan_out:3d}: numpy {best['numpy']:6.3f}  "
-                  f"mkl {best['mkl']:6.3f}  mkl / numpy {best['mkl'] / best['numpy']:.2f}"
-                  f"{'' if ok else '  (results differ!)'}")
-        print(f"batch {batch:3d}  all five layers: numpy {totals[(batch, 'numpy')]:.2f} ms, "
-              f"mkl {totals[(batch, 'mkl')]:.2f} ms")
+            print(f"batch {batch:3d}  {fan_in:3d} x {fan_out:3d}: "
+                  + "  ".join(f"{name} {best[name]:6.3f}" for name in names)
+                  + "".join(f"  {name} / numpy {best[name] / best['numpy']:.2f}" for name in names[1:])
+                  + (f"  (results differ: {', '.join(differ)}!)" if differ else ""))
+        flops = 3 * 2 * batch * sum(a * b for a, b in LAYERS)
+        print(f"batch {batch:3d}  all five layers: " + ", ".join(
+            f"{name} {totals[(batch, name)]:.2f} ms ({flops / totals[(batch, name)] / 1e6:.1f} "
+            f"GFLOP/s, {100 * flops / totals[(batch, name)] / 1e6 / peak:.0f}% of peak)"
+            for name in names))
     return 0
 
 

@@ -296,7 +296,7 @@ def _case_bernoulli_nll(dtype, rng):
     logits[3, 2] = 0.5                             # no NaN in the row that x = 0.5 meets
     x = (rng.random((11, 13)) < 0.5).astype(dtype)
     x[3] = 0.5                                     # intensities, not only binary targets
-    return (x, logits), {}
+    return (x, logits), {"grad_scale": 1.0 / 96}   # the model's 1 / (S N), scaled in the pass
 
 
 def _case_adam_update(dtype, rng):

@@ -424,3 +424,15 @@ def test_logsumexp_of_an_all_minus_inf_row_is_minus_inf(np64):
 
 def test_module_exposes_the_documented_reductions():
     assert losses.REDUCTIONS == ("none", "sum", "mean")
+
+
+def test_bernoulli_grad_scale_multiplies_the_gradient_only(backend):
+    """grad_scale is the gradient of grad_scale * nll (the model's 1 / (S N)), the values
+    unscaled; NumPy scalars are refused: float32 * numpy.float64 would promote."""
+    x, logits = rand((N, D), 24, low=0, high=1), rand((N, D), 25, 3.0)
+    value, grad = bernoulli_nll(*on(backend, x, logits))
+    scaled_value, scaled = bernoulli_nll(*on(backend, x, logits), grad_scale=0.125)
+    np.testing.assert_array_equal(backend.to_numpy(scaled_value), backend.to_numpy(value))
+    np.testing.assert_array_equal(backend.to_numpy(scaled), backend.to_numpy(grad) * 0.125)
+    with pytest.raises(TypeError, match="grad_scale"):
+        bernoulli_nll(*on(backend, x, logits), grad_scale=np.float64(0.5))

@@ -165,9 +165,9 @@ def bernoulli_split(logits, neg_abs, half, h):  # pragma: no cover - compiled
 
 
 @_jit
-def bernoulli_combine(x, logits, t, u, h):  # pragma: no cover - compiled
+def bernoulli_combine(x, logits, t, u, h, scale):  # pragma: no cover - compiled
     """In place: t = log1p(exp(-|l|)) becomes term = softplus(l) - x l, and u = tanh(l / 2)
-    becomes grad = sigmoid(l) - x, operation for operation as ops.softplus, ops.sigmoid
+    becomes grad = (sigmoid(l) - x) * scale (1 is an exact multiply), operation for operation as ops.softplus, ops.sigmoid
     and losses.bernoulli_nll (numpy.maximum's NaN propagation included). In place rather
     than into separate outputs that may be the same arrays: LLVM vectorises a loop only
     after checking that its arrays do not overlap."""
@@ -178,7 +178,7 @@ def bernoulli_combine(x, logits, t, u, h):  # pragma: no cover - compiled
             xi = x[i, j]
             positive = a if (a > zero or a != a) else zero  # numpy.maximum(a, 0.0)
             t[i, j] = (positive + t[i, j]) - xi * a
-            u[i, j] = (h * u[i, j] + h) - xi
+            u[i, j] = ((h * u[i, j] + h) - xi) * scale
 
 
 #: Elements per row block of the Bernoulli twin: four such float64 blocks fit in a 2 MiB
@@ -186,15 +186,16 @@ def bernoulli_combine(x, logits, t, u, h):  # pragma: no cover - compiled
 BERNOULLI_BLOCK = 1 << 16
 
 
-def bernoulli_nll(x, logits, reduction="none"):
+def bernoulli_nll(x, logits, reduction="none", grad_scale=1.0):
     """Three arrays instead of a dozen (reduction "none" only): compiled passes around
     NumPy's exp, log1p and tanh, in blocks of rows that stay in cache, the per-pixel terms
     living only in one block-sized scratch. Rows are independent, so blocks change no
     result (each row's sum is NumPy's pairwise sum over the same c numbers)."""
     if not (reduction == "none" and _served(x, logits) and logits.ndim == 2
-            and x.shape == logits.shape):
+            and x.shape == logits.shape and type(grad_scale) in (int, float)):
         return NotImplemented
     h = logits.dtype.type(0.5)
+    scale = logits.dtype.type(grad_scale)       # as NumPy rounds a Python number
     m, c = logits.shape
     grad = np.empty_like(logits, order="C")
     nll = np.empty(m, dtype=logits.dtype)
@@ -208,7 +209,7 @@ def bernoulli_nll(x, logits, reduction="none"):
         np.exp(t, out=t)
         np.log1p(t, out=t)                                  # t = log1p(exp(-|l|))
         np.tanh(u, out=u)                                   # u = tanh(l / 2)
-        bernoulli_combine(x[block], lb, t, u, h)           # t = term, u = grad
+        bernoulli_combine(x[block], lb, t, u, h, scale)    # t = term, u = grad
         np.sum(t, axis=1, out=nll[block])
     return nll, grad
 

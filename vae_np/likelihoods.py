@@ -34,6 +34,8 @@ class Bernoulli:
     def nll(self, x, out, grad_scale=None):
         """(nll (M,), grad_scale * d nll / d out (M, c)); ``grad_scale``: None, a number,
         or an (M,) array (one factor per row)."""
+        if grad_scale is None or type(grad_scale) in (int, float):  # scaled in the loss
+            return bernoulli_nll(x, out, grad_scale=1.0 if grad_scale is None else grad_scale)
         value, grad = bernoulli_nll(x, out)
         return value, _scaled(grad, grad_scale)
 

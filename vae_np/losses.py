@@ -144,7 +144,7 @@ def gaussian_fixed_nll(x, mu, variance: float, reduction: str = "none"):
 
 
 @fast_twin
-def bernoulli_nll(x, logits, reduction: str = "none"):
+def bernoulli_nll(x, logits, reduction: str = "none", grad_scale: float = 1.0):
     """-ln Bernoulli(x | sigmoid(logits)), stable for logits of any size.
 
         -ln p = sum_i softplus(l_i) - x_i l_i
@@ -156,10 +156,17 @@ def bernoulli_nll(x, logits, reduction: str = "none"):
 
     Args:
         x: (N, c) targets in [0, 1]; logits: (N, c) decoder outputs.
+        grad_scale: a number the gradient is multiplied by (the model's 1 / (S N), so that
+            its twin scales in the same pass; 1 multiplies by nothing).
     Returns:
-        (nll, dlogits): nll (N,) nats (or reduced); dlogits (N, c).
+        (nll, dlogits): nll (N,) nats (or reduced); dlogits (N, c), times grad_scale.
     """
     _check_pair("x", x, "logits", logits)
+    if type(grad_scale) not in (int, float):
+        raise TypeError(f"grad_scale: expected a Python number, got {type(grad_scale).__name__}")
     xp = namespace_of(x, logits)
     nll = xp.sum(softplus(xp, logits) - x * logits, axis=1)
-    return _reduce(xp, nll, (sigmoid(xp, logits) - x,), reduction)
+    grad = sigmoid(xp, logits) - x
+    if grad_scale != 1:
+        grad = grad * grad_scale
+    return _reduce(xp, nll, (grad,), reduction)

@@ -420,7 +420,8 @@ def plugged_in(answers: dict[str, Callable], model: VAE, optimizer: Adam):
     if "bernoulli_nll_grad" in answers:
         impl_b = answers["bernoulli_nll_grad"]
         swap(likelihoods_module, "bernoulli_nll",
-             lambda x, logits: (bernoulli_nll(x, logits)[0], impl_b(x, logits)))
+             lambda x, logits, grad_scale=1.0: (bernoulli_nll(x, logits)[0],
+                                                impl_b(x, logits) * grad_scale))
     if "kl_grad" in answers:
         impl_k = answers["kl_grad"]
         swap(objectives_module, "kl_standard_normal",
