@@ -376,3 +376,13 @@ def test_unknown_activation(name, np64):
 def test_unknown_activation_without_hidden_layers(np64):
     with pytest.raises(ValueError, match=r"^activation: "):
         MLP((3, 2), np64, np.random.default_rng(0), activation="gelu")
+
+
+@pytest.mark.parametrize("bias_grad", [0.0, np.zeros(()), np.zeros((1,)), np.zeros((2, 1))])
+def test_linear_refuses_a_bias_grad_that_would_broadcast(bias_grad, np64):
+    """The MLP hands Linear.backward the ReLU pass's column sum; anything but (D_out,)
+    would be broadcast into the gradient buffer without a word."""
+    layer = Linear(3, 2, np64, np.random.default_rng(0))
+    layer.forward(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"^bias_grad: expected an array of shape \(2,\)"):
+        layer.backward(np.ones((4, 2)), bias_grad=bias_grad)

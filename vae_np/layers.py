@@ -142,6 +142,10 @@ class Linear(Layer):
         matmul_into(self.grads["W"], x.T, dout)                 # dW = x^T dout
         if bias_grad is None:
             bias_grad = self.backend.xp.sum(dout, axis=0)       # db = sum_n dout
+        elif getattr(bias_grad, "shape", None) != (self.out_features,):  # no broadcasting
+            raise ValueError(f"bias_grad: expected an array of shape ({self.out_features},), "
+                             f"got {type(bias_grad).__name__} of shape "
+                             f"{getattr(bias_grad, 'shape', None)}")
         self.grads["b"][...] = bias_grad
         return dout @ W.T if input_grad else None
 
