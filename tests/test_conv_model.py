@@ -327,6 +327,29 @@ def test_training_lowers_the_loss_and_resume_is_bit_for_bit(dataset, tmp_path):
     assert meta["model_config"]["image_shape"] == [8, 8]
 
 
+def test_a_run_with_the_default_channels_reads_back(dataset, tmp_path):
+    """The run config's channels left unset mean CONV_CHANNELS: the trainer's checkpoint
+    stores them resolved, and one that stored None (before they were resolved) still reads,
+    where read_model refused it as tampered with (a full-MNIST conv run could not be
+    scored)."""
+    from vae_np.checkpoint import CheckpointError, save_checkpoint
+    from vae_np.networks import CONV_CHANNELS
+    config = conv_config(channels=None, epochs=1, eval_samples=0)
+    assert config.channels == CONV_CHANNELS
+    make_trainer(config, dataset, tmp_path / "run").fit()
+    path = tmp_path / "run" / CHECKPOINT_FILE
+    assert read_model(path).model.channels == CONV_CHANNELS
+    arrays, meta = load_checkpoint(path)
+    assert meta["config"]["channels"] == list(CONV_CHANNELS)
+    meta["config"]["channels"] = None                     # as the earlier trainer wrote it
+    save_checkpoint(tmp_path / "old.npz", arrays, meta)
+    assert read_model(tmp_path / "old.npz").model.channels == CONV_CHANNELS
+    meta["config"]["channels"] = [4, 5]                   # a real disagreement still fails
+    save_checkpoint(tmp_path / "edited.npz", arrays, meta)
+    with pytest.raises(CheckpointError, match="disagree on channels"):
+        read_model(tmp_path / "edited.npz")
+
+
 def test_a_conv_run_draws_every_picture(dataset, tmp_path):
     Image = pytest.importorskip("PIL.Image")
     trainer = Trainer(conv_config(epochs=1), dataset, tmp_path, log=None,
@@ -370,7 +393,7 @@ def dataclass_replace(config, **changes):
 def test_train_config_architecture_fields():
     assert TrainConfig().hidden == (512, 512) and TrainConfig().architecture == "mlp"
     conv = TrainConfig(architecture="conv")
-    assert conv.hidden == (512,) and conv.channels is None
+    assert conv.hidden == (512,) and conv.channels == (32, 64)   # the starting example's
     assert conv.model_kwargs()["architecture"] == "conv"
     assert "architecture" not in TrainConfig().model_kwargs()   # the MLP's VAE call as before
     assert TrainConfig.from_dict(conv_config().to_dict()) == conv_config()

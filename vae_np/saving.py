@@ -33,6 +33,7 @@ from ._version import __version__
 from .backend import DTYPE_NAMES as DTYPES, Backend, get_backend
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import VAE
+from .networks import CONV_CHANNELS
 
 __all__ = ["MODEL_FORMAT", "TRAINER_FORMAT", "SavedModel", "load_model", "read_model",
            "save_model"]
@@ -186,7 +187,8 @@ def read_model(path: str | os.PathLike, backend: Backend | str | None = None,
 def _check_run_config(path: Path, run: Any, config: dict) -> None:
     """A trainer checkpoint's run config (``TrainConfig.to_dict``) must agree with its
     model_config on every field both hold (a run's unset variance stands for the
-    likelihood's default; ``conditional`` for a ``num_classes``), or the file is refused:
+    likelihood's default, its unset channels for CONV_CHANNELS, as runs before the config
+    resolved them stored it; ``conditional`` for a ``num_classes``), or the file is refused:
     else a resume would train one model and this reader score another."""
     if run is None:  # nothing to compare (this reader needs only model_config)
         return
@@ -194,7 +196,9 @@ def _check_run_config(path: Path, run: Any, config: dict) -> None:
         raise CheckpointError(f"{path}: metadata config: expected the run's config, a dict, "
                               f"got {run!r}")
     differ = sorted(k for k in set(run) & set(config)
-                    if run[k] != config[k] and not (k == "variance" and run[k] is None))
+                    if run[k] != config[k] and not (k == "variance" and run[k] is None)
+                    and not (k == "channels" and run[k] is None
+                             and config[k] == list(CONV_CHANNELS)))
     if "conditional" in run and bool(run["conditional"]) != (config.get("num_classes") is not None):
         differ.append("conditional / num_classes")
     if differ:

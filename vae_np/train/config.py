@@ -12,7 +12,7 @@ from ..backend import BACKEND_NAMES, DTYPE_NAMES, get_backend
 from ..data import BINARIZE_MODES
 from ..layers import ACTIVATIONS
 from ..likelihoods import make_likelihood
-from ..networks import ARCHITECTURES, DEFAULT_HIDDEN
+from ..networks import ARCHITECTURES, CONV_CHANNELS, DEFAULT_HIDDEN
 from ..objectives import OBJECTIVES
 from ..validation import check_bool, check_choice, check_int, check_number
 
@@ -175,6 +175,8 @@ class TrainConfig:
         check_choice("architecture", self.architecture, ARCHITECTURES)
         if self.hidden is None:
             self.hidden = DEFAULT_HIDDEN[self.architecture]
+        if self.channels is None and self.architecture == "conv":
+            self.channels = CONV_CHANNELS       # resolved, as hidden: what the model gets
         if self.channels is not None:
             if self.architecture != "conv":
                 raise ValueError(f"channels: the convolution widths are for "
