@@ -13,7 +13,9 @@ its outputs, both backward with fixed upstream gradients (no dx for the images: 
 images do not require grad either). Not the VAE's loss or Adam: those are the MLP's
 (benchmarks/bench_step.py). Each round times vae_np then PyTorch on the same arrays
 (interleaved, so both see the same machine); the table gives medians over rounds and the
-ratio vae_np / PyTorch. BLAS and PyTorch are limited to ``--threads``.
+ratio vae_np / PyTorch. BLAS and PyTorch are limited to ``--threads`` (and XLA to one thread
+with ``--threads 1``). With JAX installed the networks row also runs under ``jax.jit``
+(``peers.make_jax_conv_networks``: the same layers, weights and upstream gradients).
 
 Shared machines swing by tens of percent: read the ratios, measured side by side.
 """
@@ -35,6 +37,7 @@ except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_step import set_threads  # noqa: E402
+from peers import import_jax, make_jax_conv_networks  # noqa: E402
 
 from vae_np.backend import get_backend  # noqa: E402
 from vae_np.conv import Conv2d, MaxPool2d, Upsample  # noqa: E402
@@ -142,15 +145,27 @@ def network_pair(batch, backend, torch):
     return ours, theirs
 
 
-def measure(ours, theirs, rounds: int, warmup: int = 3):
+def jax_network(batch, backend, jax):
+    """The networks' work (network_pair's) in JAX under one jax.jit, on the same weights
+    and arrays: (step, sync) from peers.make_jax_conv_networks."""
+    rng = np.random.default_rng(0)
+    enc, dec = conv_networks((28, 28), LATENT, 1, backend, rng)
+    x = rng.uniform(size=(batch, 784)).astype(np.float32)
+    g_out = rng.standard_normal((batch, 784)).astype(np.float32)
+    g_h = rng.standard_normal((batch, 2 * LATENT)).astype(np.float32)
+    return make_jax_conv_networks(jax, enc, dec, LATENT, x, g_out, g_h)
+
+
+def measure(*sides, rounds: int, warmup: int = 3):
+    """Median seconds of each side's call, the sides timed in turn in every round."""
     for _ in range(warmup):
-        ours()
-        theirs()
-    a, b = [], []
+        for side in sides:
+            side()
+    times = [[] for _ in sides]
     for _ in range(rounds):
-        a.append(_timed(ours))
-        b.append(_timed(theirs))
-    return statistics.median(a), statistics.median(b)
+        for side, record in zip(sides, times):
+            record.append(_timed(side))
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> int:
@@ -159,7 +174,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per row")
     parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads")
     parser.add_argument("--quick", action="store_true", help="batch 8, 3 rounds")
+    parser.add_argument("--no-jax", action="store_true",
+                        help="skip the jax.jit networks even if JAX is installed")
     args = parser.parse_args(argv)
+    jax = None if args.no_jax else import_jax(args.threads)
     try:
         import torch
     except ImportError:
@@ -173,13 +191,27 @@ def main(argv=None) -> int:
     backend = get_backend("numpy", "float32")
     print(f"vae_np (numpy, float32, fast paths) against PyTorch {torch.__version__} eager, "
           f"{args.threads} threads, median of {rounds} interleaved rounds, forward + backward")
-    print(f"{'row':<22} {'batch':>5} {'vae_np ms':>10} {'torch ms':>10} {'ratio':>7}")
+    if jax is not None:
+        print(f"and the networks under jax.jit (JAX {jax.__version__}; the row's jax ms and "
+              f"vae_np / jax)")
+    print(f"{'row':<22} {'batch':>5} {'vae_np ms':>10} {'torch ms':>10} {'ratio':>7}"
+          + (f" {'jax ms':>8} {'/ jax':>6}" if jax is not None else ""))
     for batch in batches:
         rows = [(name, layer_pair(kind, shape, ch, batch, backend, torch))
                 for name, (shape, kind, ch) in LAYERS.items()]
         rows.append(("encoder + decoder", network_pair(batch, backend, torch)))
         for name, (ours, theirs) in rows:
-            a, b = measure(ours, theirs, rounds)
+            if name == "encoder + decoder" and jax is not None:
+                jax_step, jax_sync = jax_network(batch, backend, jax)
+
+                def jax_side():
+                    jax_step()
+                    jax_sync()                   # the clock reads finished work
+                a, b, c = measure(ours, theirs, jax_side, rounds=rounds)
+                print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} {a / b:>7.2f}"
+                      f" {c * 1e3:>8.2f} {a / c:>6.2f}")
+                continue
+            a, b = measure(ours, theirs, rounds=rounds)
             print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} {a / b:>7.2f}")
     return 0
 

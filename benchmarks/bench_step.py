@@ -46,7 +46,7 @@ from vae_np import VAE, Adam
 from vae_np.backend import cuda_available, fast_paths_enabled, get_backend, use_fast_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import INPUT_DIM, layer_sizes, make_jax, make_torch  # noqa: E402
+from peers import INPUT_DIM, import_jax, layer_sizes, make_jax, make_torch  # noqa: E402
 
 CONFIGS = {
     "starting": {"hidden": (512, 512), "latent_dim": 64},
@@ -385,12 +385,7 @@ def main(argv=None) -> int:
         except ImportError:
             torch = None
 
-    jax = None
-    if not args.no_jax:
-        try:
-            import jax
-        except ImportError:
-            jax = None
+    jax = None if args.no_jax else import_jax(args.threads)
 
     report = Report()
     report.machine = {

@@ -153,3 +153,95 @@ def make_jax(jax, dtype_name, config, x_host, init_from, seed: int = 0):
         jax.block_until_ready(state[0])
 
     return step, sync
+
+
+# ------------------------------------------------------------------------------------------
+# JAX: threads, and the convolutional networks (benchmarks/bench_conv.py)
+
+
+def import_jax(threads: int):
+    """``jax``, its CPU thread pool limited to ``threads`` where XLA allows it (one thread:
+    Eigen's multi-threading off; the flags must be set before the first import), or None
+    when JAX is not installed."""
+    import os
+    import sys
+    if threads == 1 and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    try:
+        import jax
+    except ImportError:
+        return None
+    return jax
+
+
+def jax_conv_apply(jax, layers, params, h):
+    """vae_np ``layers`` (a conv network's: Unflatten, Conv2d, ReLU, MaxPool2d, Flatten,
+    Linear, Upsample; one channel group, channels first) run in JAX on ``h`` with
+    ``params``, one (W, b) per Conv2d or Linear in order (W as vae_np stores it)."""
+    jnp, lax = jax.numpy, jax.lax
+    params = iter(params)
+    for layer in layers:
+        kind = type(layer).__name__
+        if kind == "Unflatten":
+            h = h.reshape((h.shape[0], *layer.shape))
+        elif kind == "Flatten":
+            h = h.reshape((h.shape[0], -1))
+        elif kind == "Linear":
+            W, b = next(params)
+            h = h @ W + b
+        elif kind == "Conv2d":
+            W, b = next(params)
+            (ph, pw) = layer.padding
+            h = lax.conv_general_dilated(h, W, layer.stride, ((ph, ph), (pw, pw)),
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            h = h + b[None, :, None, None]
+        elif kind == "ReLU":
+            h = jnp.maximum(h, 0.0)
+        elif kind == "MaxPool2d":
+            k = layer.kernel_size
+            h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 1, k, k), (1, 1, k, k), "VALID")
+        elif kind == "Upsample":
+            f = layer.scale_factor
+            h = jnp.repeat(jnp.repeat(h, f, axis=2), f, axis=3)
+        else:
+            raise ValueError(f"layers: no JAX twin for {kind}")
+    return h
+
+
+def jax_conv_gradients(jax, encoder, decoder, latent, g_out, g_h):
+    """(grad, params): ``grad(params, x)`` under ``jax.jit`` runs the encoder, the decoder
+    on the encoder's first ``latent`` outputs, and returns the gradients of every
+    parameter for fixed upstream gradients ``g_out`` (decoder output) and ``g_h`` (encoder
+    output), as nested lists of (dW, db); ``params`` are the networks' own weights."""
+    jnp = jax.numpy
+
+    def weights(net):
+        return [(jnp.asarray(layer.params["W"]), jnp.asarray(layer.params["b"]))
+                for layer in net.layers if "W" in layer.params]
+
+    g_out, g_h = jnp.asarray(g_out), jnp.asarray(g_h)
+
+    def objective(params, x):
+        h = jax_conv_apply(jax, encoder.layers, params[0], x)
+        out = jax_conv_apply(jax, decoder.layers, params[1], h[:, :latent])
+        return jnp.sum(out * g_out) + jnp.sum(h * g_h)
+
+    return jax.jit(jax.grad(objective)), [weights(encoder), weights(decoder)]
+
+
+def make_jax_conv_networks(jax, encoder, decoder, latent, x, g_out, g_h):
+    """bench_conv.network_pair's work under one ``jax.jit`` (:func:`jax_conv_gradients`)
+    on ``x``. Returns ``(step, sync)``."""
+    grad, params = jax_conv_gradients(jax, encoder, decoder, latent, g_out, g_h)
+    x = jax.numpy.asarray(x)
+    result = [None]
+
+    def step():
+        result[0] = grad(params, x)
+
+    def sync():
+        jax.block_until_ready(result[0])
+
+    return step, sync

@@ -47,3 +47,34 @@ def test_jax_loss_and_gradient_are_vae_nps(activation):
     for (name, ours), theirs in zip(grads.items(), flat):
         np.testing.assert_allclose(np.asarray(theirs), ours, rtol=1e-9, atol=1e-12,
                                    err_msg=name)
+
+
+def test_jax_conv_networks_compute_vae_nps_gradients():
+    """bench_conv's jax.jit column does network_pair's work: the same parameter gradients
+    as vae_np's conv networks for the same upstream gradients (float64)."""
+    jax.config.update("jax_enable_x64", True)
+    from vae_np.backend import get_backend
+    from vae_np.networks import conv_networks
+    backend, rng = get_backend("numpy", "float64"), np.random.default_rng(1)
+    latent = 3
+    enc, dec = conv_networks((8, 8), latent, 1, backend, rng, channels=(2, 3), hidden=(6,))
+    for layer in [*enc.layers, *dec.layers]:
+        if "b" in layer.params:   # zero biases put a dead patch's successor on ReLU's kink,
+            layer.params["b"][...] = 0.1 * rng.standard_normal(layer.params["b"].shape)
+            # where JAX's maximum gives half a slope and vae_np's ReLU none
+    x = rng.uniform(size=(4, 64))
+    g_out, g_h = rng.standard_normal((4, 64)), rng.standard_normal((4, 2 * latent))
+    h = enc.forward(x)
+    dec.forward(h[:, :latent])
+    dh = g_h.copy()
+    dh[:, :latent] += dec.backward(g_out)
+    enc.backward(dh, input_grad=False)
+    ours = [layer.grads[k] for net in (enc, dec) for layer in net.layers
+            if "W" in layer.params for k in ("W", "b")]
+    grad, params = peers.jax_conv_gradients(jax, enc, dec, latent, g_out, g_h)
+    theirs = [g for net in grad(params, jax.numpy.asarray(x)) for pair in net for g in pair]
+    assert len(theirs) == len(ours) == 16      # 2 convs and 2 Linears a network, W and b each
+    for name, (t, o) in enumerate(zip(theirs, ours)):
+        # float64 sums of a few hundred terms in another order: 1e-10 is far above their
+        # round-off and far below any wrong term
+        np.testing.assert_allclose(np.asarray(t), o, rtol=1e-10, atol=1e-12, err_msg=str(name))
