@@ -70,8 +70,8 @@ def test_an_epoch_per_side_on_made_up_mnist(tmp_path, private_tmp, monkeypatch, 
     if peer:
         # Same initial weights, two steps, other random streams: the test -ELBOs (some
         # 530 nats here) differ by the noise of one sample on 50 images, a few nats
-        # (measured: within 1%). A peer that sums over its batches instead of averaging
-        # over the images, or reports a batch's mean as the set's, lands far outside 5%.
+        # (measured: within 1%). A peer that sums instead of averaging over the images, or
+        # scores a loss other than the per-image -ELBO, lands far outside 5%.
         theirs = report["median"][peer]
         assert theirs["test_loss"] == pytest.approx(ours["test_loss"], rel=0.05)
         ratio = report["ratios_vae_np_over"][peer]
