@@ -24,9 +24,11 @@ INPUT_DIM = 784
 
 
 def layer_sizes(config: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(encoder sizes, decoder sizes) of a configuration: 784 -> hidden -> 2d, d -> 784."""
+    """(encoder sizes, decoder sizes) of a configuration: c -> hidden -> 2d, d -> c, with c
+    the configuration's ``input_dim`` (default 784, MNIST's)."""
     hidden, d = tuple(config["hidden"]), config["latent_dim"]
-    return (INPUT_DIM, *hidden, 2 * d), (d, *reversed(hidden), INPUT_DIM)
+    c = config.get("input_dim", INPUT_DIM)
+    return (c, *hidden, 2 * d), (d, *reversed(hidden), c)
 
 
 def _weights(init_from: dict) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -46,7 +48,9 @@ class TorchVAE:
     ``train_step(x)``: one step on the batch ``x`` (N, 784) tensor of 0/1 pixels; returns
     the loss tensor (no read-back). ``test_loss_sum(x)``: the sum over the rows of ``x``
     of the per-image -ELBO with one sample, under ``torch.no_grad()``, a 0-d tensor.
-    Noise comes from torch's global generator (``torch.manual_seed`` fixes it)."""
+    ``loss_fn(x, eps=None)``: the batch's -ELBO at noise ``eps`` (N, d), or at noise from
+    torch's global generator (``torch.manual_seed`` fixes it). ``linears``: the
+    ``nn.Linear`` modules, encoder first (vae_np's order)."""
 
     def __init__(self, torch, device, dtype_name, config, init_from, fused_adam: bool = False,
                  compile_step: bool = False):
@@ -64,9 +68,9 @@ class TorchVAE:
             return nn.Sequential(*layers).to(device=device, dtype=self.dtype)
 
         enc, dec = mlp(enc_sizes), mlp(dec_sizes)
+        self.linears = [m for m in (*enc, *dec) if isinstance(m, nn.Linear)]
         with torch.no_grad():
-            linears = [m for m in (*enc, *dec) if isinstance(m, nn.Linear)]
-            for lin, (W, b) in zip(linears, _weights(init_from)):
+            for lin, (W, b) in zip(self.linears, _weights(init_from)):
                 lin.weight.copy_(torch.as_tensor(np.ascontiguousarray(W.T)))
                 lin.bias.copy_(torch.as_tensor(b))
         self.optimizer = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3,
@@ -74,11 +78,11 @@ class TorchVAE:
         d, shift = config["latent_dim"], config.get("input_shift", 0.5)
         bce = nn.functional.binary_cross_entropy_with_logits
 
-        def loss_fn(x):
+        def loss_fn(x, eps=None):
             n = x.shape[0]
             h = enc(x - shift)
             mu, logvar = h[:, :d], h[:, d:]
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if eps is None else eps)
             logits = dec(z)
             recon = bce(logits, x, reduction="sum") / n
             kl = 0.5 * torch.sum(torch.exp(logvar) - logvar - 1.0 + mu * mu) / n
