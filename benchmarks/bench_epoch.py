@@ -352,8 +352,9 @@ def main(argv=None) -> int:
         ours = results["vae_np"]
         print(f"vae_np in detail: shuffle, gather and binarization {ours['data']:.2f} s, "
               f"steps {ours['steps']:.2f} s; besides the epoch: checkpoint "
-              f"{ours['checkpoint']:.2f} s, the whole fit() {ours['fit']:.2f} s (with "
-              "metrics.jsonl, active units over the test set, results.json)")
+              f"{ours['checkpoint']:.2f} s (into a temporary folder, removed after), the "
+              f"whole fit() {ours['fit']:.2f} s (with metrics.jsonl, active units over the "
+              "test set, results.json)")
         for side in results:
             if side != "vae_np":
                 ratios[side] = {k: ours[k] / results[side][k] for k in ("train", "eval", "total")}
