@@ -13,7 +13,8 @@ importable it times the same model in PyTorch (same layers, batch, dtype, thread
 Adam, Bernoulli loss with one reparameterised sample) interleaved with vae_np in the same
 process -- rounds alternate the two, so both see the same machine -- and prints the ratio
 vae_np / PyTorch, against PyTorch's default Adam and its fused Adam. Last, the importance-
-sampled evaluation (``VAE.log_likelihood``, K = 5000) with its time and peak memory.
+sampled evaluation (``VAE.log_likelihood``, K = 5000) with its time, peak memory and
+its time over its floor (its matrix products' flops at the matmul peak).
 
 Shared machines swing by tens of percent: read the ratios (measured side by side), not the
 absolute times, and rerun before believing a change of a few percent.
@@ -127,6 +128,21 @@ def step_gemm_flops(config: dict, batch: int, samples: int = 1) -> int:
             products = 3 if (i > 0 or first_dx) else 2
             total += products * 2 * rows * a * b
     return total
+
+
+def log_likelihood_flops(model, images: int, samples: int) -> int:
+    """Multiply-add flops (2 per multiply-add) of the matrix products ``VAE.log_likelihood``
+    computes for ``images`` images with K = ``samples``: the encoder once per image (its
+    Linears on N rows), the decoder once per sample and image (K N rows). Read from the
+    model's own Linears (W is in x out), so it counts what the code multiplies."""
+    if not all(hasattr(net, "linears") for net in (model.encoder, model.decoder)):
+        raise TypeError("model: the count is for MLP encoders and decoders (VAE's 'mlp')")
+
+    def per_row(net):
+        return sum(int(lin.params["W"].shape[0]) * int(lin.params["W"].shape[1])
+                   for lin in net.linears)
+
+    return 2 * images * per_row(model.encoder) + 2 * samples * images * per_row(model.decoder)
 
 
 def binary_batch(batch: int, seed: int = 0) -> np.ndarray:
@@ -531,12 +547,18 @@ def main(argv=None) -> int:
                     evaluate()
                     peak = tracemalloc.get_traced_memory()[1] - current
                     tracemalloc.stop()
+                flops = log_likelihood_flops(model, eval_images, EVAL_SAMPLES)
+                floor = flops / (report.peaks_gflops[f"{backend_name}/{dtype}"] * 1e9)
                 entry = {"backend": backend_name, "dtype": dtype, "images": eval_images,
                          "K": EVAL_SAMPLES, "seconds": seconds,
-                         "ms_per_image": seconds / eval_images * 1e3, "peak_mib": peak / 2 ** 20}
+                         "ms_per_image": seconds / eval_images * 1e3, "peak_mib": peak / 2 ** 20,
+                         "gemm_flops": flops, "floor_seconds": floor,
+                         "over_floor": seconds / floor}
                 report.evaluation.append(entry)
                 print(f"  {backend_name} {dtype}: {seconds:.2f} s ({entry['ms_per_image']:.0f} "
-                      f"ms/image), peak {entry['peak_mib']:.1f} MiB above the model")
+                      f"ms/image), peak {entry['peak_mib']:.1f} MiB above the model; matrix "
+                      f"products {flops / 1e9:.1f} GFLOP, floor at the matmul peak "
+                      f"{floor:.2f} s: {entry['over_floor']:.2f}x the floor")
 
     report.machine["load_average_at_end"] = os.getloadavg()
     print(f"\nload average (1, 5, 15 min) at start {report.machine['load_average_at_start']}, "

@@ -3,10 +3,16 @@ biases off ReLU's kink, an independent MLP forward, and a few training steps rec
 the fast paths on or off (test_model.py, test_iwae.py, test_fast_paths.py); the rounding
 bound of two evaluations of a network (test_export.py, test_export_conv.py); and one factory
 per kind of test object: ``tiny_vae`` (a small model), ``tiny_config`` (a TrainConfig that
-trains in seconds), ``synthetic_dataset`` (a tiny Dataset). A test file binds its own
-settings once with ``functools.partial``."""
+trains in seconds), ``synthetic_dataset`` (a tiny Dataset); and MNIST's files made up:
+``idx_bytes`` (an array in the IDX format), ``publish_mnist_sum`` and ``write_mnist_folder``
+(the four files, their sums made the published ones). A test file binds its own settings
+once with ``functools.partial``."""
 
 from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
 
 import numpy as np
 
@@ -16,6 +22,7 @@ from vae_np import VAE, Adam
 from vae_np.backend import use_fast_paths
 from vae_np.conv import Conv2d, Flatten, MaxPool2d, Unflatten, Upsample
 from vae_np.layers import LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
+from vae_np import data as vae_data
 from vae_np.data import Dataset
 from vae_np.train import TrainConfig
 
@@ -277,3 +284,37 @@ def assert_within(actual, reference, bound, what):
     excess = np.abs(actual - reference) - bound
     assert np.all(excess <= 0), f"{what}: off by {np.max(np.abs(actual - reference)):.3g}, " \
                                 f"the rounding bound allows {bound.flat[np.argmax(excess)]:.3g}"
+
+
+# ------------------------------------------------------------------------------------------
+# MNIST's files, made up
+
+IDX_CODES = {"uint8": 0x08, "int8": 0x09, "int16": 0x0B, "int32": 0x0C, "float32": 0x0D,
+             "float64": 0x0E}
+
+
+def idx_bytes(arr) -> bytes:
+    """IDX encoding of ``arr``: 0x0000, type code, ndim, big-endian u32 dims, big-endian payload."""
+    arr = np.asarray(arr)
+    header = bytes([0, 0, IDX_CODES[arr.dtype.name], arr.ndim]) + struct.pack(
+        f">{arr.ndim}I", *arr.shape)
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def publish_mnist_sum(monkeypatch, name, content) -> None:
+    """Make ``content`` (raw IDX bytes) the published content of MNIST file ``name``."""
+    monkeypatch.setitem(vae_data.MNIST_SHA256, name, hashlib.sha256(content).hexdigest())
+
+
+def write_mnist_folder(directory, arrays, monkeypatch) -> dict[str, bytes]:
+    """The four MNIST files of ``arrays`` (role -> uint8 array: ``train_images`` (N, 28, 28),
+    ``train_labels`` (N,), ``test_images``, ``test_labels``, the roles of
+    ``vae_np.data.MNIST_FILES``), gzipped, into ``directory``, the sums of their IDX content
+    made the published ones (so verification passes). Returns {file name: gz bytes}."""
+    blobs = {}
+    for role, name in vae_data.MNIST_FILES.items():
+        content = idx_bytes(arrays[role])
+        blobs[name] = gzip.compress(content, mtime=0)
+        publish_mnist_sum(monkeypatch, name, content)
+        (directory / name).write_bytes(blobs[name])
+    return blobs

@@ -6,7 +6,6 @@ import builtins
 import gzip
 import hashlib
 import io
-import struct
 import sys
 import urllib.error
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import IDX_CODES, idx_bytes, publish_mnist_sum, write_mnist_folder
 from vae_np import data
 from vae_np.data import download
 from vae_np.data import (
@@ -27,16 +27,6 @@ from vae_np.data import (
     load_mnist,
     read_idx,
 )
-
-_CODES = {"uint8": 0x08, "int8": 0x09, "int16": 0x0B, "int32": 0x0C, "float32": 0x0D, "float64": 0x0E}
-
-
-def idx_bytes(arr):
-    """IDX encoding of ``arr``: 0x0000, type code, ndim, big-endian u32 dims, big-endian payload."""
-    arr = np.asarray(arr)
-    header = bytes([0, 0, _CODES[arr.dtype.name], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-
 
 def write(path, payload, gz=True):
     path.write_bytes(gzip.compress(payload) if gz else payload)
@@ -54,25 +44,13 @@ TINY = {
 TINY["train_images"][0, 0, 0], TINY["train_images"][0, 0, 1] = 0, 255
 
 
-def publish(monkeypatch, name, content):
-    """Make ``content`` (raw IDX bytes) the published content of MNIST file ``name``."""
-    monkeypatch.setitem(data.MNIST_SHA256, name, hashlib.sha256(content).hexdigest())
-
-
 @pytest.fixture
 def tiny_mnist(tmp_path, monkeypatch):
     """Write the four tiny files (gzipped) and make the sums of their IDX content the
     published ones.
 
     Returns (data_dir, {file name: gz bytes})."""
-    blobs = {}
-    for role, name in data.MNIST_FILES.items():
-        content = idx_bytes(TINY[role])
-        blob = gzip.compress(content, mtime=0)
-        blobs[name] = blob
-        publish(monkeypatch, name, content)
-        (tmp_path / name).write_bytes(blob)
-    return tmp_path, blobs
+    return tmp_path, write_mnist_folder(tmp_path, TINY, monkeypatch)
 
 
 @pytest.fixture
@@ -91,7 +69,7 @@ def no_network(monkeypatch):
 # ----------------------------------------------------------------------- read_idx
 
 
-@pytest.mark.parametrize("dtype", list(_CODES))
+@pytest.mark.parametrize("dtype", list(IDX_CODES))
 @pytest.mark.parametrize("gz", [True, False])
 def test_read_idx_round_trip_all_types(tmp_path, dtype, gz):
     arr = (np.arange(2 * 3 * 4) - 7).reshape(2, 3, 4).astype(dtype)
@@ -441,7 +419,7 @@ def test_load_mnist_downloads_when_missing(tmp_path, monkeypatch):
     blobs = {}
     for role, name in data.MNIST_FILES.items():
         blobs[name] = gzip.compress(idx_bytes(TINY[role]))
-        publish(monkeypatch, name, idx_bytes(TINY[role]))
+        publish_mnist_sum(monkeypatch, name, idx_bytes(TINY[role]))
     monkeypatch.setattr(download, "_fetch_url", lambda url, out, timeout: out.write(blobs[url.rsplit("/", 1)[1]]))
     ds = load_mnist(tmp_path / "new" / "dir", log=None)
     assert ds.source == "mnist" and ds.n_train == 6
@@ -526,12 +504,12 @@ def test_format_error_with_matching_checksum_is_raised(tmp_path, monkeypatch, no
         content = idx_bytes(arr)
         if role == "train_images":
             content = content[:-5]  # truncated payload
-        publish(monkeypatch, name, content)
+        publish_mnist_sum(monkeypatch, name, content)
         (tmp_path / name).write_bytes(gzip.compress(content))
     with pytest.raises(MNISTFormatError, match="train-images-idx3-ubyte.gz.*truncated"):
         load_mnist(tmp_path, log=None)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(TINY["train_images"])))
-    publish(monkeypatch, "train-images-idx3-ubyte.gz", idx_bytes(TINY["train_images"]))
+    publish_mnist_sum(monkeypatch, "train-images-idx3-ubyte.gz", idx_bytes(TINY["train_images"]))
     with pytest.raises(MNISTFormatError, match="4 images but .* 3 labels"):
         load_mnist(tmp_path, log=None)
 
