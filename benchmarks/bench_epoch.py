@@ -60,7 +60,7 @@ from vae_np.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import blas_info, cpu_model, set_threads  # noqa: E402
-from peers import JaxVAE, TorchVAE  # noqa: E402
+from peers import JaxVAE, TorchVAE, import_jax  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
 SIDES = ("vae_np", "torch", "jax")
@@ -284,9 +284,12 @@ def main(argv=None) -> int:
     frameworks = {}
     for side in args.sides:
         if side != "vae_np":
-            try:
-                frameworks[side] = __import__(side)
+            try:   # JAX through peers.import_jax: one XLA thread for --threads 1
+                frameworks[side] = import_jax(args.threads) if side == "jax" else __import__(side)
+                if frameworks[side] is None:
+                    raise ImportError(side)
             except ImportError:
+                frameworks.pop(side, None)
                 print(f"note: {side} is not installed; its side is skipped")
     if "torch" in frameworks:
         frameworks["torch"].set_num_threads(args.threads)
@@ -302,8 +305,8 @@ def main(argv=None) -> int:
     }
     print(f"machine: {machine['cpu_model']}, {args.threads} threads of {os.cpu_count()} "
           f"cores; " + ", ".join(f"{k} {machine[k]}" for k in ("numpy", *frameworks)))
-    if "jax" in frameworks:
-        print("note: XLA sizes its own CPU thread pool; --threads does not limit JAX")
+    if "jax" in frameworks and args.threads > 1:
+        print("note: XLA sizes its own CPU thread pool; --threads limits it only at 1")
     steps = -(-dataset.n_train // config.batch_size)
     print(f"data: {dataset.description} from {args.data_dir}; batch {config.batch_size}, "
           f"{steps} steps, test -ELBO in batches of {config.eval_batch_size}")
