@@ -70,7 +70,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     clock = time.perf_counter
     if args.clock == "cpu":
-        from threadpoolctl import threadpool_limits
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            p.error("--clock cpu needs threadpoolctl (pip install -e \".[bench]\") to run "
+                    "BLAS on the one thread it times")
         limits = threadpool_limits(limits=1)  # noqa: F841  (kept for the whole run)
         clock = time.thread_time
     sys.path.insert(0, str(REPO))
