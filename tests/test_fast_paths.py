@@ -615,3 +615,49 @@ def test_adam_keeps_nan_moments_visible():
         with use_fast_paths(fast):
             opt.step()
         assert np.isnan(opt.m[0]) and np.isnan(opt.v[0]) and np.isnan(params.data[0])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_adam_in_parts_on_threads_is_bit_identical(threads, monkeypatch):
+    """The twin splits a large buffer over ADAM_THREADS threads; element-wise, so every
+    split gives the one-thread bits (odd sizes: the parts are unequal)."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    n = 10_007
+    results = []
+    for parts in (1, threads):
+        monkeypatch.setattr(twins, "ADAM_THREADS", parts)
+        monkeypatch.setattr(twins, "ADAM_MIN_PART", 1000)
+        p, m, v, dead, tiny_g = adam_buffers_with_dead_lanes(np.float32, n, seed=5)
+        for t in (1, 2, 3):
+            twins.adam_update(p, adam_gradients(np.float32, n, dead, tiny_g, t), m, v, t,
+                              1e-3, 0.9, 0.999, 1e-8)
+        results.append((p, m, v))
+    for one, split in zip(*results):
+        np.testing.assert_array_equal(split, one)
+
+
+def test_adam_waits_for_every_part_before_an_error_propagates(monkeypatch):
+    """An interrupt in this thread's part still lets the other threads' parts finish
+    before it propagates: no thread writes the buffers while the caller handles it."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    import threading
+    import time
+    monkeypatch.setattr(twins, "ADAM_THREADS", 2)
+    monkeypatch.setattr(twins, "ADAM_MIN_PART", 10)
+    done = []
+    real_step, main = twins.adam_step, threading.main_thread()
+
+    def step(p, *rest):
+        if threading.current_thread() is main:
+            raise KeyboardInterrupt
+        time.sleep(0.2)                       # the other part is still running...
+        real_step(p, *rest)
+        done.append(p.shape[0])
+
+    monkeypatch.setattr(twins, "adam_step", step)
+    p = np.zeros(100, np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        twins.adam_update(p, np.ones_like(p), np.zeros_like(p), np.zeros_like(p), 1,
+                          1e-3, 0.9, 0.999, 1e-8)
+    assert done == [50]                       # ...and had finished when it propagated
+    assert np.all(p[50:] < 0) and np.all(p[:50] == 0)
