@@ -89,14 +89,7 @@ def set_threads(threads: int):
         keep.append(threadpool_limits(limits=threads))
     except ImportError:
         print("note: threadpoolctl is not installed; BLAS keeps its default thread count")
-    # vae_np's Adam twin splits its update over threads of its own (plain threads, never
-    # numba's pool): the same limit.
-    try:
-        from vae_np import _twins_cpu
-        _twins_cpu.ADAM_THREADS = threads
-    except ImportError:                 # no numba: the references run, on one thread
-        pass
-    # vae_np's other numba kernels are single-threaded: numba's thread pool is never started.
+    # vae_np's numba kernels are single-threaded: numba's thread pool is never started.
     # (Starting it, e.g. with numba.set_num_threads, adds a second OpenMP runtime whose
     # idle workers spin beside PyTorch's: measured, that made PyTorch's step 3x slower.)
     return keep

@@ -83,14 +83,6 @@ def main(argv=None) -> int:
         other_name = export(args.rev, Path(tmp))
         sys.path.insert(0, tmp)
         other = importlib.import_module(other_name)
-        if args.clock == "cpu":     # each side's Adam on this one thread too, where it splits
-            for package in ("vae_np", other_name):
-                try:
-                    twins = importlib.import_module(f"{package}._twins_cpu")
-                except ImportError:   # no numba, or a revision without the module
-                    continue
-                if hasattr(twins, "ADAM_THREADS"):
-                    twins.ADAM_THREADS = 1
         print(f"this checkout ({Path(vae_np.__file__).parent}) against {args.rev} "
               f"({other_name}); medians of {args.rounds} interleaved rounds, {args.clock} clock")
         for dtype in args.dtypes.split(","):

@@ -28,8 +28,6 @@ loops (Adam ran 4.7 times slower with Python's error model).
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -239,68 +237,17 @@ def adam_step(p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps, tiny):  # pragma: no 
         p[i] = p[i] - lr * (mi / d1) / (np.sqrt(vi / d2) + eps)
 
 
-#: Threads the Adam update is split over (NUMBA_NUM_THREADS, default the CPU count), and
-#: the fewest parameters a part may have. The update is element-wise and bound by memory
-#: bandwidth (four buffers read, three written): one core does not saturate it, two
-#: halves on two threads took 0.63 ms instead of 0.98 ms for the starting model's 1.43 M
-#: float32 parameters (benchmarks/README.md). Plain Python threads, not numba's pool: they
-#: sleep when idle instead of spinning beside OpenBLAS's (see the module docstring); the
-#: compiled loop releases the GIL (nogil). Element-wise, so any split gives the same bits.
-ADAM_THREADS = max(1, int(numba.config.NUMBA_NUM_THREADS))
-ADAM_MIN_PART = 1 << 18
-_ADAM_POOL: dict = {}
-
-
-def _adam_pool(workers: int):
-    """A thread pool of ``workers`` for this process (a forked child makes its own: the
-    parent's threads do not exist there)."""
-    key = (os.getpid(), workers)
-    if key not in _ADAM_POOL:
-        _ADAM_POOL.clear()
-        _ADAM_POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix="vae_np-adam")
-    return _ADAM_POOL[key]
-
-
 def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):
     """The reference's operations in one pass over the flat buffers, without temporaries
-    (the reference makes some sixteen passes and five temporaries), in parts on
-    ADAM_THREADS threads for a large buffer."""
+    (the reference makes some sixteen passes and five temporaries)."""
     if not (_served(p, g, m, v) and p.ndim == 1 and p.shape == g.shape == m.shape == v.shape):
         return NotImplemented
     dt = p.dtype.type
     # Each Python-float constant rounded to the array dtype once, as NumPy rounds a Python
     # float meeting an array (1 - beta1 is formed in double first, as there).
-    constants = (dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2), dt(1.0 - beta1 ** t),
-                 dt(1.0 - beta2 ** t), dt(lr), dt(eps), dt(np.finfo(dt).tiny))
-    parts = max(1, min(ADAM_THREADS, p.shape[0] // ADAM_MIN_PART))
-    if parts == 1:
-        adam_step(p, g, m, v, *constants)
-        return None
-    bounds = [p.shape[0] * k // parts for k in range(parts + 1)]
-    pool = _adam_pool(parts - 1)
-    others = [pool.submit(adam_step, p[a:b], g[a:b], m[a:b], v[a:b], *constants)
-              for a, b in zip(bounds[1:-1], bounds[2:])]
-    try:
-        adam_step(p[:bounds[1]], g[:bounds[1]], m[:bounds[1]], v[:bounds[1]], *constants)
-    finally:
-        _finish(others)
+    adam_step(p, g, m, v, dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2),
+          dt(1.0 - beta1 ** t), dt(1.0 - beta2 ** t), dt(lr), dt(eps), dt(np.finfo(dt).tiny))
     return None
-
-
-def _finish(futures) -> None:
-    """Wait for every part, also through Ctrl-C, then raise what came: no thread still
-    writes the buffers once the caller handles the interrupt (an interrupt inside an update
-    stops the trainer at once, keeping the checkpoint on disk, as on one thread)."""
-    interrupted = None
-    for future in futures:
-        while True:
-            try:
-                future.result()
-                break
-            except KeyboardInterrupt as exc:   # keep waiting: the part is still running
-                interrupted = exc
-    if interrupted is not None:
-        raise interrupted
 
 
 # ------------------------------------------------------------------------------------------
