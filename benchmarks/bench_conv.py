@@ -118,13 +118,21 @@ def _torch_networks(enc, dec, torch):
     return build(enc), build(dec)
 
 
-def network_pair(batch, backend, torch):
+def network_inputs(batch, backend):
+    """(encoder, decoder, x, g_out, g_h): the MNIST-size networks, a batch of images, and
+    the fixed upstream gradients of the decoder output and the encoder output, the same
+    draws for every side."""
     rng = np.random.default_rng(0)
     enc, dec = conv_networks((28, 28), LATENT, 1, backend, rng)
-    tenc, tdec = _torch_networks(enc, dec, torch)
     x = rng.uniform(size=(batch, 784)).astype(np.float32)
     g_out = rng.standard_normal((batch, 784)).astype(np.float32)
     g_h = rng.standard_normal((batch, 2 * LATENT)).astype(np.float32)
+    return enc, dec, x, g_out, g_h
+
+
+def network_pair(batch, backend, torch):
+    enc, dec, x, g_out, g_h = network_inputs(batch, backend)
+    tenc, tdec = _torch_networks(enc, dec, torch)
     xt, g_out_t, g_h_t = (torch.from_numpy(a) for a in (x, g_out, g_h))
 
     def ours():
@@ -148,11 +156,7 @@ def network_pair(batch, backend, torch):
 def jax_network(batch, backend, jax):
     """The networks' work (network_pair's) in JAX under one jax.jit, on the same weights
     and arrays: (step, sync) from peers.make_jax_conv_networks."""
-    rng = np.random.default_rng(0)
-    enc, dec = conv_networks((28, 28), LATENT, 1, backend, rng)
-    x = rng.uniform(size=(batch, 784)).astype(np.float32)
-    g_out = rng.standard_normal((batch, 784)).astype(np.float32)
-    g_h = rng.standard_normal((batch, 2 * LATENT)).astype(np.float32)
+    enc, dec, x, g_out, g_h = network_inputs(batch, backend)
     return make_jax_conv_networks(jax, enc, dec, LATENT, x, g_out, g_h)
 
 

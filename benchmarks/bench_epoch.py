@@ -55,6 +55,7 @@ except ImportError:  # run from a source checkout that is not pip-installed
     import vae_np
 
 from vae_np.checkpoint import atomic_write
+from vae_np.cli_args import positive_int
 from vae_np.data import ChecksumError, Dataset, MNISTFormatError, load_mnist_files
 from vae_np.train import TrainConfig, Trainer
 
@@ -227,16 +228,6 @@ def parse_sides(text: str) -> list[str]:
     if unknown or not sides:
         raise argparse.ArgumentTypeError(f"expected some of {','.join(SIDES)}, got {text!r}")
     return sides
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def summarise(runs: list[dict], n_train: int) -> dict:

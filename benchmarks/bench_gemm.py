@@ -27,6 +27,11 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import matmul_peak  # noqa: E402  (bench_step puts the checkout on the path)
+
+from vae_np.backend import get_backend  # noqa: E402
+
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 LAYERS = ((784, 512), (512, 512), (512, 128), (64, 512), (512, 784))
 
@@ -77,21 +82,6 @@ def load_blis(threads: int):
     return blis_matmul
 
 
-def square_peak(repeats: int = 5) -> float:
-    """Best GFLOP/s of NumPy's float32 square products of sizes 1024-2048."""
-    rng = np.random.default_rng(0)
-    best = 0.0
-    for n in (1024, 1536, 2048):
-        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-        c = np.empty((n, n), np.float32)
-        np.matmul(a, b, out=c)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            np.matmul(a, b, out=c)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -113,7 +103,7 @@ def main(argv=None) -> int:
     if len(sides) == 1:
         print("neither MKL nor blis found: pip install mkl, pip install blis")
         return 1
-    peak = square_peak()
+    peak = matmul_peak(get_backend("numpy", "float32"))
     names = list(sides)
     print(f"{args.threads} threads each; float32; ms per step's three products; NumPy's "
           f"square-product peak {peak:.1f} GFLOP/s")
