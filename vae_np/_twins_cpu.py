@@ -167,8 +167,9 @@ def bernoulli_split(logits, neg_abs, half, h):  # pragma: no cover - compiled
 @_jit
 def bernoulli_combine(x, logits, t, u, h, scale):  # pragma: no cover - compiled
     """In place: t = log1p(exp(-|l|)) becomes term = softplus(l) - x l, and u = tanh(l / 2)
-    becomes grad = (sigmoid(l) - x) * scale (1 is an exact multiply), operation for operation as ops.softplus, ops.sigmoid
-    and losses.bernoulli_nll (numpy.maximum's NaN propagation included). In place rather
+    becomes grad = (sigmoid(l) - x) * scale (1 is an exact multiply), operation for
+    operation as ops.softplus, ops.sigmoid and losses.bernoulli_nll (numpy.maximum's NaN
+    propagation included). In place rather
     than into separate outputs that may be the same arrays: LLVM vectorises a loop only
     after checking that its arrays do not overlap."""
     zero = logits.dtype.type(0)
