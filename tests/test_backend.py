@@ -311,6 +311,33 @@ def test_same_seed_same_draws_different_seed_different_draws(backend):
     assert not np.array_equal(draws_a[0], backend.to_numpy(a.normal((4, 3))))
 
 
+def test_uniform_into_a_buffer_draws_what_a_fresh_call_draws(backend):
+    """``out=`` changes where the draws go, not which: the same numbers as without it,
+    the stream left at the same place, and the buffer itself handed back."""
+    shape = (7, 5)
+    plain, into = backend.rng(21), backend.rng(21)
+    expected = backend.to_numpy(plain.uniform(shape))
+    buffer = backend.zeros(shape)
+    assert into.uniform(shape, out=buffer) is buffer
+    np.testing.assert_array_equal(backend.to_numpy(buffer), expected)
+    np.testing.assert_array_equal(backend.to_numpy(into.uniform((3,))),
+                                  backend.to_numpy(plain.uniform((3,))))
+
+
+def test_uniform_refuses_a_buffer_it_cannot_fill_by_name(backend):
+    rng = backend.rng(0)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3\), got \(3, 2\)"):
+        rng.uniform((2, 3), out=backend.zeros((3, 2)))
+    other = "float32" if backend.dtype_name == "float64" else "float64"
+    with pytest.raises(TypeError, match=f"out: expected a {backend.name} array of dtype"):
+        rng.uniform((2, 3), out=get_backend(backend.name, other).zeros((2, 3)))
+    with pytest.raises(TypeError, match="out: expected a"):
+        rng.uniform((2, 3), out=[[0.0] * 3] * 2)
+    if backend.name != "numpy":   # a host array is not the strict backend's
+        with pytest.raises(TypeError, match="got a numpy array"):
+            rng.uniform((2, 3), out=np.zeros((2, 3), backend.numpy_dtype))
+
+
 def test_numpy_and_strict_draw_identical_numbers():
     """The host backends share one generator, so a seed means the same noise on both."""
     np_rng = get_backend("numpy", "float64").rng(3)

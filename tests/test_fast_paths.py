@@ -324,6 +324,16 @@ def _case_iwae_latent_backward(dtype, rng):
     return (dz, a, z, rng.standard_normal((5, 3)).astype(dtype), eps), {}
 
 
+def _case_gather_binarize(dtype, rng):
+    x = rng.random((6, 5)).astype(dtype)
+    x[0, :] = (0.0, 1.0, -0.0, np.nan, 0.5)      # both ends, a signed zero and NaN
+    u = rng.random((8, 5)).astype(dtype)
+    u[:, 4] = 0.5                                 # ties: x == u is not x > u
+    u[1, :] = 0.0                                 # x = 0 against u = 0 gives 0
+    order = np.array([0, 5, 0, 2, 1, 3, 4, 0], dtype=np.int64)   # repeats allowed
+    return (x, order, u), {}
+
+
 #: op name -> inputs (args, kwargs) for a dtype; every op with a CPU twin needs one here.
 TWIN_CASES = {
     "layers.linear_relu_forward": _case_linear_relu_forward,
@@ -336,6 +346,7 @@ TWIN_CASES = {
     "objectives.reparameterize": _case_reparameterize,
     "objectives.iwae_bound": _case_iwae_bound,
     "objectives.iwae_latent_backward": _case_iwae_latent_backward,
+    "batches.gather_binarize": _case_gather_binarize,
 }
 
 
@@ -415,6 +426,28 @@ def test_twins_decline_what_they_do_not_serve_and_the_reference_answers(np64):
         kl_standard_normal(mu, logvar[:, :2])
     with pytest.raises(ValueError, match="logits: expected shape"):
         bernoulli_nll(mu, logvar[:3])
+
+
+def test_gather_binarize_leaves_to_the_reference_what_its_loop_cannot_read(np64):
+    """Indices the loop would read out of bounds (a negative one, which take wraps; one
+    past the end, which take refuses) and a u that is x itself (the reference gathers
+    before it writes) go to the reference, which gives take's answers."""
+    pytest.importorskip("numba")
+    from vae_np.data import gather_binarize
+    twin = _twin_table("cpu")["batches.gather_binarize"]
+    rng = np.random.default_rng(4)
+    x = rng.random((4, 3))
+    wrapped = np.array([-1, 0], dtype=np.int64)
+    u = rng.random((2, 3))
+    assert twin(x, wrapped, u.copy()) is NotImplemented
+    np.testing.assert_array_equal(gather_binarize(x, wrapped, u.copy()),
+                                  (x[[3, 0]] > u).astype(np.float64))
+    with pytest.raises(IndexError):
+        gather_binarize(x, np.array([0, 4], dtype=np.int64), u.copy())
+    same = x[:2].copy()
+    assert twin(same, np.array([1, 0], dtype=np.int64), same) is NotImplemented
+    np.testing.assert_array_equal(
+        gather_binarize(same, np.array([1, 0], dtype=np.int64), same), (x[[1, 0]] > x[:2]))
 
 
 # ------------------------------------------------------------------------------------------

@@ -437,6 +437,37 @@ def test_binarization_modes_of_the_training_data(mode, dataset, tmp_path):
         assert abs(epoch1.mean() - dataset.x_train.mean()) < 0.01
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "array_api_strict"])
+def test_an_epochs_images_drawn_into_the_last_epochs_buffer(backend_name, dataset, tmp_path):
+    """Dynamic binarization writes epoch 2's images into epoch 1's array, and they are
+    the images a fresh array gets: the run's shuffled rows, binarized by the epoch's
+    draws as binarize() draws them, so a run resumed from an older checkpoint sees the
+    same pixels."""
+    from vae_np.train.streams import Stream
+    trainer = make_trainer(tiny_config(backend=backend_name, dtype="float64"), dataset,
+                           tmp_path)
+    data, backend = trainer.data, trainer.backend
+    order = np.random.default_rng(3).permutation(N_TRAIN)
+    kept = data.epoch_train_data(1, order)
+    fresh = backend.to_numpy(data.epoch_train_data(2, order))
+    assert data.epoch_train_data(2, order, reuse=kept) is kept
+    np.testing.assert_array_equal(backend.to_numpy(kept), fresh)
+    drawn = binarize(backend.asarray(dataset.x_train[order]), "dynamic",
+                     backend.rng(data.key(Stream.BINARIZE, 2)))
+    np.testing.assert_array_equal(fresh, backend.to_numpy(drawn))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        data.epoch_train_data(3, order[:10], reuse=kept)
+
+
+def test_a_run_keeps_one_image_buffer_across_epochs(dataset, tmp_path):
+    trainer = make_trainer(tiny_config(epochs=1), dataset, tmp_path)
+    trainer.fit()
+    first = trainer._epoch_images
+    trainer.config.epochs = 2
+    trainer.fit()
+    assert trainer._epoch_images is first
+
+
 def test_binarize_draws_on_a_backend_rng(dataset):
     backend = get_backend("numpy", "float64")
     x = backend.asarray(dataset.x_train)

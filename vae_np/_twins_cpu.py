@@ -312,6 +312,35 @@ def iwae_latent_backward(dz, dloss_dnll, z, logvar, eps):
     return dmu, dlogvar
 
 
+# ------------------------------------------------------------------------------------------
+# data: an epoch's images
+
+
+@_jit
+def _gather_binarize_rows(x, order, u):  # pragma: no cover - compiled
+    """u[i, j] = 1 if x[order[i], j] > u[i, j] else 0, in place."""
+    one, zero = u.dtype.type(1), u.dtype.type(0)
+    for i in range(order.shape[0]):
+        row = order[i]
+        for j in range(u.shape[1]):
+            u[i, j] = one if x[row, j] > u[i, j] else zero
+
+
+def gather_binarize(x, order, u):
+    """The gather, the comparison and the cast in one pass over ``u``, with no temporary."""
+    if not (_served(x, u) and x.ndim == u.ndim == 2 and isinstance(order, np.ndarray)
+            and order.dtype == np.int64 and order.ndim == 1
+            and u.shape == (order.shape[0], x.shape[1]) and u.flags.c_contiguous
+            and not np.may_share_memory(x, u)):   # the reference gathers before it writes
+        return NotImplemented
+    # The reference's take wraps negative indices and raises IndexError past the end;
+    # the loop reads only rows that exist, so anything else goes to the reference.
+    if order.size and not (0 <= order.min() and order.max() < x.shape[0]):
+        return NotImplemented
+    _gather_binarize_rows(x, order, u)
+    return u
+
+
 #: op name ("module.qualname") -> twin taking the reference's arguments.
 TWINS: dict = {
     "layers.linear_relu_forward": linear_relu_forward,
@@ -324,6 +353,7 @@ TWINS: dict = {
     "objectives.reparameterize": reparameterize,
     "objectives.iwae_bound": iwae_bound,
     "objectives.iwae_latent_backward": iwae_latent_backward,
+    "batches.gather_binarize": gather_binarize,
 }
 
 

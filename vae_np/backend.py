@@ -306,9 +306,29 @@ class RNG:
         draws = self._generator.standard_normal(shape, dtype=self.backend.numpy_dtype)
         return self.backend.asarray(draws)
 
-    def uniform(self, shape: Sequence[int]):
-        """Uniform draws on [0, 1), shape ``shape``."""
+    def uniform(self, shape: Sequence[int], out=None):
+        """Uniform draws on [0, 1), shape ``shape``.
+
+        ``out``: a backend array of that shape and the backend dtype to write them into
+        (and return), the same draws as without it. On NumPy they are drawn in place, so
+        a buffer kept from an earlier call costs no fresh memory."""
         shape = tuple(int(s) for s in shape)
+        if out is not None:
+            try:
+                where = backend_of(out)
+            except TypeError:
+                raise TypeError(f"out: expected a {self.backend.name} array, got "
+                                f"{type(out).__module__}.{type(out).__name__}") from None
+            if where.name != self.backend.name or out.dtype != self.backend.dtype:
+                raise TypeError(f"out: expected a {self.backend.name} array of dtype "
+                                f"{self.backend.dtype_name}, got a {where.name} array of "
+                                f"dtype {out.dtype}")
+            if tuple(out.shape) != shape:
+                raise ValueError(f"out: expected shape {shape}, got {tuple(out.shape)}")
+            if self.backend.name == "numpy" and out.flags.c_contiguous:
+                return self._generator.random(dtype=self.backend.numpy_dtype, out=out)
+            out[...] = self.uniform(shape)
+            return out
         if self.backend.name == "cupy":
             return self._cupy_stream().random_sample(shape, dtype=self.backend.dtype)
         draws = self._generator.random(shape, dtype=self.backend.numpy_dtype)

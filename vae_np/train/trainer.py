@@ -130,6 +130,7 @@ class Trainer:
         self.epochs_done = 0
         self.batches_done = 0
         self._partial = PartialEpoch.empty(self.backend.numpy_dtype)  # of the next epoch
+        self._epoch_images = None  # the epoch's images, overwritten by the next epoch's
         self._stop = StopOnCtrlC()
         self._updating = False
         self._saved_position: tuple[int, int] | None = None
@@ -198,7 +199,8 @@ class Trainer:
         cfg, backend = self.config, self.backend
         order, bounds = self.data.epoch_batches(epoch)
         sizes = np.diff(bounds)
-        x_epoch = self.data.epoch_train_data(epoch, order)
+        x_epoch = self._epoch_images = self.data.epoch_train_data(epoch, order,
+                                                                  reuse=self._epoch_images)
         y_epoch = self.data.epoch_train_labels(order) if self.model.num_classes else None
         if cfg.schedule != "constant":  # from the epoch number: a resume lands in its stage
             self.optimizer.lr = cfg.learning_rate(epoch)
