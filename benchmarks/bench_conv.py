@@ -36,7 +36,7 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import set_threads  # noqa: E402
+from bench_step import note_forced_blas_kernel, set_threads  # noqa: E402
 from peers import import_jax, make_jax_conv_networks  # noqa: E402
 
 from vae_np.backend import get_backend  # noqa: E402
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     keep = set_threads(args.threads)  # noqa: F841  (the limits hold while it lives)
     torch.set_num_threads(args.threads)
     backend = get_backend("numpy", "float32")
+    note_forced_blas_kernel()
     print(f"vae_np (numpy, float32, fast paths) against PyTorch {torch.__version__} eager, "
           f"{args.threads} threads, median of {rounds} interleaved rounds, forward + backward")
     if jax is not None:

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import matmul_peak  # noqa: E402  (bench_step puts the checkout on the path)
+from bench_step import matmul_peak, note_forced_blas_kernel  # noqa: E402  (bench_step puts the checkout on the path)
 
 from vae_np.backend import get_backend  # noqa: E402
 
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     if len(sides) == 1:
         print("neither MKL nor blis found: pip install mkl, pip install blis")
         return 1
+    note_forced_blas_kernel()
     peak = matmul_peak(get_backend("numpy", "float32"))
     names = list(sides)
     print(f"{args.threads} threads each; float32; ms per step's three products; NumPy's "

@@ -81,6 +81,23 @@ def blas_info() -> list[dict]:
     return [{k: info.get(k) for k in keys if info.get(k) is not None} for info in threadpool_info()]
 
 
+def note_forced_blas_kernel() -> None:
+    """Print a note when OPENBLAS_CORETYPE is set.
+
+    Some machines set it (with OPENBLAS_L2_SIZE) because older OpenBLAS builds crashed on
+    their CPUs; it makes a current OpenBLAS run the named kernels instead of the ones it
+    picks for the CPU, which can be far slower (benchmarks/README.md, "At a glance")."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if not forced:
+        return
+    running = sorted({info["architecture"] for info in blas_info()
+                      if info.get("internal_api") == "openblas" and "architecture" in info})
+    print(f"note: OPENBLAS_CORETYPE={forced} is set, so OpenBLAS runs its "
+          f"{', '.join(running) or forced} kernels, not the ones it would pick for this CPU; "
+          f"to time those, run this command under `env -u OPENBLAS_CORETYPE -u "
+          f"OPENBLAS_L2_SIZE` (in that command alone)")
+
+
 def set_threads(threads: int):
     """Limit every thread pool in the process to ``threads``; returns what to keep alive."""
     keep = []
@@ -421,6 +438,7 @@ def main(argv=None) -> int:
         "load_average_at_start": os.getloadavg(),
     }
     print("machine:", json.dumps(report.machine, indent=1))
+    note_forced_blas_kernel()
     if torch is not None:
         print("torch threads:", torch.get_num_threads(),
               "| torch BLAS:", "MKL" if torch.backends.mkl.is_available() else "other")

@@ -33,3 +33,14 @@ def test_log_likelihood_flops_refuse_a_conv_model():
                 latent_dim=2)
     with pytest.raises(TypeError, match="model"):
         bench_step.log_likelihood_flops(model, 1, 1)
+
+
+def test_a_forced_openblas_kernel_is_named_with_the_way_out(monkeypatch, capsys):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    bench_step.note_forced_blas_kernel()
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    bench_step.note_forced_blas_kernel()
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and "OPENBLAS_CORETYPE=Haswell" in printed
+    assert "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in printed
