@@ -460,12 +460,22 @@ def test_an_epochs_images_drawn_into_the_last_epochs_buffer(backend_name, datase
 
 
 def test_a_run_keeps_one_image_buffer_across_epochs(dataset, tmp_path):
-    trainer = make_trainer(tiny_config(epochs=1), dataset, tmp_path)
+    """Every epoch after the first draws into the first epoch's array; the run lets go of
+    it once the last epoch has trained."""
+    trainer = make_trainer(tiny_config(epochs=3), dataset, tmp_path)
+    calls = []
+    prepare = trainer.data.epoch_train_data
+
+    def recorded(epoch, order, reuse=None):
+        calls.append((reuse, prepare(epoch, order, reuse=reuse)))
+        return calls[-1][1]
+
+    trainer.data.epoch_train_data = recorded
     trainer.fit()
-    first = trainer._epoch_images
-    trainer.config.epochs = 2
-    trainer.fit()
-    assert trainer._epoch_images is first
+    (first_reuse, first), *later = calls
+    assert first_reuse is None and len(later) == 2
+    assert all(reuse is first and images is first for reuse, images in later)
+    assert trainer._epoch_images is None
 
 
 def test_binarize_draws_on_a_backend_rng(dataset):

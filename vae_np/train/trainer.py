@@ -189,6 +189,7 @@ class Trainer:
                     while self.epochs_done < self.config.epochs:
                         epoch = self.epochs_done + 1
                         self._finish_epoch(epoch, self._train_epoch(epoch))
+                    self._epoch_images = None   # no epoch follows: not held through the evaluation
                     return self._final_evaluation()
                 except KeyboardInterrupt:
                     raise self._interrupted() from None
