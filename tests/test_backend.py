@@ -333,6 +333,11 @@ def test_uniform_refuses_a_buffer_it_cannot_fill_by_name(backend):
         rng.uniform((2, 3), out=get_backend(backend.name, other).zeros((2, 3)))
     with pytest.raises(TypeError, match="out: expected a"):
         rng.uniform((2, 3), out=[[0.0] * 3] * 2)
+    if backend.name == "numpy":
+        frozen = backend.zeros((2, 3))
+        frozen.flags.writeable = False
+        with pytest.raises(ValueError, match="out: expected a writable array"):
+            rng.uniform((2, 3), out=frozen)
     if backend.name != "numpy":   # a host array is not the strict backend's
         with pytest.raises(TypeError, match="got a numpy array"):
             rng.uniform((2, 3), out=np.zeros((2, 3), backend.numpy_dtype))

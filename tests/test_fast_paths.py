@@ -450,6 +450,17 @@ def test_gather_binarize_leaves_to_the_reference_what_its_loop_cannot_read(np64)
         gather_binarize(same, np.array([1, 0], dtype=np.int64), same), (x[[1, 0]] > x[:2]))
 
 
+def test_gather_binarize_names_what_does_not_fit(np64):
+    from vae_np.data import gather_binarize
+    x = np.random.default_rng(5).random((5, 4))
+    with pytest.raises(ValueError, match=r"u: expected shape \(3, 4\)"):
+        gather_binarize(x, np.arange(3), np.zeros((3, 5)))
+    with pytest.raises(TypeError, match="order: expected integer row indices"):
+        gather_binarize(x, np.arange(3.0), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="x, order: expected"):
+        gather_binarize(x[0], np.arange(3), np.zeros((3, 4)))
+
+
 # ------------------------------------------------------------------------------------------
 # Where the fast paths run
 

@@ -325,6 +325,8 @@ class RNG:
                                 f"dtype {out.dtype}")
             if tuple(out.shape) != shape:
                 raise ValueError(f"out: expected shape {shape}, got {tuple(out.shape)}")
+            if self.backend.name == "numpy" and not out.flags.writeable:
+                raise ValueError("out: expected a writable array, got a read-only one")
             if self.backend.name == "numpy" and out.flags.c_contiguous:
                 return self._generator.random(dtype=self.backend.numpy_dtype, out=out)
             out[...] = self.uniform(shape)

@@ -70,6 +70,14 @@ def gather_binarize(x, order, u):
     of them.
     """
     xp = namespace_of(u)
+    if not xp.isdtype(order.dtype, "integral"):
+        raise TypeError(f"order: expected integer row indices, got dtype {order.dtype}")
+    if x.ndim != 2 or order.ndim != 1:
+        raise ValueError(f"x, order: expected (n, D) images and (m,) indices, got shapes "
+                         f"{tuple(x.shape)} and {tuple(order.shape)}")
+    if tuple(u.shape) != (order.shape[0], x.shape[1]):
+        raise ValueError(f"u: expected shape {(order.shape[0], x.shape[1])} (one draw per "
+                         f"pixel of the gathered rows), got {tuple(u.shape)}")
     u[...] = xp.astype(xp.take(x, order, axis=0) > u, u.dtype)
     return u
 
