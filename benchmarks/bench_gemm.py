@@ -8,10 +8,13 @@ For each Linear of the starting configuration (784-512-512-128 encoder, 64-512-5
 decoder) and batch 32 / 128 / 512, the three products of a step (forward x W, weight
 gradient x^T dout, input gradient dout W^T, the transposes as views, as vae_np passes them)
 are timed through ``numpy.matmul`` and through MKL's ``cblas_sgemm`` called with ctypes on
-the same arrays; best of 5 blocks of 20, alternating. MKL is found as ``libmkl_rt.so*`` in
-the environment's lib folder (where the ``mkl`` wheel puts it) or on the loader's path;
-BLIS is cython-blis's ``blis.py.gemm`` (its own bundled kernels, ``BLIS_NUM_THREADS``). Each
-side's total is also given in GFLOP/s and as a share of NumPy's best square product (sizes
+the same arrays, each product alone, best of 5 interleaved blocks of 20. The input gradient
+is also timed as its transpose, W dout^T through NumPy (the same numbers, the BLAS given the
+operands the other way round and the result in the other layout). MKL is found as
+``libmkl_rt.so*`` in the environment's lib folder (where the ``mkl`` wheel puts it) or on
+the loader's path; BLIS is cython-blis's ``blis.py.gemm`` (its own bundled kernels,
+``BLIS_NUM_THREADS``). With neither installed, NumPy's BLAS is measured alone. Each side's
+total is also given in GFLOP/s and as a share of NumPy's best square product (sizes
 1024-2048), the peak the step's products are measured against.
 """
 
@@ -33,7 +36,9 @@ from bench_step import matmul_peak, note_forced_blas_kernel  # noqa: E402  (benc
 from vae_np.backend import get_backend  # noqa: E402
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-LAYERS = ((784, 512), (512, 512), (512, 128), (64, 512), (512, 784))
+# The step's six Linears, encoder then decoder (the decoder's 512 x 512 too: it is timed,
+# and counted in the totals, as often as the step runs it).
+LAYERS = ((784, 512), (512, 512), (512, 128), (64, 512), (512, 512), (512, 784))
 
 
 def load_mkl(threads: int):
@@ -101,13 +106,12 @@ def main(argv=None) -> int:
     if blis_matmul is not None:
         sides["blis"] = blis_matmul
     if len(sides) == 1:
-        print("neither MKL nor blis found: pip install mkl, pip install blis")
-        return 1
+        print("neither MKL nor blis found (pip install mkl blis): NumPy's BLAS alone")
     note_forced_blas_kernel()
     peak = matmul_peak(get_backend("numpy", "float32"))
     names = list(sides)
-    print(f"{args.threads} threads each; float32; ms per step's three products; NumPy's "
-          f"square-product peak {peak:.1f} GFLOP/s")
+    print(f"{args.threads} threads each; float32; ms per step's three products (forward, "
+          f"weight gradient, input gradient); NumPy's square-product peak {peak:.1f} GFLOP/s")
     rng = np.random.default_rng(0)
     totals: dict = {}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -118,29 +122,55 @@ def main(argv=None) -> int:
             differ = [name for name, f in sides.items() if not np.allclose(
                 f(x.T, dout, np.empty((fan_in, fan_out), np.float32)), x.T @ dout,
                 rtol=1e-4, atol=1e-3)]
-            best = {name: float("inf") for name in sides}
-            for trial in range(5 * len(names)):
-                f = sides[names[trial % len(names)]]
-                time.sleep(0.05)
-                start = time.perf_counter()
-                for _ in range(20):
-                    f(x, w, np.empty((batch, fan_out), np.float32))
-                    f(x.T, dout, np.empty((fan_in, fan_out), np.float32))
-                    f(dout, w.T, np.empty((batch, fan_in), np.float32))
-                best[names[trial % len(names)]] = min(best[names[trial % len(names)]],
-                                                      (time.perf_counter() - start) / 20 * 1e3)
-            for name in best:
-                totals[(batch, name)] = totals.get((batch, name), 0.0) + best[name]
+            products = {  # name -> (a, b, out shape), as vae_np's Linear passes them
+                "forward": (x, w, (batch, fan_out)),
+                "weight grad": (x.T, dout, (fan_in, fan_out)),
+                "input grad": (dout, w.T, (batch, fan_in)),
+                # The same input gradient computed as its transpose, W dout^T (fan_in, batch):
+                # another operand order for the BLAS, the result in the other memory layout.
+                "input grad as (W dout^T)^T": (w, dout.T, (fan_in, batch)),
+            }
+            best = interleaved_best({
+                (name, product): (sides[name], operands)
+                for product, operands in products.items()
+                for name in (names if product != "input grad as (W dout^T)^T" else ["numpy"])})
+            for name in names:
+                step = sum(best[(name, product)] for product in list(products)[:3])
+                totals[(batch, name)] = totals.get((batch, name), 0.0) + step
             print(f"batch {batch:3d}  {fan_in:3d} x {fan_out:3d}: "
-                  + "  ".join(f"{name} {best[name]:6.3f}" for name in names)
-                  + "".join(f"  {name} / numpy {best[name] / best['numpy']:.2f}" for name in names[1:])
+                  + "  ".join(f"{name} " + " + ".join(
+                      f"{best[(name, product)]:.3f}" for product in list(products)[:3])
+                      for name in names)
+                  + "".join(f"  {name} / numpy {totals_of(best, name) / totals_of(best, 'numpy'):.2f}"
+                            for name in names[1:])
+                  + f"  (input grad transposed: {best[('numpy', 'input grad as (W dout^T)^T')]:.3f})"
                   + (f"  (results differ: {', '.join(differ)}!)" if differ else ""))
         flops = 3 * 2 * batch * sum(a * b for a, b in LAYERS)
-        print(f"batch {batch:3d}  all five layers: " + ", ".join(
+        print(f"batch {batch:3d}  all six layers: " + ", ".join(
             f"{name} {totals[(batch, name)]:.2f} ms ({flops / totals[(batch, name)] / 1e6:.1f} "
             f"GFLOP/s, {100 * flops / totals[(batch, name)] / 1e6 / peak:.0f}% of peak)"
             for name in names))
     return 0
+
+
+def interleaved_best(cases: dict, blocks: int = 5, calls: int = 20) -> dict:
+    """{key: (matmul, (a, b, out shape))} -> {key: best ms a product}: ``blocks`` rounds,
+    each timing ``calls`` products into fresh outputs for every case in turn (so a drift of
+    the machine's speed reaches all cases alike)."""
+    best = {key: float("inf") for key in cases}
+    for _ in range(blocks):
+        for key, (matmul, (a, b, out_shape)) in cases.items():
+            time.sleep(0.02)
+            start = time.perf_counter()
+            for _ in range(calls):
+                matmul(a, b, np.empty(out_shape, np.float32))
+            best[key] = min(best[key], (time.perf_counter() - start) / calls * 1e3)
+    return best
+
+
+def totals_of(best: dict, name: str) -> float:
+    """One side's three products of a layer, in ms."""
+    return sum(best[(name, product)] for product in ("forward", "weight grad", "input grad"))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """benchmarks/bench_step.py's floor of the importance-sampled ln p(x): its flop count is the
-matrix products ``VAE.log_likelihood`` computes, counted here by hand for tiny models."""
+matrix products ``VAE.log_likelihood`` computes, counted here by hand for tiny models; and
+the scripts' helpers (the forced-kernel note, bench_gemm's run without another BLAS)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vae_np import VAE
@@ -44,3 +46,39 @@ def test_a_forced_openblas_kernel_is_named_with_the_way_out(monkeypatch, capsys)
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 and "OPENBLAS_CORETYPE=Haswell" in printed
     assert "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in printed
+
+
+def test_bench_gemm_measures_numpy_alone_when_no_other_blas_is_installed(monkeypatch, capsys):
+    """Without MKL or blis it still times the step's products (it used to stop), and each
+    layer's line and the totals appear once per batch."""
+    import bench_gemm
+    monkeypatch.setattr(bench_gemm, "load_mkl", lambda threads: (None, None))
+    monkeypatch.setattr(bench_gemm, "load_blis", lambda threads: None)
+    monkeypatch.setattr(bench_gemm, "matmul_peak", lambda backend: 1.0)   # no 2048^2 products
+    monkeypatch.setattr(bench_gemm.time, "sleep", lambda seconds: None)
+    assert bench_gemm.main(["--threads", "1", "--batches", "2,3"]) == 0
+    printed = capsys.readouterr().out
+    assert "NumPy's BLAS alone" in printed and "results differ" not in printed
+    for batch in (2, 3):
+        layer_lines = [line for line in printed.splitlines()
+                       if line.startswith(f"batch {batch:3d}  ") and "all six" not in line]
+        assert len(layer_lines) == len(bench_gemm.LAYERS)
+        assert all("input grad transposed" in line for line in layer_lines)
+        assert printed.count(f"batch {batch:3d}  all six layers: numpy ") == 1
+
+
+def test_bench_gemm_interleaves_every_case_in_every_block():
+    import bench_gemm
+    calls = []
+
+    def recording(name):
+        def matmul(a, b, out):
+            calls.append(name)
+            return out
+        return matmul
+
+    operands = (np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), (2, 4))
+    best = bench_gemm.interleaved_best({"p": (recording("p"), operands),
+                                        "q": (recording("q"), operands)}, blocks=3, calls=2)
+    assert set(best) == {"p", "q"} and all(0 <= ms < float("inf") for ms in best.values())
+    assert calls == ["p", "p", "q", "q"] * 3
