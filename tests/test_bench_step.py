@@ -82,3 +82,13 @@ def test_bench_gemm_interleaves_every_case_in_every_block():
                                         "q": (recording("q"), operands)}, blocks=3, calls=2)
     assert set(best) == {"p", "q"} and all(0 <= ms < float("inf") for ms in best.values())
     assert calls == ["p", "p", "q", "q"] * 3
+
+
+@pytest.mark.parametrize("batch", [1, 3, 32])
+def test_bench_layout_prototypes_compute_the_same_gradients(batch):
+    """The feature-major prototype bench_layout.py times is the batch-major step's math:
+    all gradients agree to float32 rounding. The tolerance: sums of up to 784 float32
+    products round to a few 1e-7 of their scale; a wrong transpose, mask or KL term in
+    either layout moves gradients by order 1 of the largest."""
+    import bench_layout
+    assert bench_layout.layout_gradient_gap(batch) < 1e-4
