@@ -12,7 +12,8 @@ best square GEMM of sizes 1024-2048), and the peak memory a step allocates. When
 importable it times the same model in PyTorch (same layers, batch, dtype, thread count,
 Adam, Bernoulli loss with one reparameterised sample) interleaved with vae_np in the same
 process -- rounds alternate the two, so both see the same machine -- and prints the ratio
-vae_np / PyTorch, against PyTorch's default Adam and its fused Adam. Last, the importance-
+vae_np / PyTorch, against PyTorch's default Adam and its fused Adam (each ratio the median
+over the rounds of that round's pair, with the rounds' range; ``paired_ratio``). Last, the importance-
 sampled evaluation (``VAE.log_likelihood``, K = 5000) with its time, peak memory and
 its time over its floor (its matrix products' flops at the matmul peak).
 
@@ -230,10 +231,13 @@ def make_aged_vae_np(backend, config, batch, steps: int):
 # Timing and memory
 
 def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
-                     settle_seconds: float, spread: dict | None = None) -> dict:
+                     settle_seconds: float, spread: dict | None = None,
+                     samples: dict | None = None) -> dict:
     """Median ms/step of each side. Each round runs every side once, in rotating order: a
     pause of ``settle_seconds``, one untimed step, then a block of steps timed as a whole
-    (with a device sync at both ends on a GPU).
+    (with a device sync at both ends on a GPU). ``spread`` receives each side's (min, max)
+    ms over the rounds, ``samples`` its ms of every round, in round order (for
+    :func:`paired_ratio`).
 
     The pause matters on a CPU. After its last matrix product OpenBLAS keeps its worker
     threads spinning for about 0.1 s (2**28 cycles), and PyTorch's OpenMP workers spin
@@ -252,7 +256,7 @@ def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
         step()
         sync[name]()
         reps[name] = max(3, int(block_seconds / max(time.perf_counter() - start, 1e-6)))
-    samples = {name: [] for name in names}
+    per_round = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
@@ -264,10 +268,23 @@ def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
             for _ in range(reps[name]):
                 step()
             sync[name]()
-            samples[name].append((time.perf_counter() - start) / reps[name] * 1e3)
+            per_round[name].append((time.perf_counter() - start) / reps[name] * 1e3)
     if spread is not None:
-        spread.update({name: (min(v), max(v)) for name, v in samples.items()})
-    return {name: statistics.median(v) for name, v in samples.items()}
+        spread.update({name: (min(v), max(v)) for name, v in per_round.items()})
+    if samples is not None:
+        samples.update(per_round)
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def paired_ratio(samples: dict, side: str, peer: str) -> tuple[float, float, float]:
+    """(median, min, max) over the rounds of side's ms / peer's ms in the same round.
+
+    A shared machine's speed drifts over a run (by up to 1.7 times within an hour on the
+    benchmarks/README machines); two sides timed seconds apart in one round see nearly the
+    same machine, so the ratio of each round's pair cancels most of the drift, where the
+    ratio of the two medians pairs rounds far apart in time."""
+    ratios = [a / b for a, b in zip(samples[side], samples[peer], strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def tracemalloc_sees_numpy() -> bool:
@@ -329,6 +346,7 @@ class Row:
     jax_ms: float | None = None
     ratio_jax: float | None = None
     spread: dict = field(default_factory=dict)   # side -> (min, max) ms over the rounds
+    ratio_spread: dict = field(default_factory=dict)  # peer -> (min, max) of paired ratios
 
 
 @dataclass
@@ -472,7 +490,11 @@ def main(argv=None) -> int:
                     if jax is not None and device == "cpu":
                         sides["jax"], sync["jax"] = make_jax(jax, dtype, config, x_host, init)
                     spread: dict = {}
-                    ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds, spread)
+                    samples: dict = {}
+                    ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds,
+                                          spread, samples)
+                    paired = {peer: paired_ratio(samples, "vae_np", peer)
+                              for peer in sides if peer != "vae_np"}
                     subnormal = subnormal_moments(backend, opt)
                     flops = step_gemm_flops(config, batch)
                     gflops = flops / (ms["vae_np"] / 1e3) / 1e9
@@ -481,14 +503,15 @@ def main(argv=None) -> int:
                               batch / (ms["vae_np"] / 1e3), gflops,
                               gflops / report.peaks_gflops[f"{backend_name}/{dtype}"],
                               None if step_peak is None else step_peak / 2 ** 20,
-                              subnormal_moments=subnormal, spread=spread)
+                              subnormal_moments=subnormal, spread=spread,
+                              ratio_spread={peer: (lo, hi) for peer, (_, lo, hi) in paired.items()})
                     if "jax" in ms:
-                        row.jax_ms, row.ratio_jax = ms["jax"], ms["vae_np"] / ms["jax"]
+                        row.jax_ms, row.ratio_jax = ms["jax"], paired["jax"][0]
                     row.compile_ms = ms.get("torch_compile")
                     if "torch" in ms:
                         row.torch_ms, row.torch_fused_ms = ms["torch"], ms["torch_fused"]
-                        row.ratio = ms["vae_np"] / ms["torch"]
-                        row.ratio_fused = ms["vae_np"] / ms["torch_fused"]
+                        row.ratio = paired["torch"][0]
+                        row.ratio_fused = paired["torch_fused"][0]
                     report.rows.append(row)
                     print(f"  {backend_name} {config_name} {dtype} batch {batch}: "
                           f"{row.ms:.2f} ms/step" + (f", PyTorch {row.torch_ms:.2f} / fused "
@@ -497,7 +520,10 @@ def main(argv=None) -> int:
                           + (f", torch.compile {row.compile_ms:.2f} ms" if row.compile_ms else "")
                           + (f", jax.jit {row.jax_ms:.2f} ms" if row.jax_ms else "")
                           + "; spread (min-max ms) " + ", ".join(
-                              f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in spread.items()),
+                              f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in spread.items())
+                          + "".join(f"; vae_np / {peer} per round {median:.2f} "
+                                    f"({lo:.2f}-{hi:.2f})"
+                                    for peer, (median, lo, hi) in paired.items()),
                           flush=True)
                     if subnormal:
                         print(f"    note: {subnormal} subnormal Adam moments after the timed "

@@ -92,3 +92,40 @@ def test_bench_layout_prototypes_compute_the_same_gradients(batch):
     either layout moves gradients by order 1 of the largest."""
     import bench_layout
     assert bench_layout.layout_gradient_gap(batch) < 1e-4
+
+
+def test_interleaved_ratios_pair_each_round_so_a_drifting_machine_cancels(monkeypatch):
+    """On a fake clock whose speed changes from round to round (factors 1-9), side "a"
+    costs half of "b", and once (round 3) "b" is 10 % slower on its own: each round's pair
+    gives 0.5 but that once, whatever the drift, so the samples come back in round order
+    and paired_ratio pairs them by round."""
+    factors = [1.0, 4.0, 1.5, 9.0, 2.0]
+    extra_b = {3: 1.1}
+    clock = {"now": 0.0, "sleeps": 0}
+    monkeypatch.setattr(bench_step.time, "perf_counter", lambda: clock["now"])
+
+    def sleep(seconds):       # each side of a round starts with one settle pause
+        clock["sleeps"] += 1
+    monkeypatch.setattr(bench_step.time, "sleep", sleep)
+
+    def costing(ms, side):
+        def step():
+            rnd = (clock["sleeps"] - 1) // 2         # -1: the block-sizing pass
+            factor = factors[rnd] if rnd >= 0 else 1.0
+            clock["now"] += ms / 1e3 * factor * (extra_b.get(rnd, 1.0) if side == "b" else 1.0)
+        return step
+
+    samples, spread = {}, {}
+    medians = bench_step.time_interleaved(
+        {"a": costing(1.0, "a"), "b": costing(2.0, "b")}, {"a": lambda: None, "b": lambda: None},
+        rounds=len(factors), block_seconds=0.0, settle_seconds=0.0, spread=spread,
+        samples=samples)
+    assert set(samples) == {"a", "b"} and all(len(v) == len(factors) for v in samples.values())
+    assert samples["a"] == pytest.approx(factors)         # ms, round order
+    assert spread["a"] == (min(samples["a"]), max(samples["a"]))
+    assert medians["a"] == pytest.approx(2.0)
+    median, lo, hi = bench_step.paired_ratio(samples, "a", "b")
+    assert median == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    assert lo == pytest.approx(0.5 / 1.1)
+    with pytest.raises(ValueError):   # rounds of unequal count are not paired silently
+        bench_step.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
