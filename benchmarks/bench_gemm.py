@@ -39,6 +39,10 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # The step's six Linears, encoder then decoder (the decoder's 512 x 512 too: it is timed,
 # and counted in the totals, as often as the step runs it).
 LAYERS = ((784, 512), (512, 512), (512, 128), (64, 512), (512, 512), (512, 784))
+STEP_PRODUCTS = ("forward", "weight grad", "input grad")
+# The same input gradient computed as its transpose, W dout^T (fan_in, batch): the BLAS
+# given the operands the other way round, the result in the other memory layout.
+TRANSPOSED_INPUT_GRAD = "input grad as (W dout^T)^T"
 
 
 def load_mkl(threads: int):
@@ -122,28 +126,27 @@ def main(argv=None) -> int:
             differ = [name for name, f in sides.items() if not np.allclose(
                 f(x.T, dout, np.empty((fan_in, fan_out), np.float32)), x.T @ dout,
                 rtol=1e-4, atol=1e-3)]
+            if not np.allclose((w @ dout.T).T, dout @ w.T, rtol=1e-4, atol=1e-3):
+                differ.append(TRANSPOSED_INPUT_GRAD)
             products = {  # name -> (a, b, out shape), as vae_np's Linear passes them
                 "forward": (x, w, (batch, fan_out)),
                 "weight grad": (x.T, dout, (fan_in, fan_out)),
                 "input grad": (dout, w.T, (batch, fan_in)),
-                # The same input gradient computed as its transpose, W dout^T (fan_in, batch):
-                # another operand order for the BLAS, the result in the other memory layout.
-                "input grad as (W dout^T)^T": (w, dout.T, (fan_in, batch)),
+                TRANSPOSED_INPUT_GRAD: (w, dout.T, (fan_in, batch)),
             }
             best = interleaved_best({
                 (name, product): (sides[name], operands)
                 for product, operands in products.items()
-                for name in (names if product != "input grad as (W dout^T)^T" else ["numpy"])})
+                for name in (names if product != TRANSPOSED_INPUT_GRAD else ["numpy"])})
             for name in names:
-                step = sum(best[(name, product)] for product in list(products)[:3])
-                totals[(batch, name)] = totals.get((batch, name), 0.0) + step
+                totals[(batch, name)] = totals.get((batch, name), 0.0) + totals_of(best, name)
             print(f"batch {batch:3d}  {fan_in:3d} x {fan_out:3d}: "
                   + "  ".join(f"{name} " + " + ".join(
-                      f"{best[(name, product)]:.3f}" for product in list(products)[:3])
+                      f"{best[(name, product)]:.3f}" for product in STEP_PRODUCTS)
                       for name in names)
                   + "".join(f"  {name} / numpy {totals_of(best, name) / totals_of(best, 'numpy'):.2f}"
                             for name in names[1:])
-                  + f"  (input grad transposed: {best[('numpy', 'input grad as (W dout^T)^T')]:.3f})"
+                  + f"  (input grad transposed: {best[('numpy', TRANSPOSED_INPUT_GRAD)]:.3f})"
                   + (f"  (results differ: {', '.join(differ)}!)" if differ else ""))
         flops = 3 * 2 * batch * sum(a * b for a, b in LAYERS)
         print(f"batch {batch:3d}  all six layers: " + ", ".join(
@@ -170,7 +173,7 @@ def interleaved_best(cases: dict, blocks: int = 5, calls: int = 20) -> dict:
 
 def totals_of(best: dict, name: str) -> float:
     """One side's three products of a layer, in ms."""
-    return sum(best[(name, product)] for product in ("forward", "weight grad", "input grad"))
+    return sum(best[(name, product)] for product in STEP_PRODUCTS)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemm import LAYERS, interleaved_best  # noqa: E402
+from bench_gemm import LAYERS, STEP_PRODUCTS, interleaved_best  # noqa: E402
 from bench_step import note_forced_blas_kernel  # noqa: E402  (puts the checkout on the path)
 
 from vae_np.optim import adam_update  # noqa: E402
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for batch in (int(b) for b in args.batches.split(",")):
         best = interleaved_best(product_cases(batch, rng), blocks=7)
-        total = {layout: {product: 0.0 for product in ("forward", "weight grad", "input grad")}
+        total = {layout: {product: 0.0 for product in STEP_PRODUCTS}
                  for layout in ("batch-major", "feature-major")}
         for (layout, product, _), ms in best.items():
             total[layout][product] += ms

@@ -13,9 +13,9 @@ importable it times the same model in PyTorch (same layers, batch, dtype, thread
 Adam, Bernoulli loss with one reparameterised sample) interleaved with vae_np in the same
 process -- rounds alternate the two, so both see the same machine -- and prints the ratio
 vae_np / PyTorch, against PyTorch's default Adam and its fused Adam (each ratio the median
-over the rounds of that round's pair, with the rounds' range; ``paired_ratio``). Last, the importance-
-sampled evaluation (``VAE.log_likelihood``, K = 5000) with its time, peak memory and
-its time over its floor (its matrix products' flops at the matmul peak).
+over the rounds of that round's pair, with the rounds' range; ``paired_ratio``). Last, the
+importance-sampled evaluation (``VAE.log_likelihood``, K = 5000) with its time, peak memory
+and its time over its floor (its matrix products' flops at the matmul peak).
 
 Shared machines swing by tens of percent: read the ratios (measured side by side), not the
 absolute times, and rerun before believing a change of a few percent.

@@ -129,3 +129,15 @@ def test_interleaved_ratios_pair_each_round_so_a_drifting_machine_cancels(monkey
     assert lo == pytest.approx(0.5 / 1.1)
     with pytest.raises(ValueError):   # rounds of unequal count are not paired silently
         bench_step.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
+
+
+def test_bench_layout_runs_and_reports_both_parts(monkeypatch, capsys):
+    import bench_gemm
+    import bench_layout
+    monkeypatch.setattr(bench_gemm.time, "sleep", lambda seconds: None)
+    assert bench_layout.main(["--threads", "1", "--batches", "2", "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    products = [line for line in printed.splitlines() if "products:" in line]
+    steps = [line for line in printed.splitlines() if "prototype step:" in line]
+    assert len(products) == 1 and "batch-major" in products[0] and "feature-major" in products[0]
+    assert len(steps) == 1 and "ratio median" in steps[0]
