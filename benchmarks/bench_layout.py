@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batches", default="20,32,128,512")
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds of the step")
+    p.add_argument("--steps-per-block", type=int, default=None,
+                   help="steps timed in each side's block (default: 4000 / batch, at least 10)")
     args = p.parse_args(argv)
     try:
         from threadpoolctl import threadpool_limits
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
         sides = ((make_state(), step_batch_major, (x, eps)),
                  (make_state(), step_feature_major,
                   (np.ascontiguousarray(x.T), np.ascontiguousarray(eps.T))))
-        calls = max(10, 4000 // batch)
+        calls = args.steps_per_block or max(10, 4000 // batch)
         times: list[list[float]] = [[], []]
         for _ in range(args.rounds):
             for side, (state, step, data) in enumerate(sides):

@@ -135,7 +135,8 @@ def test_bench_layout_runs_and_reports_both_parts(monkeypatch, capsys):
     import bench_gemm
     import bench_layout
     monkeypatch.setattr(bench_gemm.time, "sleep", lambda seconds: None)
-    assert bench_layout.main(["--threads", "1", "--batches", "2", "--rounds", "1"]) == 0
+    assert bench_layout.main(["--threads", "1", "--batches", "2", "--rounds", "1",
+                              "--steps-per-block", "2"]) == 0
     printed = capsys.readouterr().out
     products = [line for line in printed.splitlines() if "products:" in line]
     steps = [line for line in printed.splitlines() if "prototype step:" in line]
