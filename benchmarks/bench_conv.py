@@ -36,7 +36,7 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import note_forced_blas_kernel, set_threads  # noqa: E402
+from bench_step import batch_sizes, note_forced_blas_kernel, set_threads  # noqa: E402
 from peers import import_jax, make_jax_conv_networks  # noqa: E402
 
 from vae_np.backend import get_backend  # noqa: E402
@@ -174,7 +174,8 @@ def measure(*sides, rounds: int, warmup: int = 3):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="32,128", help="comma-separated batch sizes")
+    parser.add_argument("--batches", type=batch_sizes, default="32,128",
+                        help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per row")
     parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads")
     parser.add_argument("--quick", action="store_true", help="batch 8, 3 rounds")
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
         print("PyTorch is not installed: nothing to compare with "
               "(pip install torch --index-url https://download.pytorch.org/whl/cpu)")
         return 1
-    batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
+    batches = [8] if args.quick else args.batches
     rounds = 3 if args.quick else args.rounds
     keep = set_threads(args.threads)  # noqa: F841  (the limits hold while it lives)
     torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import matmul_peak, note_forced_blas_kernel  # noqa: E402  (bench_step puts the checkout on the path)
+from bench_step import batch_sizes, matmul_peak, note_forced_blas_kernel  # noqa: E402  (bench_step puts the checkout on the path)
 
 from vae_np.backend import get_backend  # noqa: E402
 
@@ -94,7 +94,7 @@ def load_blis(threads: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batches", default="32,128,512")
+    p.add_argument("--batches", type=batch_sizes, default="32,128,512")
     args = p.parse_args(argv)
     try:
         from threadpoolctl import threadpool_limits
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
           f"weight gradient, input gradient); NumPy's square-product peak {peak:.1f} GFLOP/s")
     rng = np.random.default_rng(0)
     totals: dict = {}
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         for fan_in, fan_out in LAYERS:
             x = rng.standard_normal((batch, fan_in)).astype(np.float32)
             w = rng.standard_normal((fan_in, fan_out)).astype(np.float32)

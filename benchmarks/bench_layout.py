@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import LAYERS, STEP_PRODUCTS, interleaved_best  # noqa: E402
-from bench_step import note_forced_blas_kernel  # noqa: E402  (puts the checkout on the path)
+from bench_step import batch_sizes, note_forced_blas_kernel  # noqa: E402  (puts the checkout on the path)
 
 from vae_np.optim import adam_update  # noqa: E402
 
@@ -167,7 +167,7 @@ def layout_gradient_gap(batch: int, seed: int = 1) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batches", default="20,32,128,512")
+    p.add_argument("--batches", type=batch_sizes, default="20,32,128,512")
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds of the step")
     p.add_argument("--steps-per-block", type=int, default=None,
                    help="steps timed in each side's block (default: 4000 / batch, at least 10)")
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     note_forced_blas_kernel()
     print(f"{args.threads} threads; float32; ms; ratio = feature-major / batch-major")
     rng = np.random.default_rng(0)
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         best = interleaved_best(product_cases(batch, rng), blocks=7)
         total = {layout: {product: 0.0 for product in STEP_PRODUCTS}
                  for layout in ("batch-major", "feature-major")}

@@ -168,6 +168,18 @@ def binary_batch(batch: int, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((batch, INPUT_DIM)) < 0.3).astype(np.float64)
 
 
+def batch_sizes(text: str) -> list[int]:
+    """argparse type of ``--batches``: comma-separated positive integers, e.g. "32,128"."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 32,128, got {text!r}")
+    return sizes
+
+
 def make_vae_np(backend, config, batch):
     model = VAE(INPUT_DIM, config["hidden"], config["latent_dim"], backend=backend, seed=0,
                 activation=config.get("activation", "relu"))
@@ -386,7 +398,7 @@ def main(argv=None) -> int:
                    help="comma-separated, from numpy,cupy (default: those usable here)")
     p.add_argument("--dtypes", default="float32,float64")
     p.add_argument("--configs", default="starting,small", help=f"from {','.join(CONFIGS)}")
-    p.add_argument("--batches", default="32,128,512")
+    p.add_argument("--batches", type=batch_sizes, default="32,128,512")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="threads for BLAS (vae_np) and PyTorch alike")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 3 quick)")
@@ -415,7 +427,7 @@ def main(argv=None) -> int:
     eval_images = args.eval_images if args.eval_images is not None else (10 if args.quick else 100)
     dtypes = [s for s in args.dtypes.split(",") if s]
     configs = [s for s in args.configs.split(",") if s]
-    batches = [int(s) for s in args.batches.split(",") if s]
+    batches = args.batches
     for c in configs:
         if c not in CONFIGS:
             p.error(f"--configs: unknown {c!r}; expected some of {','.join(CONFIGS)}")

@@ -142,3 +142,12 @@ def test_bench_layout_runs_and_reports_both_parts(monkeypatch, capsys):
     steps = [line for line in printed.splitlines() if "prototype step:" in line]
     assert len(products) == 1 and "batch-major" in products[0] and "feature-major" in products[0]
     assert len(steps) == 1 and "ratio median" in steps[0]
+
+
+def test_batch_sizes_take_positive_integers_and_name_what_else_they_got():
+    import argparse
+    assert bench_step.batch_sizes("32,128") == [32, 128]
+    assert bench_step.batch_sizes("20, 512,") == [20, 512]
+    for bad in ("", "0", "32,-1", "x", "3.5", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
+            bench_step.batch_sizes(bad)
