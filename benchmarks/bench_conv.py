@@ -13,7 +13,7 @@ its outputs, both backward with fixed upstream gradients (no dx for the images: 
 images do not require grad either). Not the VAE's loss or Adam: those are the MLP's
 (benchmarks/bench_step.py). Each round times vae_np then PyTorch on the same arrays
 (interleaved, so both see the same machine); the table gives medians over rounds and the
-ratio vae_np / PyTorch. BLAS and PyTorch are limited to ``--threads`` (and XLA to one thread
+ratio vae_np / PyTorch, the median of the rounds' own pairs (bench_step.paired_ratio). BLAS and PyTorch are limited to ``--threads`` (and XLA to one thread
 with ``--threads 1``). With JAX installed the networks row also runs under ``jax.jit``
 (``peers.make_jax_conv_networks``: the same layers, weights and upstream gradients).
 
@@ -36,7 +36,7 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import batch_sizes, note_forced_blas_kernel, set_threads  # noqa: E402
+from bench_step import batch_sizes, note_forced_blas_kernel, paired_ratio, set_threads  # noqa: E402
 from peers import import_jax, make_jax_conv_networks  # noqa: E402
 
 from vae_np.backend import get_backend  # noqa: E402
@@ -160,8 +160,9 @@ def jax_network(batch, backend, jax):
     return make_jax_conv_networks(jax, enc, dec, LATENT, x, g_out, g_h)
 
 
-def measure(*sides, rounds: int, warmup: int = 3):
-    """Median seconds of each side's call, the sides timed in turn in every round."""
+def measure(*sides, rounds: int, warmup: int = 3) -> tuple[list[float], list[list[float]]]:
+    """(median seconds of each side's call, each side's seconds in every round), the sides
+    timed in turn in every round (for bench_step.paired_ratio)."""
     for _ in range(warmup):
         for side in sides:
             side()
@@ -169,7 +170,12 @@ def measure(*sides, rounds: int, warmup: int = 3):
     for _ in range(rounds):
         for side, record in zip(sides, times):
             record.append(_timed(side))
-    return [statistics.median(t) for t in times]
+    return [statistics.median(t) for t in times], times
+
+
+def paired(times: list[list[float]], peer: int) -> float:
+    """vae_np (side 0) over side ``peer``: the median of the rounds' own pairs."""
+    return paired_ratio({"vae_np": times[0], "peer": times[peer]}, "vae_np", "peer")[0]
 
 
 def main(argv=None) -> int:
@@ -213,12 +219,13 @@ def main(argv=None) -> int:
                 def jax_side():
                     jax_step()
                     jax_sync()                   # the clock reads finished work
-                a, b, c = measure(ours, theirs, jax_side, rounds=rounds)
-                print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} {a / b:>7.2f}"
-                      f" {c * 1e3:>8.2f} {a / c:>6.2f}")
+                (a, b, c), times = measure(ours, theirs, jax_side, rounds=rounds)
+                print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} "
+                      f"{paired(times, 1):>7.2f} {c * 1e3:>8.2f} {paired(times, 2):>6.2f}")
                 continue
-            a, b = measure(ours, theirs, rounds=rounds)
-            print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} {a / b:>7.2f}")
+            (a, b), times = measure(ours, theirs, rounds=rounds)
+            print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} "
+                  f"{paired(times, 1):>7.2f}")
     return 0
 
 
