@@ -32,7 +32,8 @@ Every side starts from vae_np's initial weights. Before timing, each side warms 
 its seconds printed): a few steps and test batches, so JAX's XLA compilation (once per
 batch shape) and first-call allocations stay out of the epoch. The test set's one fixed
 binarization is set-up too, on every side. With ``--repeats R`` the sides take turns R
-times (vae_np, torch, jax, vae_np, ...) and the medians are reported. The sides draw from
+times (vae_np, torch, jax, vae_np, ...) and the medians are reported; a ratio is the median
+of the repeats' own pairs (``bench_step.paired_ratio``). The sides draw from
 different random streams, so their test -ELBOs after the epoch agree in range, not exactly.
 """
 
@@ -63,7 +64,7 @@ from vae_np.data import ChecksumError, Dataset, MNISTFormatError, load_mnist_fil
 from vae_np.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import blas_info, cpu_model, note_forced_blas_kernel, set_threads  # noqa: E402
+from bench_step import blas_info, cpu_model, note_forced_blas_kernel, paired_ratio, set_threads  # noqa: E402
 from peers import JaxVAE, TorchVAE, import_jax  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
@@ -246,6 +247,11 @@ def parse_sides(text: str) -> list[str]:
     return sides
 
 
+def seconds(runs: list[dict], key: str) -> list[float]:
+    """One side's ``key`` seconds ("train", "eval" or their "total") in each repeat."""
+    return [run["train"] + run["eval"] if key == "total" else run[key] for run in runs]
+
+
 def summarise(runs: list[dict], n_train: int) -> dict:
     """Medians over the repeats of each number, the total and the training images/s."""
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -369,7 +375,10 @@ def main(argv=None) -> int:
               "units over the test set, results.json)")
         for side in results:
             if side != "vae_np":
-                ratios[side] = {k: ours[k] / results[side][k] for k in ("train", "eval", "total")}
+                # each repeat's own pair (the sides take turns within a repeat)
+                ratios[side] = {k: paired_ratio({"vae_np": seconds(runs["vae_np"], k),
+                                                 side: seconds(runs[side], k)}, "vae_np", side)[0]
+                                for k in ("train", "eval", "total")}
                 print(f"vae_np / {side}: train {ratios[side]['train']:.2f}, eval "
                       f"{ratios[side]['eval']:.2f}, total {ratios[side]['total']:.2f}")
     print("test -ELBO after one epoch (nats/image; vae_np: its first): " + ", ".join(
