@@ -13,8 +13,8 @@ its outputs, both backward with fixed upstream gradients (no dx for the images: 
 images do not require grad either). Not the VAE's loss or Adam: those are the MLP's
 (benchmarks/bench_step.py). Each round times vae_np then PyTorch on the same arrays
 (interleaved, so both see the same machine); the table gives medians over rounds and the
-ratio vae_np / PyTorch, the median of the rounds' own pairs (bench_step.paired_ratio). BLAS and PyTorch are limited to ``--threads`` (and XLA to one thread
-with ``--threads 1``). With JAX installed the networks row also runs under ``jax.jit``
+ratio vae_np / PyTorch, the median of the rounds' own pairs (bench_step.paired_ratio).
+BLAS and PyTorch are limited to ``--threads`` (and XLA to one thread with ``--threads 1``). With JAX installed the networks row also runs under ``jax.jit``
 (``peers.make_jax_conv_networks``: the same layers, weights and upstream gradients).
 
 Shared machines swing by tens of percent: read the ratios, measured side by side.
@@ -173,11 +173,6 @@ def measure(*sides, rounds: int, warmup: int = 3) -> tuple[list[float], list[lis
     return [statistics.median(t) for t in times], times
 
 
-def paired(times: list[list[float]], peer: int) -> float:
-    """vae_np (side 0) over side ``peer``: the median of the rounds' own pairs."""
-    return paired_ratio({"vae_np": times[0], "peer": times[peer]}, "vae_np", "peer")[0]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=batch_sizes, default="32,128",
@@ -221,11 +216,12 @@ def main(argv=None) -> int:
                     jax_sync()                   # the clock reads finished work
                 (a, b, c), times = measure(ours, theirs, jax_side, rounds=rounds)
                 print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} "
-                      f"{paired(times, 1):>7.2f} {c * 1e3:>8.2f} {paired(times, 2):>6.2f}")
+                      f"{paired_ratio(times[0], times[1])[0]:>7.2f} {c * 1e3:>8.2f} "
+                      f"{paired_ratio(times[0], times[2])[0]:>6.2f}")
                 continue
             (a, b), times = measure(ours, theirs, rounds=rounds)
             print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} "
-                  f"{paired(times, 1):>7.2f}")
+                  f"{paired_ratio(times[0], times[1])[0]:>7.2f}")
     return 0
 
 

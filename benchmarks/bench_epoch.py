@@ -255,7 +255,7 @@ def seconds(runs: list[dict], key: str) -> list[float]:
 def summarise(runs: list[dict], n_train: int) -> dict:
     """Medians over the repeats of each number, the total and the training images/s."""
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    med["total"] = statistics.median(r["train"] + r["eval"] for r in runs)
+    med["total"] = statistics.median(seconds(runs, "total"))
     med["train_images_per_s"] = n_train / med["train"]
     return med
 
@@ -376,8 +376,8 @@ def main(argv=None) -> int:
         for side in results:
             if side != "vae_np":
                 # each repeat's own pair (the sides take turns within a repeat)
-                ratios[side] = {k: paired_ratio({"vae_np": seconds(runs["vae_np"], k),
-                                                 side: seconds(runs[side], k)}, "vae_np", side)[0]
+                ratios[side] = {k: paired_ratio(seconds(runs["vae_np"], k),
+                                                seconds(runs[side], k))[0]
                                 for k in ("train", "eval", "total")}
                 print(f"vae_np / {side}: train {ratios[side]['train']:.2f}, eval "
                       f"{ratios[side]['eval']:.2f}, total {ratios[side]['total']:.2f}")

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import LAYERS, STEP_PRODUCTS, interleaved_best  # noqa: E402
-from bench_step import batch_sizes, note_forced_blas_kernel  # noqa: E402  (puts the checkout on the path)
+from bench_step import batch_sizes, note_forced_blas_kernel, set_threads  # noqa: E402  (puts the checkout on the path)
 
 from vae_np.optim import adam_update  # noqa: E402
 
@@ -172,11 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-block", type=int, default=None,
                    help="steps timed in each side's block (default: 4000 / batch, at least 10)")
     args = p.parse_args(argv)
-    try:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(args.threads, user_api="blas")  # noqa: F841 (held)
-    except ImportError:
-        print("threadpoolctl missing: NumPy's BLAS keeps its own thread count")
+    keep = set_threads(args.threads)  # noqa: F841  (the limits hold while it lives)
     note_forced_blas_kernel()
     print(f"{args.threads} threads; float32; ms; ratio = feature-major / batch-major")
     rng = np.random.default_rng(0)

@@ -243,13 +243,11 @@ def make_aged_vae_np(backend, config, batch, steps: int):
 # Timing and memory
 
 def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
-                     settle_seconds: float, spread: dict | None = None,
-                     samples: dict | None = None) -> dict:
+                     settle_seconds: float, samples: dict | None = None) -> dict:
     """Median ms/step of each side. Each round runs every side once, in rotating order: a
     pause of ``settle_seconds``, one untimed step, then a block of steps timed as a whole
-    (with a device sync at both ends on a GPU). ``spread`` receives each side's (min, max)
-    ms over the rounds, ``samples`` its ms of every round, in round order (for
-    :func:`paired_ratio`).
+    (with a device sync at both ends on a GPU). ``samples`` receives each side's ms of
+    every round, in round order (for :func:`paired_ratio`, and the rounds' spread).
 
     The pause matters on a CPU. After its last matrix product OpenBLAS keeps its worker
     threads spinning for about 0.1 s (2**28 cycles), and PyTorch's OpenMP workers spin
@@ -281,21 +279,20 @@ def time_interleaved(sides: dict, sync: dict, rounds: int, block_seconds: float,
                 step()
             sync[name]()
             per_round[name].append((time.perf_counter() - start) / reps[name] * 1e3)
-    if spread is not None:
-        spread.update({name: (min(v), max(v)) for name, v in per_round.items()})
     if samples is not None:
         samples.update(per_round)
     return {name: statistics.median(v) for name, v in per_round.items()}
 
 
-def paired_ratio(samples: dict, side: str, peer: str) -> tuple[float, float, float]:
-    """(median, min, max) over the rounds of side's ms / peer's ms in the same round.
+def paired_ratio(side: list[float], peer: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) over the rounds of side's time / peer's time in the same round:
+    ``side[r]`` and ``peer[r]`` are the two times of round r.
 
     A shared machine's speed drifts over a run (by up to 1.7 times within an hour on the
     benchmarks/README machines); two sides timed seconds apart in one round see nearly the
     same machine, so the ratio of each round's pair cancels most of the drift, where the
     ratio of the two medians pairs rounds far apart in time."""
-    ratios = [a / b for a, b in zip(samples[side], samples[peer], strict=True)]
+    ratios = [a / b for a, b in zip(side, peer, strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
@@ -501,11 +498,11 @@ def main(argv=None) -> int:
                                 torch, device, dtype, config, x_host, init, **options)
                     if jax is not None and device == "cpu":
                         sides["jax"], sync["jax"] = make_jax(jax, dtype, config, x_host, init)
-                    spread: dict = {}
                     samples: dict = {}
                     ms = time_interleaved(sides, sync, rounds, block, args.settle_seconds,
-                                          spread, samples)
-                    paired = {peer: paired_ratio(samples, "vae_np", peer)
+                                          samples)
+                    spread = {name: (min(v), max(v)) for name, v in samples.items()}
+                    paired = {peer: paired_ratio(samples["vae_np"], samples[peer])
                               for peer in sides if peer != "vae_np"}
                     subnormal = subnormal_moments(backend, opt)
                     flops = step_gemm_flops(config, batch)

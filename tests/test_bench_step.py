@@ -115,20 +115,18 @@ def test_interleaved_ratios_pair_each_round_so_a_drifting_machine_cancels(monkey
             clock["now"] += ms / 1e3 * factor * (extra_b.get(rnd, 1.0) if side == "b" else 1.0)
         return step
 
-    samples, spread = {}, {}
+    samples = {}
     medians = bench_step.time_interleaved(
         {"a": costing(1.0, "a"), "b": costing(2.0, "b")}, {"a": lambda: None, "b": lambda: None},
-        rounds=len(factors), block_seconds=0.0, settle_seconds=0.0, spread=spread,
-        samples=samples)
+        rounds=len(factors), block_seconds=0.0, settle_seconds=0.0, samples=samples)
     assert set(samples) == {"a", "b"} and all(len(v) == len(factors) for v in samples.values())
     assert samples["a"] == pytest.approx(factors)         # ms, round order
-    assert spread["a"] == (min(samples["a"]), max(samples["a"]))
     assert medians["a"] == pytest.approx(2.0)
-    median, lo, hi = bench_step.paired_ratio(samples, "a", "b")
+    median, lo, hi = bench_step.paired_ratio(samples["a"], samples["b"])
     assert median == pytest.approx(0.5) and hi == pytest.approx(0.5)
     assert lo == pytest.approx(0.5 / 1.1)
     with pytest.raises(ValueError):   # rounds of unequal count are not paired silently
-        bench_step.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
+        bench_step.paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_bench_layout_runs_and_reports_both_parts(monkeypatch, capsys):
