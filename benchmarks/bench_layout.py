@@ -23,19 +23,21 @@ measures the question before anyone rewrites the library for it, in two parts:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import LAYERS, STEP_PRODUCTS, interleaved_best  # noqa: E402
-from bench_step import batch_sizes, note_forced_blas_kernel, set_threads  # noqa: E402  (puts the checkout on the path)
+from bench_step import (batch_sizes, note_forced_blas_kernel, paired_ratio,  # noqa: E402
+                        set_threads, time_interleaved)  # (bench_step puts the checkout on the path)
 
 from vae_np.optim import adam_update  # noqa: E402
 
 ENCODER, DECODER, LATENT = (784, 512, 512, 128), (64, 512, 512, 784), 64
+SETTLE_SECONDS = 0.25   # bench_step's pause before each block: OpenBLAS's worker asleep
 
 
 def product_cases(batch: int, rng: np.random.Generator) -> dict:
@@ -169,8 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batches", type=batch_sizes, default="20,32,128,512")
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds of the step")
-    p.add_argument("--steps-per-block", type=int, default=None,
-                   help="steps timed in each side's block (default: 4000 / batch, at least 10)")
+    p.add_argument("--block-seconds", type=float, default=0.25,
+                   help="seconds of steps timed in each side's block")
     args = p.parse_args(argv)
     keep = set_threads(args.threads)  # noqa: F841  (the limits hold while it lives)
     note_forced_blas_kernel()
@@ -190,22 +192,18 @@ def main(argv=None) -> int:
         gap = layout_gradient_gap(batch)
         x = (rng.random((batch, ENCODER[0])) < 0.3).astype(np.float32)
         eps = rng.standard_normal((batch, LATENT)).astype(np.float32)
-        sides = ((make_state(), step_batch_major, (x, eps)),
-                 (make_state(), step_feature_major,
-                  (np.ascontiguousarray(x.T), np.ascontiguousarray(eps.T))))
-        calls = args.steps_per_block or max(10, 4000 // batch)
-        times: list[list[float]] = [[], []]
-        for _ in range(args.rounds):
-            for side, (state, step, data) in enumerate(sides):
-                step(state, *data)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step(state, *data)
-                times[side].append((time.perf_counter() - start) / calls * 1e3)
-        ratios = [fm / bm for bm, fm in zip(*times)]
-        print(f"batch {batch:3d}  prototype step: batch-major {np.median(times[0]):.3f}, "
-              f"feature-major {np.median(times[1]):.3f}, ratio median {np.median(ratios):.3f} "
-              f"(rounds {min(ratios):.3f}-{max(ratios):.3f}); the layouts' gradients differ by "
+        sides = {"batch-major": (make_state(), step_batch_major, (x, eps)),
+                 "feature-major": (make_state(), step_feature_major,
+                                   (np.ascontiguousarray(x.T), np.ascontiguousarray(eps.T)))}
+        samples: dict = {}
+        ms = time_interleaved(
+            {name: functools.partial(step, state, *data) for name, (state, step, data) in sides.items()},
+            {name: (lambda: None) for name in sides}, args.rounds, args.block_seconds,
+            SETTLE_SECONDS, samples)
+        ratio, low, high = paired_ratio(samples["feature-major"], samples["batch-major"])
+        print(f"batch {batch:3d}  prototype step: batch-major {ms['batch-major']:.3f}, "
+              f"feature-major {ms['feature-major']:.3f}, ratio median {ratio:.3f} "
+              f"(rounds {low:.3f}-{high:.3f}); the layouts' gradients differ by "
               f"{gap:.1e} of the largest")
     return 0
 

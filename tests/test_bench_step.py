@@ -132,9 +132,9 @@ def test_interleaved_ratios_pair_each_round_so_a_drifting_machine_cancels(monkey
 def test_bench_layout_runs_and_reports_both_parts(monkeypatch, capsys):
     import bench_gemm
     import bench_layout
-    monkeypatch.setattr(bench_gemm.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(bench_gemm.time, "sleep", lambda seconds: None)   # bench_step's too
     assert bench_layout.main(["--threads", "1", "--batches", "2", "--rounds", "1",
-                              "--steps-per-block", "2"]) == 0
+                              "--block-seconds", "0.001"]) == 0
     printed = capsys.readouterr().out
     products = [line for line in printed.splitlines() if "products:" in line]
     steps = [line for line in printed.splitlines() if "prototype step:" in line]
