@@ -32,6 +32,7 @@ from vae_np.backend import FAST_OPS, _twin_table, fast_paths_enabled, get_backen
 from vae_np.layers import MLP
 from vae_np.likelihoods import Bernoulli
 from vae_np.parameters import Parameters
+from vae_np.optim import adam_update
 
 from helpers import assert_identical, run_training
 
@@ -183,27 +184,16 @@ def adam_on_buffer(backend, p, **kwargs):
     return params, Adam(params, **kwargs)
 
 
-def reference_adam_step(p, g, m, v, t, lr, betas, eps):
-    """optim.Adam._update_reference, written against plain buffers."""
-    tiny = np.finfo(p.dtype).tiny
-    m[...] = betas[0] * m + (1.0 - betas[0]) * g
-    v[...] = betas[1] * v + (1.0 - betas[1]) * (g * g)
-    m[...] = np.where(np.abs(m) < tiny, 0.0, m)
-    v[...] = np.where(v < tiny, 0.0, v)
-    m_hat = m / (1.0 - betas[0] ** t)
-    v_hat = v / (1.0 - betas[1] ** t)
-    p[...] = p - lr * m_hat / (np.sqrt(v_hat) + eps)
-
-
 def adam_run(dtype, n, path, lr=3e-3, betas=(0.9, 0.999), eps=1e-8):
-    """Four Adam steps over n parameters: ``path`` "reference" (written out here) or
-    "numba" (vae_np's Adam, which runs its CPU twin)."""
+    """Four Adam steps over n parameters: ``path`` "reference" (``optim.adam_update``'s
+    array expressions, called directly) or "numba" (vae_np's Adam, which runs its CPU
+    twin)."""
     backend = get_backend("numpy", dtype)
     p, grads = random_adam_buffers(dtype, n)
     m, v = np.zeros(n, dtype), np.zeros(n, dtype)
     if path == "reference":
         for t, g in enumerate(grads, start=1):
-            reference_adam_step(p, g, m, v, t, lr, betas, eps)
+            adam_update.reference(p, g, m, v, t, lr, *betas, eps)
         return p, m, v
     params, opt = adam_on_buffer(backend, p, lr=lr, betas=betas, eps=eps)
     for g in grads:
@@ -641,7 +631,7 @@ def test_adam_flushes_subnormal_moments_on_every_path(dtype, path):
                 opt.step()
         else:
             opt.step()
-        reference_adam_step(ref[0], g, ref[1], ref[2], t, lr, betas, eps)
+        adam_update.reference(ref[0], g, ref[1], ref[2], t, lr, *betas, eps)
         bits = f"u{np.dtype(dtype).itemsize}"
         for fast, reference in zip((params.data, opt.m, opt.v), ref):
             assert np.array_equal(fast.view(bits), reference.view(bits)), f"step {t}"

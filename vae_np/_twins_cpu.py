@@ -220,10 +220,11 @@ def bernoulli_nll(x, logits, reduction="none", grad_scale=1.0):
 
 
 @_jit
-def adam_step(p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps, tiny):  # pragma: no cover - compiled
+def adam_step(p, g, m, v, b1, c1, b2, c2, step_size, inv_sqrt_c2, eps, tiny):  # pragma: no cover - compiled
     """One Adam step over flat buffers, in place: moments below ``tiny`` (the dtype's
     smallest normal number) in magnitude become +0.
-    c1 = 1 - beta1, c2 = 1 - beta2, d1 = 1 - beta1^t, d2 = 1 - beta2^t."""
+    c1 = 1 - beta1, c2 = 1 - beta2, step_size = lr / (1 - beta1^t),
+    inv_sqrt_c2 = 1 / sqrt(1 - beta2^t)."""
     zero = m.dtype.type(0)
     for i in range(p.shape[0]):
         gi = g[i]
@@ -235,7 +236,7 @@ def adam_step(p, g, m, v, b1, c1, b2, c2, d1, d2, lr, eps, tiny):  # pragma: no 
             vi = zero
         m[i] = mi
         v[i] = vi
-        p[i] = p[i] - lr * (mi / d1) / (np.sqrt(vi / d2) + eps)
+        p[i] = p[i] - step_size * mi / (np.sqrt(vi) * inv_sqrt_c2 + eps)
 
 
 def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):
@@ -245,9 +246,11 @@ def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):
         return NotImplemented
     dt = p.dtype.type
     # Each Python-float constant rounded to the array dtype once, as NumPy rounds a Python
-    # float meeting an array (1 - beta1 is formed in double first, as there).
+    # float meeting an array (1 - beta1 and the bias corrections are formed in double
+    # first, as there).
     adam_step(p, g, m, v, dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2),
-          dt(1.0 - beta1 ** t), dt(1.0 - beta2 ** t), dt(lr), dt(eps), dt(np.finfo(dt).tiny))
+              dt(lr / (1.0 - beta1 ** t)), dt(1.0 / math.sqrt(1.0 - beta2 ** t)), dt(eps),
+              dt(np.finfo(dt).tiny))
     return None
 
 

@@ -25,14 +25,15 @@ OPTIONS = ("--fmad=false",)
 SOURCES = {
     # Adam, the reference's expression order (optim.adam_update).
     # Moments below tiny (the smallest normal number) become +0; NaN compares false and stays.
-    "adam": ("T g, T b1, T c1, T b2, T c2, T d1, T d2, T lr, T eps, T tiny", "T p, T m, T v", """
+    "adam": ("T g, T b1, T c1, T b2, T c2, T step_size, T inv_sqrt_c2, T eps, T tiny",
+             "T p, T m, T v", """
         T mi = b1 * m + c1 * g;
         T vi = b2 * v + c2 * (g * g);
         if (fabs(mi) < tiny) mi = (T)0;
         if (vi < tiny) vi = (T)0;
         m = mi;
         v = vi;
-        p = p - lr * (mi / d1) / (sqrt(vi / d2) + eps);
+        p = p - step_size * mi / (sqrt(vi) * inv_sqrt_c2 + eps);
     """),
     # y = max(y + b, 0) in place (NaN stays NaN, as with numpy.maximum).
     "bias_relu": ("T b", "T y", """
@@ -84,7 +85,7 @@ SOURCES = {
 #: (``const T &g``). tests/test_cuda_sources.py reads it, to compile each kernel as it is
 #: called; a kernel not listed takes arrays only.
 SCALAR_INPUTS = {
-    "adam": ("b1", "c1", "b2", "c2", "d1", "d2", "lr", "eps", "tiny"),
+    "adam": ("b1", "c1", "b2", "c2", "step_size", "inv_sqrt_c2", "eps", "tiny"),
 }
 
 _compiled: dict = {}
@@ -174,8 +175,8 @@ def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):
         return NotImplemented
     dt = p.dtype.type
     kernel("adam")(g, dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2),
-                   dt(1.0 - beta1 ** t), dt(1.0 - beta2 ** t), dt(lr), dt(eps),
-                   dt(np.finfo(dt).tiny), p, m, v)
+                   dt(lr / (1.0 - beta1 ** t)), dt(1.0 / math.sqrt(1.0 - beta2 ** t)),
+                   dt(eps), dt(np.finfo(dt).tiny), p, m, v)
     return None
 
 

@@ -6,6 +6,8 @@ clipping the gradient's global L2 norm. Derivations: docs/06-adam.md, "Adam".
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import fast_twin, namespace_of
@@ -97,6 +99,10 @@ class Adam(Optimizer):
         m_hat = m_t / (1 - beta1^t),   v_hat = v_t / (1 - beta2^t)
         theta_t = theta_{t-1} - lr m_hat / (sqrt(v_hat) + eps)
 
+    computed as theta_t = theta_{t-1} - [lr / (1 - beta1^t)] m_t /
+    (sqrt(v_t) [1 / sqrt(1 - beta2^t)] + eps), the bracketed factors scalars: the same
+    algorithm (eps where Algorithm 1 puts it), one division per parameter instead of three.
+
     The third line is ours, not the paper's. A weight whose gradient is exactly 0 step
     after step (a ReLU unit that no example activates) has its first moment multiplied by
     beta1 each step; in float32 it reaches the subnormal range (below 2^-126) after some
@@ -142,9 +148,12 @@ def adam_update(p, g, m, v, t: int, lr: float, beta1: float, beta2: float, eps: 
     v[...] = beta2 * v + (1.0 - beta2) * (g * g)
     m[...] = xp.where(xp.abs(m) < tiny, 0.0, m)
     v[...] = xp.where(v < tiny, 0.0, v)
-    m_hat = m / (1.0 - beta1 ** t)
-    v_hat = v / (1.0 - beta2 ** t)
-    p[...] = p - lr * m_hat / (xp.sqrt(v_hat) + eps)
+    # The bias corrections as two scalars: lr m_hat = step_size m and
+    # sqrt(v_hat) = sqrt(v) / sqrt(1 - beta2^t), so the pass over the buffers divides once
+    # where m / (1 - beta1^t), v / (1 - beta2^t) and the update would divide three times.
+    step_size = lr / (1.0 - beta1 ** t)
+    inv_sqrt_correction2 = 1.0 / math.sqrt(1.0 - beta2 ** t)
+    p[...] = p - step_size * m / (xp.sqrt(v) * inv_sqrt_correction2 + eps)
 
 
 class SGD(Optimizer):
