@@ -175,9 +175,11 @@ class JaxVAE:
             t = t + 1
             m = tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
             v = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
-            c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+            # vae_np.optim.adam_update's form: the bias corrections as two scalars
+            step_size, inv_sqrt_c2 = lr / (1 - b1 ** t), 1 / jnp.sqrt(1 - b2 ** t)
             params = tree_map(
-                lambda p, m, v: p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps_adam), params, m, v)
+                lambda p, m, v: p - step_size * m / (jnp.sqrt(v) * inv_sqrt_c2 + eps_adam),
+                params, m, v)
             return params, m, v, t, key, loss
 
         def test_loss_sum(params, x, key):
