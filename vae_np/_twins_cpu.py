@@ -220,11 +220,12 @@ def bernoulli_nll(x, logits, reduction="none", grad_scale=1.0):
 
 
 @_jit
-def adam_step(p, g, m, v, b1, c1, b2, c2, step_size, inv_sqrt_c2, eps, tiny):  # pragma: no cover - compiled
+def adam_step(p, g, m, v, b1, c1, b2, c2, step_size, inv_sqrt_correction2, eps,
+              tiny):  # pragma: no cover - compiled
     """One Adam step over flat buffers, in place: moments below ``tiny`` (the dtype's
     smallest normal number) in magnitude become +0.
     c1 = 1 - beta1, c2 = 1 - beta2, step_size = lr / (1 - beta1^t),
-    inv_sqrt_c2 = 1 / sqrt(1 - beta2^t)."""
+    inv_sqrt_correction2 = 1 / sqrt(1 - beta2^t)."""
     zero = m.dtype.type(0)
     for i in range(p.shape[0]):
         gi = g[i]
@@ -236,7 +237,7 @@ def adam_step(p, g, m, v, b1, c1, b2, c2, step_size, inv_sqrt_c2, eps, tiny):  #
             vi = zero
         m[i] = mi
         v[i] = vi
-        p[i] = p[i] - step_size * mi / (np.sqrt(vi) * inv_sqrt_c2 + eps)
+        p[i] = p[i] - step_size * mi / (np.sqrt(vi) * inv_sqrt_correction2 + eps)
 
 
 def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):

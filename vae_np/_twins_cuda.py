@@ -25,7 +25,7 @@ OPTIONS = ("--fmad=false",)
 SOURCES = {
     # Adam, the reference's expression order (optim.adam_update).
     # Moments below tiny (the smallest normal number) become +0; NaN compares false and stays.
-    "adam": ("T g, T b1, T c1, T b2, T c2, T step_size, T inv_sqrt_c2, T eps, T tiny",
+    "adam": ("T g, T b1, T c1, T b2, T c2, T step_size, T inv_sqrt_correction2, T eps, T tiny",
              "T p, T m, T v", """
         T mi = b1 * m + c1 * g;
         T vi = b2 * v + c2 * (g * g);
@@ -33,7 +33,7 @@ SOURCES = {
         if (vi < tiny) vi = (T)0;
         m = mi;
         v = vi;
-        p = p - step_size * mi / (sqrt(vi) * inv_sqrt_c2 + eps);
+        p = p - step_size * mi / (sqrt(vi) * inv_sqrt_correction2 + eps);
     """),
     # y = max(y + b, 0) in place (NaN stays NaN, as with numpy.maximum).
     "bias_relu": ("T b", "T y", """
@@ -85,7 +85,7 @@ SOURCES = {
 #: (``const T &g``). tests/test_cuda_sources.py reads it, to compile each kernel as it is
 #: called; a kernel not listed takes arrays only.
 SCALAR_INPUTS = {
-    "adam": ("b1", "c1", "b2", "c2", "step_size", "inv_sqrt_c2", "eps", "tiny"),
+    "adam": ("b1", "c1", "b2", "c2", "step_size", "inv_sqrt_correction2", "eps", "tiny"),
 }
 
 _compiled: dict = {}
