@@ -57,6 +57,9 @@ def adam_by_hand(theta, grads, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     {},  # the defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8
     {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-3},
     {"lr": 1.0, "betas": (0.0, 0.0), "eps": 1e-8},  # beta = 0: no memory, sign-like steps
+    # long memories: 1 - beta2^t is 5e-5 at t = 5, the corrections' scalars far from 1, and
+    # an eps small enough that a slip to the paper's eps-hat form would show
+    {"lr": 1e-2, "betas": (0.99, 0.99999), "eps": 1e-4},
 ])
 def test_adam_matches_algorithm_1(hyper, backend, code_path):
     params, _ = make_parameters(backend, theta=THETA0)
