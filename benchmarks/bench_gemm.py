@@ -8,7 +8,8 @@ For each Linear of the starting configuration (784-512-512-128 encoder, 64-512-5
 decoder) and batch 32 / 128 / 512, the three products of a step (forward x W, weight
 gradient x^T dout, input gradient dout W^T, the transposes as views, as vae_np passes them)
 are timed through ``numpy.matmul`` and through MKL's ``cblas_sgemm`` called with ctypes on
-the same arrays, each product alone, best of 5 interleaved blocks of 20. The input gradient
+the same arrays, each product alone, best of 5 interleaved blocks of 20 (each library's
+turn after a pause that lets the other's threads go to sleep: ``interleaved_best``). The input gradient
 is also timed as its transpose, W dout^T through NumPy (the same numbers, the BLAS given the
 operands the other way round and the result in the other layout). MKL is found as
 ``libmkl_rt.so*`` in the environment's lib folder (where the ``mkl`` wheel puts it) or on
@@ -43,6 +44,7 @@ STEP_PRODUCTS = ("forward", "weight grad", "input grad")
 # The same input gradient computed as its transpose, W dout^T (fan_in, batch): the BLAS
 # given the operands the other way round, the result in the other memory layout.
 TRANSPOSED_INPUT_GRAD = "input grad as (W dout^T)^T"
+SETTLE_SECONDS = 0.3    # longer than any BLAS pool's spin after its last call (below)
 
 
 def load_mkl(threads: int):
@@ -156,18 +158,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def interleaved_best(cases: dict, blocks: int = 5, calls: int = 20) -> dict:
+def interleaved_best(cases: dict, blocks: int = 5, calls: int = 20,
+                     settle_seconds: float = SETTLE_SECONDS) -> dict:
     """{key: (matmul, (a, b, out shape))} -> {key: best ms a product}: ``blocks`` rounds,
-    each timing ``calls`` products into fresh outputs for every case in turn (so a drift of
-    the machine's speed reaches all cases alike)."""
+    each timing ``calls`` products into fresh outputs for every case (so a drift of the
+    machine's speed reaches all cases alike).
+
+    Cases that share a matmul (one library: the same function object) run back to back,
+    the libraries in rotating order, with a pause of ``settle_seconds`` before each
+    library's turn. A BLAS keeps its worker threads spinning for a while after its last
+    call (OpenBLAS about 0.1 s, Intel OpenMP's KMP_BLOCKTIME 0.2 s), and the next library's
+    threads would share the cores with them: measured on a 2-core Intel Xeon, MKL's
+    2-thread products timed 0.02 s after OpenBLAS's took 1.5-6 times OpenBLAS's time, and
+    0.70-0.81 of it in a process of their own."""
+    by_library: dict = {}
+    for key, (matmul, _) in cases.items():
+        by_library.setdefault(matmul, []).append(key)
+    libraries = list(by_library)
     best = {key: float("inf") for key in cases}
-    for _ in range(blocks):
-        for key, (matmul, (a, b, out_shape)) in cases.items():
-            time.sleep(0.02)
-            start = time.perf_counter()
-            for _ in range(calls):
-                matmul(a, b, np.empty(out_shape, np.float32))
-            best[key] = min(best[key], (time.perf_counter() - start) / calls * 1e3)
+    for r in range(blocks):
+        for matmul in libraries[r % len(libraries):] + libraries[:r % len(libraries)]:
+            time.sleep(settle_seconds)
+            for key in by_library[matmul]:
+                a, b, out_shape = cases[key][1]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    matmul(a, b, np.empty(out_shape, np.float32))
+                best[key] = min(best[key], (time.perf_counter() - start) / calls * 1e3)
     return best
 
 

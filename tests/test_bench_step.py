@@ -67,7 +67,7 @@ def test_bench_gemm_measures_numpy_alone_when_no_other_blas_is_installed(monkeyp
         assert printed.count(f"batch {batch:3d}  all six layers: numpy ") == 1
 
 
-def test_bench_gemm_interleaves_every_case_in_every_block():
+def test_bench_gemm_interleaves_every_case_in_every_block(monkeypatch):
     import bench_gemm
     calls = []
 
@@ -78,10 +78,16 @@ def test_bench_gemm_interleaves_every_case_in_every_block():
         return matmul
 
     operands = (np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), (2, 4))
-    best = bench_gemm.interleaved_best({"p": (recording("p"), operands),
-                                        "q": (recording("q"), operands)}, blocks=3, calls=2)
-    assert set(best) == {"p", "q"} and all(0 <= ms < float("inf") for ms in best.values())
-    assert calls == ["p", "p", "q", "q"] * 3
+    pauses = []
+    monkeypatch.setattr(bench_gemm.time, "sleep", pauses.append)
+    p, q = recording("p"), recording("q")
+    best = bench_gemm.interleaved_best({"p1": (p, operands), "q": (q, operands),
+                                        "p2": (p, operands)}, blocks=3, calls=2)
+    assert set(best) == {"p1", "p2", "q"} and all(0 <= ms < float("inf") for ms in best.values())
+    # one library's cases back to back, the libraries in rotating order, and a pause long
+    # enough for the other library's threads to sleep before each library's turn
+    assert calls == ["p"] * 4 + ["q"] * 2 + ["q"] * 2 + ["p"] * 4 + ["p"] * 4 + ["q"] * 2
+    assert pauses == [bench_gemm.SETTLE_SECONDS] * 6 and bench_gemm.SETTLE_SECONDS >= 0.25
 
 
 @pytest.mark.parametrize("batch", [1, 3, 32])
