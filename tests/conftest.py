@@ -12,6 +12,9 @@
 - ``repository_untouched`` (session, autouse): the run fails if a test created, changed or
   deleted a file in the repository tree; tests write under their own tmp_path only. And
   ``no_user_mnist`` (session, autouse): MNIST's default folder is an empty temporary one.
+- ``VAE_NP_BLAS`` is removed from the environment: the suite checks the default, NumPy's
+  own BLAS, whose products the to-the-bit tests assume; tests/test_blas.py switches MKL
+  on where it tests it.
 - ``record_check``: gradient-check tests log their relative errors under a family name; the
   worst error per family is printed at the end of the run (the table the issue's closing
   note asks for). Deliberately wrong gradients are logged separately, to show the margin.
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+os.environ.pop("VAE_NP_BLAS", None)     # before vae_np loads its CPU ops (see above)
 
 try:
     import vae_np  # noqa: F401

@@ -275,6 +275,11 @@ def _case_matmul_into(dtype, rng):
     return (np.full((6, 4), 7.0, dtype), a, rng.standard_normal((5, 4)).astype(dtype)), {}
 
 
+def _case_matmul(dtype, rng):
+    w = rng.standard_normal((4, 6)).astype(dtype).T          # a transposed view, as W.T
+    return (rng.standard_normal((5, 6)).astype(dtype), w), {}
+
+
 def _case_kl_standard_normal(dtype, rng):
     logvar = rng.standard_normal((9, 4)).astype(dtype) * 2
     logvar[0] = [0.0, -0.0, 1e-8, -1e-8]                     # where expm1 matters
@@ -329,6 +334,7 @@ TWIN_CASES = {
     "layers.linear_relu_forward": _case_linear_relu_forward,
     "layers.relu_backward": _case_relu_backward,
     "layers.relu_backward_and_bias_grad": _case_relu_backward_and_bias_grad,
+    "layers.matmul": _case_matmul,
     "layers.matmul_into": _case_matmul_into,
     "losses.kl_standard_normal": _case_kl_standard_normal,
     "losses.bernoulli_nll": _case_bernoulli_nll,

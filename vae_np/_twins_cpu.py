@@ -5,7 +5,8 @@ on a NumPy array; importing it fails with ImportError(name="numba") when numba i
 and the references run.
 
 Each twin takes its reference's arguments and returns its results, to the last bit
-(tests/test_fast_paths.py), or NotImplemented for arguments it does not serve: anything but
+(tests/test_fast_paths.py; with VAE_NP_BLAS=mkl the matrix products excepted, see
+``product``), or NotImplemented for arguments it does not serve: anything but
 NumPy arrays of one float dtype in the shapes the op documents. The reference then runs,
 and it also raises the errors that bad arguments deserve, so a twin never validates.
 
@@ -27,7 +28,12 @@ loops (Adam ran 4.7 times slower with Python's error model).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import glob
 import math
+import os
+import sys
 
 import numba
 import numpy as np
@@ -42,6 +48,89 @@ def _served(*arrays) -> bool:
     if type(first) is not np.ndarray or first.dtype not in _FLOATS:
         return False
     return all(type(a) is np.ndarray and a.dtype == first.dtype for a in arrays[1:])
+
+
+# ------------------------------------------------------------------------------------------
+# The BLAS of the layers' matrix products: NumPy's own (OpenBLAS, in NumPy's wheels) or,
+# with VAE_NP_BLAS=mkl, Intel's MKL through its C interface (cblas_sgemm / cblas_dgemm).
+# On a 2-core Intel Xeon MKL's products took 0.67 / 0.75 / 0.86 of OpenBLAS's time at batch
+# 32 / 128 / 512 (benchmarks/README.md, "MKL on this Intel Xeon"). MKL sums a product's
+# terms in its own order, so with it the products, and what follows from them, differ from
+# the references' (NumPy's) in the last bits: opt-in, outside the to-the-bit contract.
+
+BLAS_NAMES = ("numpy", "mkl")
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _load_mkl():
+    """{dtype: cblas_?gemm} from MKL's single dynamic library (libmkl_rt, which the ``mkl``
+    wheel puts in the environment's lib folder), or None when it is not found."""
+    candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    found = ctypes.util.find_library("mkl_rt")
+    for path in [*candidates, *([found] if found else [])]:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        gemms = {}
+        for dtype, name, scalar in ((np.float32, "cblas_sgemm", ctypes.c_float),
+                                    (np.float64, "cblas_dgemm", ctypes.c_double)):
+            gemm = getattr(lib, name)
+            gemm.restype = None
+            gemm.argtypes = ([ctypes.c_int] * 6 + [scalar, ctypes.c_void_p, ctypes.c_int,
+                                                   ctypes.c_void_p, ctypes.c_int, scalar,
+                                                   ctypes.c_void_p, ctypes.c_int])
+            gemms[np.dtype(dtype)] = gemm
+        return gemms
+    return None
+
+
+_MKL_GEMM = None     # {dtype: cblas_?gemm} while the products run through MKL
+
+
+def use_blas(name: str) -> None:
+    """Run the products through ``name``, one of BLAS_NAMES (the backend passes what
+    VAE_NP_BLAS asks for). Raises ValueError for another name, LookupError when MKL's
+    runtime library is not found."""
+    global _MKL_GEMM
+    if name not in BLAS_NAMES:
+        raise ValueError(f"expected one of {', '.join(BLAS_NAMES)}, got {name!r}")
+    gemms = _load_mkl() if name == "mkl" else None
+    if name == "mkl" and gemms is None:
+        raise LookupError("MKL's runtime library (libmkl_rt) was not found; install it "
+                          "with `pip install -e \".[mkl]\"`")
+    _MKL_GEMM = gemms
+
+
+def _gemm_operand(a):
+    """(C-ordered base, transposed?) for a C-ordered matrix or the transpose of one."""
+    if a.flags.c_contiguous:
+        return a, False
+    if a.T.flags.c_contiguous:
+        return a.T, True
+    return None, False
+
+
+def product(a, b, out):
+    """out[...] = a @ b for matrices a (M, K), b (K, N) and a C-ordered out (M, N) of one
+    float dtype; returns out. Through MKL when VAE_NP_BLAS=mkl and a, b are C-ordered or
+    transposes of C-ordered matrices, else through numpy.matmul (NumPy's BLAS)."""
+    if _MKL_GEMM is not None and min(a.shape[0], a.shape[1], b.shape[1]) > 0:
+        base_a, trans_a = _gemm_operand(a)
+        base_b, trans_b = _gemm_operand(b)
+        if base_a is not None and base_b is not None:
+            m, k = a.shape
+            n = b.shape[1]
+            _MKL_GEMM[out.dtype](_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS,
+                                 _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
+                                 base_a.ctypes.data, base_a.shape[1], base_b.ctypes.data,
+                                 base_b.shape[1], 0.0, out.ctypes.data, n)
+            return out
+    return np.matmul(a, b, out=out)
+
+
+def _serves_product(a, b) -> bool:
+    return (_served(a, b) and a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0])
 
 
 # ------------------------------------------------------------------------------------------
@@ -61,10 +150,9 @@ def bias_relu(y, b):  # pragma: no cover - compiled
 
 def linear_relu_forward(x, W, b):
     """The product in a fresh array, then the bias add and the ReLU in place, one pass."""
-    if not (_served(x, W, b) and x.ndim == 2 and W.ndim == 2 and b.shape == (W.shape[1],)
-            and x.shape[1] == W.shape[0]):
+    if not (_served(x, W, b) and _serves_product(x, W) and b.shape == (W.shape[1],)):
         return NotImplemented
-    out = np.matmul(x, W)
+    out = product(x, W, np.empty((x.shape[0], W.shape[1]), dtype=x.dtype))
     bias_relu(out, b)
     return out
 
@@ -117,12 +205,19 @@ def relu_backward_and_bias_grad(out, dout):
     return dx, db
 
 
+def matmul(a, b):
+    """The product through the chosen BLAS (with NumPy's, the reference's own call)."""
+    if not _serves_product(a, b):
+        return NotImplemented
+    return product(a, b, np.empty((a.shape[0], b.shape[1]), dtype=a.dtype))
+
+
 def matmul_into(out, a, b):
     """The product written by BLAS straight into ``out`` (no temporary, no copy)."""
-    if not (_served(out, a, b) and a.ndim == 2 and b.ndim == 2 and out.flags.c_contiguous
-            and out.shape == (a.shape[0], b.shape[1]) and a.shape[1] == b.shape[0]):
+    if not (_served(out, a, b) and _serves_product(a, b) and out.flags.c_contiguous
+            and out.shape == (a.shape[0], b.shape[1])):
         return NotImplemented
-    return np.matmul(a, b, out=out)
+    return product(a, b, out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,6 +445,7 @@ TWINS: dict = {
     "layers.linear_relu_forward": linear_relu_forward,
     "layers.relu_backward": relu_backward,
     "layers.relu_backward_and_bias_grad": relu_backward_and_bias_grad,
+    "layers.matmul": matmul,
     "layers.matmul_into": matmul_into,
     "losses.kl_standard_normal": kl_standard_normal,
     "losses.bernoulli_nll": bernoulli_nll,

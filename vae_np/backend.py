@@ -45,6 +45,12 @@ def use_fast_paths(on: bool = True):
         _fast_paths_on = previous
 
 
+def _blas_requested() -> str:
+    """The BLAS the environment variable VAE_NP_BLAS asks the CPU ops' products to run
+    through: "numpy" (the default: NumPy's own) or "mkl" (see ``_twins_cpu.product``)."""
+    return os.environ.get("VAE_NP_BLAS", "").strip().lower() or "numpy"
+
+
 def fast_paths_enabled(backend: "Backend | None" = None) -> bool:
     """True when the ops run their fast twins: not switched off (:func:`use_fast_paths`,
     ``VAE_NP_FAST_PATHS=0``) and, given a ``backend``, one whose arrays have twins (NumPy
@@ -84,12 +90,22 @@ def _twin_table(kind: str) -> dict[str, Callable]:
     table = _TWIN_TABLES.get(kind)
     if table is None:
         if kind == "cpu":
+            blas = _blas_requested()
             try:
                 from . import _twins_cpu as module
             except ImportError as exc:
                 if exc.name != "numba":   # a broken twin module is an error, not a fallback
                     raise
+                if blas != "numpy":
+                    raise BackendUnavailableError(
+                        f"VAE_NP_BLAS={blas}: the products run through it in the compiled "
+                        f'CPU ops, which need numba (`pip install -e ".[fast]"`)') from None
                 module = None
+            if module is not None:
+                try:
+                    module.use_blas(blas)
+                except (ValueError, LookupError) as exc:
+                    raise BackendUnavailableError(f"VAE_NP_BLAS={blas}: {exc}") from None
         else:
             from . import _twins_cuda as module
         table = _TWIN_TABLES[kind] = dict(module.TWINS) if module is not None else {}
@@ -423,7 +439,9 @@ def get_backend(name: str | Backend = "numpy", dtype: str | None = None) -> Back
 
     Raises:
         ValueError: unknown ``name`` or ``dtype``, or a dtype that contradicts a Backend.
-        BackendUnavailableError: CuPy requested but not installed or no GPU.
+        BackendUnavailableError: CuPy requested but not installed or no GPU; NumPy with
+            VAE_NP_BLAS set to anything but "numpy" or "mkl", or to "mkl" without MKL's
+            runtime library or without numba.
     """
     if isinstance(name, Backend):
         if dtype is not None and dtype != name.dtype_name:
@@ -440,6 +458,8 @@ def get_backend(name: str | Backend = "numpy", dtype: str | None = None) -> Back
     if name == "numpy":
         native = np
         xp = importlib.import_module("array_api_compat.numpy")
+        if _blas_requested() != "numpy":
+            _twin_table("cpu")            # a BLAS that cannot be had is refused here, first
     elif name == "cupy":
         native, reason = _cupy_or_reason()
         if native is None:

@@ -64,6 +64,13 @@ def relu_backward_and_bias_grad(out, dout):
 
 
 @fast_twin
+def matmul(a, b):
+    """a @ b for a (M, K) and b (K, N) -> (M, N). (Its CPU twin runs the product through
+    the BLAS that VAE_NP_BLAS chooses: NumPy's by default, the same call as here.)"""
+    return a @ b
+
+
+@fast_twin
 def matmul_into(out, a, b):
     """out[...] = a @ b for a (M, K), b (K, N) and out (M, N) (a gradient's view of the
     flat buffer, ``vae_np.parameters``); returns out. (Its twins write the product
@@ -128,7 +135,7 @@ class Linear(Layer):
 
     def forward(self, x):
         self.cache = x
-        y = x @ self.params["W"]
+        y = matmul(x, self.params["W"])
         y += self.params["b"]           # in place on the fresh product: one array, not two
         return y
 
@@ -147,7 +154,7 @@ class Linear(Layer):
                              f"got {type(bias_grad).__name__} of shape "
                              f"{getattr(bias_grad, 'shape', None)}")
         self.grads["b"][...] = bias_grad
-        return dout @ W.T if input_grad else None
+        return matmul(dout, W.T) if input_grad else None            # dx = dout W^T
 
 
 class ReLU(Layer):
