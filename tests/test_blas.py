@@ -65,6 +65,20 @@ def test_mkl_asked_for_but_missing_is_refused_with_the_install_hint(monkeypatch)
     assert twins._MKL_GEMM is None          # nothing half-switched: NumPy's BLAS still runs
 
 
+@pytest.mark.slow
+def test_the_cli_refuses_an_unknown_blas_in_one_line_and_writes_nothing(tmp_path):
+    env = {**os.environ, "VAE_NP_BLAS": "openblas"}
+    out = subprocess.run([sys.executable, "-m", "vae_np", "train", "--out",
+                          str(tmp_path / "run"), "--epochs", "1"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "vae-np train: error: VAE_NP_BLAS=openblas: expected one of numpy, mkl, got "
+        "'openblas'"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_mkl_asked_for_without_numba_is_refused_in_a_fresh_process():
     code = ("import sys; sys.modules['numba'] = None\n"
             "import vae_np\n"
