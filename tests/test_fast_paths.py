@@ -642,6 +642,9 @@ def test_adam_flushes_subnormal_moments_on_every_path(dtype, path):
         for fast, reference in zip((params.data, opt.m, opt.v), ref):
             assert np.array_equal(fast.view(bits), reference.view(bits)), f"step {t}"
         assert subnormal_count(opt.m) == 0 and subnormal_count(opt.v) == 0, f"step {t}"
+        # nor is the update's product step_size m (lr / (1 - beta1^t) times m) subnormal
+        step_size = np.dtype(dtype).type(lr / (1.0 - betas[0] ** t))
+        assert subnormal_count(step_size * opt.m) == 0, f"step {t}"
     assert np.count_nonzero(opt.m[dead] == 0) == dead.sum()  # the dead lanes' moments are 0
 
 

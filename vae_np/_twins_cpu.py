@@ -316,17 +316,17 @@ def bernoulli_nll(x, logits, reduction="none", grad_scale=1.0):
 
 @_jit
 def adam_step(p, g, m, v, b1, c1, b2, c2, step_size, inv_sqrt_correction2, eps,
-              tiny):  # pragma: no cover - compiled
-    """One Adam step over flat buffers, in place: moments below ``tiny`` (the dtype's
-    smallest normal number) in magnitude become +0.
-    c1 = 1 - beta1, c2 = 1 - beta2, step_size = lr / (1 - beta1^t),
-    inv_sqrt_correction2 = 1 / sqrt(1 - beta2^t)."""
+              m_floor, tiny):  # pragma: no cover - compiled
+    """One Adam step over flat buffers, in place: first moments below ``m_floor`` in
+    magnitude and second moments below ``tiny`` (the dtype's smallest normal number)
+    become +0. c1 = 1 - beta1, c2 = 1 - beta2, step_size = lr / (1 - beta1^t),
+    inv_sqrt_correction2 = 1 / sqrt(1 - beta2^t), m_floor = tiny / min(step_size, 1)."""
     zero = m.dtype.type(0)
     for i in range(p.shape[0]):
         gi = g[i]
         mi = b1 * m[i] + c1 * gi
         vi = b2 * v[i] + c2 * (gi * gi)
-        if abs(mi) < tiny:          # NaN compares False and stays, as in the reference
+        if abs(mi) < m_floor:       # NaN compares False and stays, as in the reference
             mi = zero
         if vi < tiny:
             vi = zero
@@ -342,11 +342,12 @@ def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):
         return NotImplemented
     dt = p.dtype.type
     # Each Python-float constant rounded to the array dtype once, as NumPy rounds a Python
-    # float meeting an array (1 - beta1 and the bias corrections are formed in double
-    # first, as there).
+    # float meeting an array (1 - beta1, the bias corrections and the flush threshold are
+    # formed in double first, as there).
+    tiny, step_size = float(np.finfo(dt).tiny), lr / (1.0 - beta1 ** t)
     adam_step(p, g, m, v, dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2),
-              dt(lr / (1.0 - beta1 ** t)), dt(1.0 / math.sqrt(1.0 - beta2 ** t)), dt(eps),
-              dt(np.finfo(dt).tiny))
+              dt(step_size), dt(1.0 / math.sqrt(1.0 - beta2 ** t)), dt(eps),
+              dt(tiny / min(step_size, 1.0)), dt(tiny))
     return None
 
 

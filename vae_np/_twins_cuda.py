@@ -24,12 +24,13 @@ OPTIONS = ("--fmad=false",)
 #: them; ``T`` is the floating type of the arrays (float or double).
 SOURCES = {
     # Adam, the reference's expression order (optim.adam_update).
-    # Moments below tiny (the smallest normal number) become +0; NaN compares false and stays.
-    "adam": ("T g, T b1, T c1, T b2, T c2, T step_size, T inv_sqrt_correction2, T eps, T tiny",
-             "T p, T m, T v", """
+    # First moments below m_floor (optim.Adam), second moments below tiny (the smallest normal
+    # number) become +0; NaN compares false and stays.
+    "adam": ("T g, T b1, T c1, T b2, T c2, T step_size, T inv_sqrt_correction2, T eps, "
+             "T m_floor, T tiny", "T p, T m, T v", """
         T mi = b1 * m + c1 * g;
         T vi = b2 * v + c2 * (g * g);
-        if (fabs(mi) < tiny) mi = (T)0;
+        if (fabs(mi) < m_floor) mi = (T)0;
         if (vi < tiny) vi = (T)0;
         m = mi;
         v = vi;
@@ -85,7 +86,8 @@ SOURCES = {
 #: (``const T &g``). tests/test_cuda_sources.py reads it, to compile each kernel as it is
 #: called; a kernel not listed takes arrays only.
 SCALAR_INPUTS = {
-    "adam": ("b1", "c1", "b2", "c2", "step_size", "inv_sqrt_correction2", "eps", "tiny"),
+    "adam": ("b1", "c1", "b2", "c2", "step_size", "inv_sqrt_correction2", "eps", "m_floor",
+             "tiny"),
 }
 
 _compiled: dict = {}
@@ -174,9 +176,10 @@ def adam_update(p, g, m, v, t, lr, beta1, beta2, eps):
     if not (_served(p, g, m, v) and p.ndim == 1 and p.shape == g.shape == m.shape == v.shape):
         return NotImplemented
     dt = p.dtype.type
+    tiny, step_size = float(np.finfo(dt).tiny), lr / (1.0 - beta1 ** t)
     kernel("adam")(g, dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2),
-                   dt(lr / (1.0 - beta1 ** t)), dt(1.0 / math.sqrt(1.0 - beta2 ** t)),
-                   dt(eps), dt(np.finfo(dt).tiny), p, m, v)
+                   dt(step_size), dt(1.0 / math.sqrt(1.0 - beta2 ** t)), dt(eps),
+                   dt(tiny / min(step_size, 1.0)), dt(tiny), p, m, v)
     return None
 
 
