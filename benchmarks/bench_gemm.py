@@ -22,9 +22,6 @@ total is also given in GFLOP/s and as a share of NumPy's best square product (si
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import glob
 import os
 import sys
 import time
@@ -36,7 +33,6 @@ from bench_step import batch_sizes, matmul_peak, note_forced_blas_kernel  # noqa
 
 from vae_np.backend import get_backend  # noqa: E402
 
-ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 # The step's six Linears, encoder then decoder (the decoder's 512 x 512 too: it is timed,
 # and counted in the totals, as often as the step runs it).
 LAYERS = ((784, 512), (512, 512), (512, 128), (64, 512), (512, 512), (512, 784))
@@ -47,35 +43,22 @@ TRANSPOSED_INPUT_GRAD = "input grad as (W dout^T)^T"
 SETTLE_SECONDS = 0.3    # longer than any BLAS pool's spin after its last call (below)
 
 
-def load_mkl(threads: int):
-    candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
-    found = ctypes.util.find_library("mkl_rt")
-    for path in [*candidates, *([found] if found else [])]:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        lib.MKL_Set_Num_Threads(threads)
-        gemm = lib.cblas_sgemm
-        gemm.restype = None
-        gemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
-                                              ctypes.c_void_p, ctypes.c_int]
-        return path, gemm
-    return None, None
+def load_mkl():
+    """(path of libmkl_rt, out = a @ b through MKL's cblas_sgemm), or (None, None): the
+    library's own loader and call (vae_np/_twins_cpu.py, VAE_NP_BLAS=mkl)."""
+    try:
+        from vae_np import _twins_cpu as twins
+    except ImportError:           # no numba: no compiled CPU ops, and no MKL path either
+        return None, None
+    path, gemms = twins.load_mkl()
+    if gemms is None:
+        return None, None
 
-
-def mkl_matmul(gemm, a, b, out):
-    """out = a @ b for C-ordered arrays or transposed views of them."""
-    trans_a = NO_TRANS if a.flags.c_contiguous else TRANS
-    trans_b = NO_TRANS if b.flags.c_contiguous else TRANS
-    base_a = a if trans_a == NO_TRANS else a.T
-    base_b = b if trans_b == NO_TRANS else b.T
-    m, k = a.shape
-    n = b.shape[1]
-    gemm(ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, base_a.ctypes.data, base_a.shape[1],
-         base_b.ctypes.data, base_b.shape[1], 0.0, out.ctypes.data, n)
-    return out
+    def mkl_matmul(a, b, out):
+        if not twins.mkl_product(gemms, a, b, out):
+            raise ValueError("bench_gemm: MKL does not serve these operands")
+        return out
+    return path, mkl_matmul
 
 
 def load_blis(threads: int):
@@ -98,16 +81,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batches", type=batch_sizes, default="32,128,512")
     args = p.parse_args(argv)
-    try:
+    sides = {"numpy": lambda a, b, o: np.matmul(a, b, out=o)}
+    path, mkl_matmul = load_mkl()
+    if mkl_matmul is not None:
+        sides["mkl"] = mkl_matmul
+        print(f"MKL: {path}")
+    try:  # after MKL is loaded, so that the limit reaches its threads too
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(args.threads, user_api="blas")  # noqa: F841 (held)
     except ImportError:
-        print("threadpoolctl missing: NumPy's BLAS keeps its own thread count")
-    sides = {"numpy": lambda a, b, o: np.matmul(a, b, out=o)}
-    path, gemm = load_mkl(args.threads)
-    if gemm is not None:
-        sides["mkl"] = lambda a, b, o: mkl_matmul(gemm, a, b, o)
-        print(f"MKL: {path}")
+        print("threadpoolctl missing: the BLAS libraries keep their own thread counts")
     blis_matmul = load_blis(args.threads)
     if blis_matmul is not None:
         sides["blis"] = blis_matmul

@@ -52,7 +52,7 @@ def test_bench_gemm_measures_numpy_alone_when_no_other_blas_is_installed(monkeyp
     """Without MKL or blis it still times the step's products (it used to stop), and each
     layer's line and the totals appear once per batch."""
     import bench_gemm
-    monkeypatch.setattr(bench_gemm, "load_mkl", lambda threads: (None, None))
+    monkeypatch.setattr(bench_gemm, "load_mkl", lambda: (None, None))
     monkeypatch.setattr(bench_gemm, "load_blis", lambda threads: None)
     monkeypatch.setattr(bench_gemm, "matmul_peak", lambda backend: 1.0)   # no 2048^2 products
     monkeypatch.setattr(bench_gemm.time, "sleep", lambda seconds: None)

@@ -25,7 +25,7 @@ from vae_np import VAE, backend as backend_module, get_backend  # noqa: E402
 from vae_np import _twins_cpu as twins  # noqa: E402
 from vae_np.backend import BackendUnavailableError, use_fast_paths  # noqa: E402
 
-HAVE_MKL = twins._load_mkl() is not None
+HAVE_MKL = twins.load_mkl()[1] is not None
 needs_mkl = pytest.mark.skipif(not HAVE_MKL, reason="MKL's runtime library (libmkl_rt) is "
                                'not installed (pip install -e ".[mkl]")')
 
@@ -58,7 +58,7 @@ def test_an_unknown_blas_is_refused_naming_the_variable_and_the_choices(monkeypa
 
 def test_mkl_asked_for_but_missing_is_refused_with_the_install_hint(monkeypatch):
     fresh_twin_tables(monkeypatch, "mkl")
-    monkeypatch.setattr(twins, "_load_mkl", lambda: None)
+    monkeypatch.setattr(twins, "load_mkl", lambda: (None, None))
     with pytest.raises(BackendUnavailableError, match=r"VAE_NP_BLAS=mkl: MKL's runtime "
                                                       r"library \(libmkl_rt\) was not found"):
         get_backend("numpy", "float64")

@@ -62,9 +62,10 @@ BLAS_NAMES = ("numpy", "mkl")
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
-def _load_mkl():
-    """{dtype: cblas_?gemm} from MKL's single dynamic library (libmkl_rt, which the ``mkl``
-    wheel puts in the environment's lib folder), or None when it is not found."""
+def load_mkl():
+    """(path, {dtype: cblas_?gemm}) from MKL's single dynamic library (libmkl_rt, which the
+    ``mkl`` wheel puts in the environment's lib folder), or (None, None) when it is not
+    found. (benchmarks/bench_gemm.py times the same functions.)"""
     candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
     found = ctypes.util.find_library("mkl_rt")
     for path in [*candidates, *([found] if found else [])]:
@@ -81,8 +82,8 @@ def _load_mkl():
                                                    ctypes.c_void_p, ctypes.c_int, scalar,
                                                    ctypes.c_void_p, ctypes.c_int])
             gemms[np.dtype(dtype)] = gemm
-        return gemms
-    return None
+        return path, gemms
+    return None, None
 
 
 _MKL_GEMM = None     # {dtype: cblas_?gemm} while the products run through MKL
@@ -95,7 +96,7 @@ def use_blas(name: str) -> None:
     global _MKL_GEMM
     if name not in BLAS_NAMES:
         raise ValueError(f"expected one of {', '.join(BLAS_NAMES)}, got {name!r}")
-    gemms = _load_mkl() if name == "mkl" else None
+    gemms = load_mkl()[1] if name == "mkl" else None
     if name == "mkl" and gemms is None:
         raise LookupError("MKL's runtime library (libmkl_rt) was not found; install it "
                           "with `pip install -e \".[mkl]\"`")
@@ -111,21 +112,29 @@ def _gemm_operand(a):
     return None, False
 
 
+def mkl_product(gemms, a, b, out) -> bool:
+    """out[...] = a @ b through MKL's ``gemms`` (:func:`load_mkl`) when a and b are
+    C-ordered matrices or transposes of C-ordered ones, none of the sizes 0, and out a
+    C-ordered (M, N) array of their dtype; False (out untouched) when not served."""
+    base_a, trans_a = _gemm_operand(a)
+    base_b, trans_b = _gemm_operand(b)
+    if base_a is None or base_b is None or min(a.shape[0], a.shape[1], b.shape[1]) == 0:
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    gemms[out.dtype](_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS,
+                     _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0, base_a.ctypes.data,
+                     base_a.shape[1], base_b.ctypes.data, base_b.shape[1], 0.0,
+                     out.ctypes.data, n)
+    return True
+
+
 def product(a, b, out):
     """out[...] = a @ b for matrices a (M, K), b (K, N) and a C-ordered out (M, N) of one
-    float dtype; returns out. Through MKL when VAE_NP_BLAS=mkl and a, b are C-ordered or
-    transposes of C-ordered matrices, else through numpy.matmul (NumPy's BLAS)."""
-    if _MKL_GEMM is not None and min(a.shape[0], a.shape[1], b.shape[1]) > 0:
-        base_a, trans_a = _gemm_operand(a)
-        base_b, trans_b = _gemm_operand(b)
-        if base_a is not None and base_b is not None:
-            m, k = a.shape
-            n = b.shape[1]
-            _MKL_GEMM[out.dtype](_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS,
-                                 _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
-                                 base_a.ctypes.data, base_a.shape[1], base_b.ctypes.data,
-                                 base_b.shape[1], 0.0, out.ctypes.data, n)
-            return out
+    float dtype; returns out. Through MKL when VAE_NP_BLAS=mkl and it serves the operands
+    (:func:`mkl_product`), else through numpy.matmul (NumPy's BLAS)."""
+    if _MKL_GEMM is not None and mkl_product(_MKL_GEMM, a, b, out):
+        return out
     return np.matmul(a, b, out=out)
 
 
