@@ -160,15 +160,23 @@ def jax_network(batch, backend, jax):
     return make_jax_conv_networks(jax, enc, dec, LATENT, x, g_out, g_h)
 
 
-def measure(*sides, rounds: int, warmup: int = 3) -> tuple[list[float], list[list[float]]]:
+def measure(*sides, rounds: int, warmup: int = 3,
+            settle_seconds: float = 0.0) -> tuple[list[float], list[list[float]]]:
     """(median seconds of each side's call, each side's seconds in every round), the sides
-    timed in turn in every round (for bench_step.paired_ratio)."""
+    timed in turn in every round (for bench_step.paired_ratio). With ``settle_seconds``,
+    each timed call comes after that pause and one untimed call, so that the side before
+    it has its threads asleep (bench_step.time_interleaved's reason: OpenBLAS's workers
+    spin about 0.1 s after their last call, Intel OpenMP's, MKL's, 0.2 s, and a side timed
+    beside them loses cores)."""
     for _ in range(warmup):
         for side in sides:
             side()
     times = [[] for _ in sides]
     for _ in range(rounds):
         for side, record in zip(sides, times):
+            if settle_seconds:
+                time.sleep(settle_seconds)
+                side()
             record.append(_timed(side))
     return [statistics.median(t) for t in times], times
 
@@ -180,6 +188,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per row")
     parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads")
     parser.add_argument("--quick", action="store_true", help="batch 8, 3 rounds")
+    parser.add_argument("--settle-seconds", type=float, default=0.25,
+                        help="pause before each side's timed call, after which it runs once "
+                             "untimed (0 with --quick)")
     parser.add_argument("--no-jax", action="store_true",
                         help="skip the jax.jit networks even if JAX is installed")
     args = parser.parse_args(argv)
@@ -192,6 +203,7 @@ def main(argv=None) -> int:
         return 1
     batches = [8] if args.quick else args.batches
     rounds = 3 if args.quick else args.rounds
+    settle = 0.0 if args.quick else args.settle_seconds
     keep = set_threads(args.threads)  # noqa: F841  (the limits hold while it lives)
     torch.set_num_threads(args.threads)
     backend = get_backend("numpy", "float32")
@@ -214,12 +226,13 @@ def main(argv=None) -> int:
                 def jax_side():
                     jax_step()
                     jax_sync()                   # the clock reads finished work
-                (a, b, c), times = measure(ours, theirs, jax_side, rounds=rounds)
+                (a, b, c), times = measure(ours, theirs, jax_side, rounds=rounds,
+                                               settle_seconds=settle)
                 print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} "
                       f"{paired_ratio(times[0], times[1])[0]:>7.2f} {c * 1e3:>8.2f} "
                       f"{paired_ratio(times[0], times[2])[0]:>6.2f}")
                 continue
-            (a, b), times = measure(ours, theirs, rounds=rounds)
+            (a, b), times = measure(ours, theirs, rounds=rounds, settle_seconds=settle)
             print(f"{name:<22} {batch:>5} {a * 1e3:>10.2f} {b * 1e3:>10.2f} "
                   f"{paired_ratio(times[0], times[1])[0]:>7.2f}")
     return 0

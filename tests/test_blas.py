@@ -146,3 +146,4 @@ def test_a_step_through_mkl_has_the_references_gradients(dtype, through_mkl):
     assert abs(fast_loss - ref_loss) <= tolerance * abs(ref_loss)
     assert np.max(np.abs(fast_grad - ref_grad)) <= tolerance * np.max(np.abs(ref_grad))
     assert twins._MKL_GEMM is not None      # the products did run through MKL
+
