@@ -138,8 +138,9 @@ def product(a, b, out):
     return np.matmul(a, b, out=out)
 
 
-def _serves_product(a, b) -> bool:
-    return (_served(a, b) and a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0])
+def _product_shapes(a, b) -> bool:
+    """a (M, K) and b (K, N): matrices whose product is defined."""
+    return a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def bias_relu(y, b):  # pragma: no cover - compiled
 
 def linear_relu_forward(x, W, b):
     """The product in a fresh array, then the bias add and the ReLU in place, one pass."""
-    if not (_served(x, W, b) and _serves_product(x, W) and b.shape == (W.shape[1],)):
+    if not (_served(x, W, b) and _product_shapes(x, W) and b.shape == (W.shape[1],)):
         return NotImplemented
     out = product(x, W, np.empty((x.shape[0], W.shape[1]), dtype=x.dtype))
     bias_relu(out, b)
@@ -216,14 +217,14 @@ def relu_backward_and_bias_grad(out, dout):
 
 def matmul(a, b):
     """The product through the chosen BLAS (with NumPy's, the reference's own call)."""
-    if not _serves_product(a, b):
+    if not (_served(a, b) and _product_shapes(a, b)):
         return NotImplemented
     return product(a, b, np.empty((a.shape[0], b.shape[1]), dtype=a.dtype))
 
 
 def matmul_into(out, a, b):
     """The product written by BLAS straight into ``out`` (no temporary, no copy)."""
-    if not (_served(out, a, b) and _serves_product(a, b) and out.flags.c_contiguous
+    if not (_served(out, a, b) and _product_shapes(a, b) and out.flags.c_contiguous
             and out.shape == (a.shape[0], b.shape[1])):
         return NotImplemented
     return product(a, b, out)
