@@ -43,6 +43,12 @@ TRANSPOSED_INPUT_GRAD = "input grad as (W dout^T)^T"
 SETTLE_SECONDS = 0.3    # longer than any BLAS pool's spin after its last call (below)
 
 
+def numpy_matmul(a, b, out):
+    """out = a @ b through NumPy's BLAS: one function object for every NumPy case, which
+    ``interleaved_best`` reads as one library."""
+    return np.matmul(a, b, out=out)
+
+
 def load_mkl():
     """(path of libmkl_rt, out = a @ b through MKL's cblas_sgemm), or (None, None): the
     library's own loader and call (vae_np/_twins_cpu.py, VAE_NP_BLAS=mkl)."""
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batches", type=batch_sizes, default="32,128,512")
     args = p.parse_args(argv)
-    sides = {"numpy": lambda a, b, o: np.matmul(a, b, out=o)}
+    sides = {"numpy": numpy_matmul}
     path, mkl_matmul = load_mkl()
     if mkl_matmul is not None:
         sides["mkl"] = mkl_matmul

@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemm import LAYERS, STEP_PRODUCTS, interleaved_best  # noqa: E402
+from bench_gemm import LAYERS, STEP_PRODUCTS, interleaved_best, numpy_matmul  # noqa: E402
 from bench_step import (batch_sizes, note_forced_blas_kernel, paired_ratio,  # noqa: E402
                         set_threads, time_interleaved)  # (bench_step puts the checkout on the path)
 
@@ -60,11 +60,6 @@ def product_cases(batch: int, rng: np.random.Generator) -> dict:
             cases[(*key, layer)] = (numpy_matmul, operands)
     return cases
 
-
-def numpy_matmul(a, b, out):
-    """out = a @ b through NumPy's BLAS: one function for every case, which
-    ``interleaved_best`` reads as one library (no pause between the cases)."""
-    return np.matmul(a, b, out=out)
 
 
 def make_state(seed: int = 0) -> dict:
