@@ -2,13 +2,16 @@
 
     python benchmarks/bench_versions.py 7af2697            # before the "one model" refactor
     python benchmarks/bench_versions.py HEAD~3 --dtypes float32 --batches 32,512
+    python benchmarks/bench_versions.py HEAD~1 --architecture conv --batches 32,128
 
 The other revision's package is exported with ``git archive`` into a temporary folder under
 another name (``vae_np_<rev>``; the package imports itself relatively, so it runs there
 unchanged) and both are imported side by side: each round times a block of steps of each,
 in alternating order, after a pause, so that a slow spell of a shared machine falls on both.
 Prints the median ms/step of each and their ratio. The starting configuration (784-512-512,
-latent 64, Bernoulli decoder, Adam), fresh weights, one fixed binary batch.
+latent 64, Bernoulli decoder, Adam), or with ``--architecture conv`` the starting example's
+convolutional VAE (its defaults: channels 32 / 64, one dense layer of 512, latent 64); fresh
+weights, one fixed binary batch.
 
 ``--clock cpu`` reads this thread's CPU time instead of the wall clock and runs BLAS on one
 thread (threadpoolctl): on a machine that other jobs share, the time they take the core
@@ -43,8 +46,11 @@ def export(rev: str, into: Path) -> str:
     return name
 
 
-def make_step(pkg, batch: int, dtype: str):
-    model = pkg.VAE(784, (512, 512), 64, seed=0, dtype=dtype)
+def make_step(pkg, batch: int, dtype: str, architecture: str = "mlp"):
+    if architecture == "conv":
+        model = pkg.VAE(784, latent_dim=64, architecture="conv", seed=0, dtype=dtype)
+    else:
+        model = pkg.VAE(784, (512, 512), 64, seed=0, dtype=dtype)
     opt = pkg.Adam(model.parameters)
     rng = model.backend.rng(1)
     x = model.backend.asarray(
@@ -63,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("rev", help="the other revision (a commit, tag or branch)")
     p.add_argument("--dtypes", default="float32,float64")
     p.add_argument("--batches", default="32,128,512")
+    p.add_argument("--architecture", choices=("mlp", "conv"), default="mlp")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--block-seconds", type=float, default=0.25)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -84,11 +91,12 @@ def main(argv=None) -> int:
         sys.path.insert(0, tmp)
         other = importlib.import_module(other_name)
         print(f"this checkout ({Path(vae_np.__file__).parent}) against {args.rev} "
-              f"({other_name}); medians of {args.rounds} interleaved rounds, {args.clock} clock")
+              f"({other_name}); {args.architecture} step, medians of {args.rounds} interleaved "
+              f"rounds, {args.clock} clock")
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                sides = {"other": make_step(other, batch, dtype),
-                         "this": make_step(vae_np, batch, dtype)}
+                sides = {"other": make_step(other, batch, dtype, args.architecture),
+                         "this": make_step(vae_np, batch, dtype, args.architecture)}
                 for step in sides.values():
                     for _ in range(5):
                         step()           # compile, warm the caches

@@ -266,6 +266,25 @@ def _bounds(x, weight, dout, stride, padding):
     return abs_y, c * kh * kw + 1, abs_dw, n_pos, abs_dx, o * kh * kw
 
 
+def assert_twin_within_bound(xd, wd, bd, stride, padding):
+    """The CPU twin's forward and backward against the reference's, within the
+    reordered-sum bound (module docstring); db is the same call, equal to the bit."""
+    eps = np.finfo(xd.dtype).eps
+    y = conv.conv2d_forward(xd, wd, bd, stride, padding)
+    dout = np.random.default_rng(10).standard_normal(y.shape).astype(xd.dtype)
+    dx, dw, db = conv.conv2d_backward(dout, xd, wd, stride, padding)
+    with use_fast_paths(False):
+        y0 = conv.conv2d_forward(xd, wd, bd, stride, padding)
+        dx0, dw0, db0 = conv.conv2d_backward(dout, xd, wd, stride, padding)
+    abs_y, n_y, abs_dw, n_dw, abs_dx, n_dx = _bounds(xd, wd, dout, stride, padding)
+    assert y.dtype == dx.dtype == dw.dtype == xd.dtype
+    assert y.shape == y0.shape and dx.shape == xd.shape and dw.shape == wd.shape
+    assert np.all(np.abs(y - y0) <= n_y * eps * (abs_y + np.abs(bd).reshape(-1, 1, 1)))
+    assert np.all(np.abs(dw - dw0) <= n_dw * eps * abs_dw)
+    assert np.all(np.abs(dx - dx0) <= n_dx * eps * abs_dx)
+    np.testing.assert_array_equal(db, db0)                     # the same call
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_conv_twin_within_the_reordered_sum_bound(case, dtype):
@@ -273,21 +292,9 @@ def test_conv_twin_within_the_reordered_sum_bound(case, dtype):
     if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
         pytest.skip("no CPU twin here (numba missing or fast paths off)")
     layer, x = make_conv(case, get_backend("numpy", "float64"))
-    weight, bias = layer.params["W"], layer.params["b"]
-    eps = np.finfo(dtype).eps
-    xd, wd, bd = (a.astype(dtype) for a in (x, weight, bias))
-    y = conv.conv2d_forward(xd, wd, bd, layer.stride, layer.padding)
-    dout = np.random.default_rng(10).standard_normal(y.shape).astype(dtype)
-    dx, dw, db = conv.conv2d_backward(dout, xd, wd, layer.stride, layer.padding)
-    with use_fast_paths(False):
-        y0 = conv.conv2d_forward(xd, wd, bd, layer.stride, layer.padding)
-        dx0, dw0, db0 = conv.conv2d_backward(dout, xd, wd, layer.stride, layer.padding)
-    abs_y, n_y, abs_dw, n_dw, abs_dx, n_dx = _bounds(xd, wd, dout, layer.stride, layer.padding)
-    assert y.dtype == dx.dtype == dw.dtype == backend.numpy_dtype
-    assert np.all(np.abs(y - y0) <= n_y * eps * (abs_y + np.abs(bd).reshape(-1, 1, 1)))
-    assert np.all(np.abs(dw - dw0) <= n_dw * eps * abs_dw)
-    assert np.all(np.abs(dx - dx0) <= n_dx * eps * abs_dx)
-    np.testing.assert_array_equal(db, db0)                     # the same call
+    xd, wd, bd = (a.astype(backend.numpy_dtype)
+                  for a in (x, layer.params["W"], layer.params["b"]))
+    assert_twin_within_bound(xd, wd, bd, layer.stride, layer.padding)
 
 
 def test_conv_twin_in_chunks_of_one_image(monkeypatch):
@@ -303,6 +310,71 @@ def test_conv_twin_in_chunks_of_one_image(monkeypatch):
                                      input_grad=False)
     dx1, dw1, _ = conv.conv2d_backward(dout, x, layer.params["W"], layer.stride, layer.padding)
     np.testing.assert_array_equal(dw, dw1)
+
+
+def _same_size_case(n, c, h, w, o, kh, kw, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x, weight, bias = (rng.standard_normal(shape).astype(dtype)
+                       for shape in ((n, c, h, w), (o, c, kh, kw), (o,)))
+    return x, weight, bias, (1, 1), ((kh - 1) // 2, (kw - 1) // 2)
+
+
+def _count_flat_calls(monkeypatch, twins):
+    """Counts of the same-size (flat layout) twin's forward and backward calls."""
+    calls = {"forward": 0, "backward": 0}
+    forward, backward = twins._correlate_flat, twins._backward_flat
+
+    def counted_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return forward(*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):
+        calls["backward"] += 1
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(twins, "_correlate_flat", counted_forward)
+    monkeypatch.setattr(twins, "_backward_flat", counted_backward)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_same_size_twin_with_a_short_last_chunk(monkeypatch, dtype):
+    """Same-size convolutions (stride 1, padding (k - 1) / 2) take the flat layout; with
+    chunks of two images, five images end in a one-image chunk, and the rectangular
+    kernel has different row and column padding."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (fast paths off)")
+    x, weight, bias, stride, padding = _same_size_case(5, 3, 4, 6, 2, 3, 5, dtype)
+    per_image = 3 * 3 * 5 * (4 + 1) * (6 + 2) * x.itemsize       # C kh kw R P entries
+    monkeypatch.setattr(twins, "CONV_CHUNK_BYTES", 2 * per_image)
+    calls = _count_flat_calls(monkeypatch, twins)
+    assert_twin_within_bound(x, weight, bias, stride, padding)
+    # forward, and dx in the backward; the backward twin once (not the reference's)
+    assert calls["backward"] >= 1 and calls["forward"] >= 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7),
+       o=st.integers(1, 3), kh=st.sampled_from([1, 3, 5]), kw=st.sampled_from([1, 3, 5]),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_same_size_twin_within_the_bound_for_any_shape(n, c, h, w, o, kh, kw, dtype):
+    """Kernels wider than the image (a 5-wide kernel on 1 column) included: the padding
+    then covers everything the kernel reaches."""
+    if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    assert_twin_within_bound(*_same_size_case(n, c, h, w, o, kh, kw, dtype))
+
+
+def test_only_same_size_convolutions_take_the_flat_layout(monkeypatch):
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    calls = _count_flat_calls(monkeypatch, twins)
+    for stride, padding, kernel in (((2, 2), (1, 1), 3), ((1, 1), (0, 0), 3),
+                                    ((1, 1), (1, 1), 2)):
+        x, weight, bias = np.ones((2, 2, 6, 6)), np.ones((3, 2, kernel, kernel)), np.ones(3)
+        y = twins.conv2d_forward(x, weight, bias, stride, padding)
+        twins.conv2d_backward(np.ones(y.shape), x, weight, stride, padding)
+    assert calls == {"forward": 0, "backward": 0}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

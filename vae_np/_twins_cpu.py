@@ -554,17 +554,25 @@ def _correlate(x, weight, bias, stride, padding):
 def conv2d_forward(x, weight, bias, stride, padding):
     if not _conv_serves(x, weight, bias):
         return NotImplemented
+    if _same_size(weight, stride, padding):
+        flat, lead, rows_each, pitch = _flat_images(x, *padding)
+        return _correlate_flat(flat, lead, x.shape[0], rows_each, pitch, weight, padding,
+                               x.shape[2:], bias)
     return _correlate(x, weight, bias, stride, padding)
 
 
 def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     if not _conv_serves(dout, x, weight):
         return NotImplemented
+    if _same_size(weight, stride, padding):
+        return _backward_flat(dout, x, weight, padding, input_grad)
     o, c, kh, kw = weight.shape
     _, _, rows, cols = dout.shape
     ph, pw = padding
     dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
-    dweight = np.zeros((o, c * kh * kw), dtype=x.dtype)
+    # dW^T = columns @ dout^T: the long side (C kh kw) as the product's rows, 0.83-0.93
+    # the time of dout @ columns^T (benchmarks/README.md, "Same-size convolutions").
+    dweight_t = np.zeros((c * kh * kw, o), dtype=x.dtype)
     dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
     # With stride 1, dx is dout correlated with the flipped kernel, channels swapped, padded
     # by k - 1 - p: the same O kh kw terms per pixel, from columns of O kh kw rows instead
@@ -572,18 +580,123 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     # decoder's 32 -> 1 layer builds 9 rows instead of 288).
     transposed = input_grad and stride == (1, 1) and o <= c and ph < kh and pw < kw
     if transposed:
-        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dx = _correlate(dout, flipped, None, (1, 1), (kh - 1 - ph, kw - 1 - pw))
+        dx = _correlate(dout, _flipped(weight), None, (1, 1), (kh - 1 - ph, kw - 1 - pw))
     for chunk in _chunks(x, kh, kw, rows, cols):
         columns, _, _ = _im2col(x[chunk], kh, kw, stride, padding)
         grad_rows = np.ascontiguousarray(dout[chunk].transpose(1, 0, 2, 3)).reshape(o, -1)
-        dweight += grad_rows @ columns.T
+        dweight_t += columns @ grad_rows.T
         if not input_grad or transposed:
             continue
         n = columns.shape[1] // (rows * cols)
         dcolumns = (weight.reshape(o, -1).T @ grad_rows).reshape(c, kh, kw, n, rows, cols)
         _col2im(dcolumns, dx[chunk], *stride, *padding)
-    return dx, dweight.reshape(weight.shape), dbias
+    return dx, dweight_t.T.reshape(weight.shape), dbias
+
+
+def _flipped(weight):
+    """W (O, C, kh, kw) -> (C, O, kh, kw) rotated by 180 degrees: the kernel that
+    correlates dout into dx (stride 1)."""
+    return np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+
+# Same-size convolutions (stride 1, odd kernel, padding (k - 1) / 2: every 3x3 layer of
+# the conv networks) run on a flat layout instead of im2col's windows. The images lie one
+# after another in one row per channel, each image row followed by p_w zero columns and
+# each image by p_h zero rows, so that one image's padding is also the next one's:
+#
+#     flat[c, lead + (n R + r) P + s] = x[n, c, r, s]    (R = H + p_h rows, pitch P = W + p_w)
+#
+# Kernel offset (i, j) then reads every pixel's neighbour at one constant distance,
+# d = (i - p_h) P + (j - p_w), so its columns for a run of m positions are ONE slice,
+# flat[:, lead + start + d : ... + m], with rows as long as the run: the columns are kh kw
+# plain 2-d copies (im2col's strided copies of W-long rows took most of the 64-channel
+# layers' time), one matrix product follows as with im2col, and the outputs at the padding
+# positions (the columns' (R P) / (H W) - 1 extra, 15 % at 14x14) are computed and dropped.
+# dx is the same correlation of dout (laid out alike) with the flipped kernel, and dW reads
+# the same columns against dout's zeros at the padding positions.
+
+
+def _same_size(weight, stride, padding) -> bool:
+    kh, kw = weight.shape[2:]
+    return stride == (1, 1) and padding == ((kh - 1) // 2, (kw - 1) // 2) \
+        and kh % 2 == 1 and kw % 2 == 1
+
+
+def _flat_images(x, ph, pw):
+    """(flat (C, 2 lead + N R P), lead, R, P) of x (N, C, H, W), laid out as above; lead =
+    p_h P + p_w zeros before and after (the reach of the kernel's farthest offset)."""
+    n, c, h, w = x.shape
+    rows_each, pitch = h + ph, w + pw
+    lead, length = ph * pitch + pw, n * rows_each * pitch
+    flat = np.empty((c, 2 * lead + length), dtype=x.dtype)
+    flat[:, :lead] = 0
+    flat[:, lead + length:] = 0
+    images = flat[:, lead:lead + length].reshape(c, n, rows_each, pitch)
+    images[:, :, :h, :w] = x.transpose(1, 0, 2, 3)
+    images[:, :, h:, :] = 0
+    images[:, :, :h, w:] = 0
+    return flat, lead, rows_each, pitch
+
+
+def _flat_columns(flat, lead, start, kh, kw, ph, pw, pitch, columns):
+    """columns (C kh kw, m), rows (c, i, j) as im2col's: the kernel's offsets at flat
+    positions start .. start + m - 1."""
+    c, m = flat.shape[0], columns.shape[1]
+    by_offset = columns.reshape(c, kh * kw, m)
+    for i in range(kh):
+        for j in range(kw):
+            at = lead + start + (i - ph) * pitch + (j - pw)
+            by_offset[:, i * kw + j] = flat[:, at:at + m]
+    return columns
+
+
+def _flat_chunks(flat, n, kh, kw, rows_each, pitch):
+    """(slices of images, a columns buffer for the largest): CONV_CHUNK_BYTES of columns."""
+    per_image = flat.shape[0] * kh * kw * rows_each * pitch * flat.itemsize
+    step = max(1, CONV_CHUNK_BYTES // per_image)
+    chunks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
+    width = (chunks[0].stop - chunks[0].start) * rows_each * pitch
+    return chunks, np.empty((flat.shape[0] * kh * kw, width), dtype=flat.dtype)
+
+
+def _correlate_flat(flat, lead, n, rows_each, pitch, weight, padding, size, bias=None):
+    """conv2d_forward of the images in ``flat`` (a same-size convolution): y (N, O, H, W)."""
+    o, _, kh, kw = weight.shape
+    h, w = size
+    out = np.empty((n, o, h, w), dtype=flat.dtype)
+    chunks, buffer = _flat_chunks(flat, n, kh, kw, rows_each, pitch)
+    for chunk in chunks:
+        images = chunk.stop - chunk.start
+        m = images * rows_each * pitch
+        columns = _flat_columns(flat, lead, chunk.start * rows_each * pitch, kh, kw,
+                                *padding, pitch, buffer[:, :m])
+        product = (weight.reshape(o, -1) @ columns).reshape(o, images, rows_each, pitch)
+        inside = product[:, :, :h, :w].transpose(1, 0, 2, 3)
+        if bias is None:
+            out[chunk] = inside
+        else:
+            np.add(inside, bias.reshape(o, 1, 1), out=out[chunk])
+    return out
+
+
+def _backward_flat(dout, x, weight, padding, input_grad):
+    """conv2d_backward of a same-size convolution: (dx or None, dW, db)."""
+    o, c, kh, kw = weight.shape
+    n = x.shape[0]
+    dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
+    x_flat, lead, rows_each, pitch = _flat_images(x, *padding)
+    dout_flat, _, _, _ = _flat_images(dout, *padding)
+    dx = None
+    if input_grad:
+        dx = _correlate_flat(dout_flat, lead, n, rows_each, pitch, _flipped(weight), padding,
+                             x.shape[2:])
+    dweight_t = np.zeros((c * kh * kw, o), dtype=x.dtype)
+    chunks, buffer = _flat_chunks(x_flat, n, kh, kw, rows_each, pitch)
+    for chunk in chunks:
+        start, m = chunk.start * rows_each * pitch, (chunk.stop - chunk.start) * rows_each * pitch
+        columns = _flat_columns(x_flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
+        dweight_t += columns @ dout_flat[:, lead + start:lead + start + m].T
+    return dx, dweight_t.T.reshape(weight.shape), dbias
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
