@@ -480,16 +480,6 @@ TWINS: dict = {
 # another order (tolerance in tests/test_conv.py); col2im adds the offsets (i, j) in the
 # reference's order; the max-pool loops compare and copy, so they are the references' bits.
 
-import numpy as np  # noqa: E402
-
-_CONV_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _conv_serves(*arrays) -> bool:
-    """NumPy arrays of one float dtype (else the reference runs)."""
-    return all(type(a) is np.ndarray for a in arrays) and arrays[0].dtype in _CONV_DTYPES \
-        and all(a.dtype == arrays[0].dtype for a in arrays)
-
 
 def _offset_region(i, j, rows, cols, stride):
     """The pixels of the padded image that kernel offset (i, j) reads, as slices."""
@@ -552,7 +542,7 @@ def _correlate(x, weight, bias, stride, padding):
 
 
 def conv2d_forward(x, weight, bias, stride, padding):
-    if not _conv_serves(x, weight, bias):
+    if not _served(x, weight, bias):
         return NotImplemented
     if _same_size(weight, stride, padding):
         flat, lead, rows_each, pitch = _flat_images(x, *padding)
@@ -562,7 +552,7 @@ def conv2d_forward(x, weight, bias, stride, padding):
 
 
 def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
-    if not _conv_serves(dout, x, weight):
+    if not _served(dout, x, weight):
         return NotImplemented
     if _same_size(weight, stride, padding):
         return _backward_flat(dout, x, weight, padding, input_grad)
@@ -790,7 +780,7 @@ def _pooled_shape(x, kernel):
 
 
 def maxpool2d_forward(x, kernel, with_index=False):
-    if not (_conv_serves(x) and x.ndim == 4 and x.shape[2] % kernel == 0
+    if not (_served(x) and x.ndim == 4 and x.shape[2] % kernel == 0
             and x.shape[3] % kernel == 0):
         return NotImplemented
     out = np.empty(_pooled_shape(x, kernel), dtype=x.dtype)
@@ -800,7 +790,7 @@ def maxpool2d_forward(x, kernel, with_index=False):
 
 
 def maxpool2d_backward(dout, x, kernel, first=None):
-    if not (_conv_serves(dout, x) and x.ndim == 4 and dout.shape == _pooled_shape(x, kernel)):
+    if not (_served(dout, x) and x.ndim == 4 and dout.shape == _pooled_shape(x, kernel)):
         return NotImplemented
     if first is None:
         dx = np.zeros(x.shape, dtype=x.dtype)
