@@ -338,20 +338,20 @@ def _count_flat_calls(monkeypatch, twins):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_same_size_twin_with_a_short_last_chunk(monkeypatch, dtype):
+@pytest.mark.parametrize("c, o", [(3, 2), (2, 3)])   # dx correlated (O <= C) or added back
+def test_same_size_twin_with_a_short_last_chunk(monkeypatch, c, o, dtype):
     """Same-size convolutions (stride 1, padding (k - 1) / 2) take the flat layout; with
     chunks of two images, five images end in a one-image chunk, and the rectangular
     kernel has different row and column padding."""
     twins = pytest.importorskip("vae_np._twins_cpu")
     if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
         pytest.skip("no CPU twin here (fast paths off)")
-    x, weight, bias, stride, padding = _same_size_case(5, 3, 4, 6, 2, 3, 5, dtype)
-    per_image = 3 * 3 * 5 * (4 + 1) * (6 + 2) * x.itemsize       # C kh kw R P entries
+    x, weight, bias, stride, padding = _same_size_case(5, c, 4, 6, o, 3, 5, dtype)
+    per_image = c * 3 * 5 * (4 + 1) * (6 + 2) * x.itemsize       # C kh kw R P entries
     monkeypatch.setattr(twins, "CONV_CHUNK_BYTES", 2 * per_image)
     calls = _count_flat_calls(monkeypatch, twins)
     assert_twin_within_bound(x, weight, bias, stride, padding)
-    # forward, and dx in the backward; the backward twin once (not the reference's)
-    assert calls["backward"] >= 1 and calls["forward"] >= 2
+    assert calls["backward"] >= 1 and calls["forward"] >= 1
 
 
 @settings(max_examples=40, deadline=None)

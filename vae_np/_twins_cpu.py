@@ -676,17 +676,45 @@ def _backward_flat(dout, x, weight, padding, input_grad):
     dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
     x_flat, lead, rows_each, pitch = _flat_images(x, *padding)
     dout_flat, _, _, _ = _flat_images(dout, *padding)
-    dx = None
-    if input_grad:
+    # dx as the correlation of dout with the flipped kernel (columns of O kh kw rows) when
+    # O <= C, else as im2col's transpose, W^T dout (C kh kw rows) added back per offset:
+    # the first layer (C = 1) then builds 9 rows instead of 288.
+    correlated = input_grad and o <= c
+    dx = dx_flat = None
+    if correlated:
         dx = _correlate_flat(dout_flat, lead, n, rows_each, pitch, _flipped(weight), padding,
                              x.shape[2:])
+    elif input_grad:
+        dx_flat = np.zeros(x_flat.shape, dtype=x.dtype)
     dweight_t = np.zeros((c * kh * kw, o), dtype=x.dtype)
     chunks, buffer = _flat_chunks(x_flat, n, kh, kw, rows_each, pitch)
     for chunk in chunks:
         start, m = chunk.start * rows_each * pitch, (chunk.stop - chunk.start) * rows_each * pitch
+        grad = dout_flat[:, lead + start:lead + start + m]             # (O, m)
         columns = _flat_columns(x_flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
-        dweight_t += columns @ dout_flat[:, lead + start:lead + start + m].T
+        dweight_t += columns @ grad.T
+        if dx_flat is not None:
+            _flat_add_columns(weight.reshape(o, -1).T @ grad, dx_flat, lead, start, kh, kw,
+                              *padding, pitch)
+    if dx_flat is not None:
+        h, w = x.shape[2:]
+        dx = np.empty(x.shape, dtype=x.dtype)
+        dx[...] = dx_flat[:, lead:lead + n * rows_each * pitch].reshape(
+            c, n, rows_each, pitch)[:, :, :h, :w].transpose(1, 0, 2, 3)
     return dx, dweight_t.T.reshape(weight.shape), dbias
+
+
+def _flat_add_columns(dcolumns, dx_flat, lead, start, kh, kw, ph, pw, pitch):
+    """_flat_columns' transpose: each offset's column gradients (C kh kw, m) added onto the
+    flat positions they were read from, offsets in the reference's row-major order. The
+    columns at padding positions are 0 (dout is 0 there), so what lands on another image's
+    pixels adds 0."""
+    c, m = dx_flat.shape[0], dcolumns.shape[1]
+    by_offset = dcolumns.reshape(c, kh * kw, m)
+    for i in range(kh):
+        for j in range(kw):
+            at = lead + start + (i - ph) * pitch + (j - pw)
+            dx_flat[:, at:at + m] += by_offset[:, i * kw + j]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
