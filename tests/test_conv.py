@@ -347,8 +347,8 @@ def test_same_size_twin_with_a_short_last_chunk(monkeypatch, c, o, dtype):
     if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
         pytest.skip("no CPU twin here (fast paths off)")
     x, weight, bias, stride, padding = _same_size_case(5, c, 4, 6, o, 3, 5, dtype)
-    per_image = c * 3 * 5 * (4 + 1) * (6 + 2) * x.itemsize       # C kh kw R P entries
-    monkeypatch.setattr(twins, "CONV_CHUNK_BYTES", 2 * per_image)
+    per_image = c * 3 * 5 * (4 + 1) * (6 + 2)                    # C kh kw R P entries
+    monkeypatch.setattr(twins, "FLAT_CHUNK_ENTRIES", 2 * per_image)
     calls = _count_flat_calls(monkeypatch, twins)
     assert_twin_within_bound(x, weight, bias, stride, padding)
     assert calls["backward"] >= 1 and calls["forward"] >= 1

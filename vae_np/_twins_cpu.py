@@ -640,10 +640,17 @@ def _flat_columns(flat, lead, start, kh, kw, ph, pw, pitch, columns):
     return columns
 
 
+# The flat layout's chunks hold FLAT_CHUNK_ENTRIES column entries, whatever the dtype: 1 MiB
+# of float32 as im2col's, 2 MiB of float64. With 1 MiB of float64 the conv VAE's float64
+# step took 1.03-1.05 times the im2col twin's; with 2 MiB 0.99-1.02 (benchmarks/README.md).
+FLAT_CHUNK_ENTRIES = 1 << 18
+
+
 def _flat_chunks(flat, n, kh, kw, rows_each, pitch):
-    """(slices of images, a columns buffer for the largest): CONV_CHUNK_BYTES of columns."""
-    per_image = flat.shape[0] * kh * kw * rows_each * pitch * flat.itemsize
-    step = max(1, CONV_CHUNK_BYTES // per_image)
+    """(slices of images, a columns buffer for the largest): FLAT_CHUNK_ENTRIES columns'
+    entries each (one image at least)."""
+    per_image = flat.shape[0] * kh * kw * rows_each * pitch
+    step = max(1, FLAT_CHUNK_ENTRIES // per_image)
     chunks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
     width = (chunks[0].stop - chunks[0].start) * rows_each * pitch
     return chunks, np.empty((flat.shape[0] * kh * kw, width), dtype=flat.dtype)
