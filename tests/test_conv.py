@@ -382,6 +382,9 @@ def test_maxpool_twin_is_bit_identical(dtype):
     x = np.round(np.random.default_rng(11).standard_normal((3, 2, 6, 8)), 1).astype(dtype)
     dout = np.random.default_rng(12).standard_normal((3, 2, 3, 4)).astype(dtype)
     x[0, 0, 0, 1] = np.nan                                   # NaN wins where it stands
+    x[0, 1, 0:2, 0:2] = [[1.0, np.nan], [np.inf, np.nan]]    # the first of two NaNs
+    x[1, 0, 2:4, 4:6] = -np.inf                              # a window of -inf only
+    x[2, 1, 4:6, 0:2] = [[np.inf, -np.inf], [np.inf, 0.0]]   # a tie at +inf
     y, dx = conv.maxpool2d_forward(x, 2), conv.maxpool2d_backward(dout, x, 2)
     y1, first = conv.maxpool2d_forward(x, 2, with_index=True)
     dx1 = conv.maxpool2d_backward(dout, x, 2, first)

@@ -749,16 +749,23 @@ def _col2im(dcolumns, dx, sh, sw, ph, pw):  # pragma: no cover - compiled
                                 dx[n, c, y, sw * q + j - pw] += dcolumns[c, i, j, n, p, q]
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _takes(v, best):  # pragma: no cover - compiled
+    """Whether entry v replaces the maximum so far: larger, or the first NaN (a NaN is the
+    maximum from where it stands; numpy.max and argmax agree on that). Bitwise | and &
+    rather than or / and: no branch, so the callers' loops compile to selects."""
+    return (v > best) | ((v != v) & (best == best))
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _first_max(x, n, c, p, q, k):  # pragma: no cover - compiled
-    """(value, i, j) of the first maximum of window (p, q) in row-major order; a NaN is
-    the maximum from where it stands (numpy.max and argmax agree on that)."""
+    """(value, i, j) of the first maximum of window (p, q) in row-major order."""
     best, bi, bj = x[n, c, k * p, k * q], 0, 0
     for i in range(k):
         for j in range(k):
             v = x[n, c, k * p + i, k * q + j]
-            if (v > best or (v != v and best == best)):
-                best, bi, bj = v, i, j
+            take = _takes(v, best)
+            best, bi, bj = (v, i, j) if take else (best, bi, bj)
     return best, bi, bj
 
 
@@ -766,21 +773,24 @@ def _first_max(x, n, c, p, q, k):  # pragma: no cover - compiled
 def _maxpool_forward(x, out, first, k):  # pragma: no cover - compiled
     """out = each window's maximum, first = its offset i k + j. Window row i of a whole
     row of windows at a time (the inner loops read x along its rows), each window's
-    entries still met in row-major order, so the first maximum wins as in _first_max."""
+    entries still met in row-major order, so the first maximum wins as in _first_max.
+    Selects instead of branches: 2.3-2.7x faster (benchmarks/README.md)."""
     for n in range(out.shape[0]):
         for c in range(out.shape[1]):
             for p in range(out.shape[2]):
-                for q in range(out.shape[3]):
-                    out[n, c, p, q] = x[n, c, k * p, k * q]
-                    first[n, c, p, q] = 0
+                maxima, offsets, row = out[n, c, p], first[n, c, p], x[n, c, k * p]
+                for q in range(maxima.shape[0]):
+                    maxima[q], offsets[q] = row[k * q], 0
                 for i in range(k):
-                    for q in range(out.shape[3]):
-                        best, at = out[n, c, p, q], first[n, c, p, q]
+                    row = x[n, c, k * p + i]
+                    for q in range(maxima.shape[0]):
+                        best, at = maxima[q], offsets[q]
                         for j in range(k):
-                            v = x[n, c, k * p + i, k * q + j]
-                            if (v > best or (v != v and best == best)):
-                                best, at = v, i * k + j
-                        out[n, c, p, q], first[n, c, p, q] = best, at
+                            v = row[k * q + j]
+                            take = _takes(v, best)
+                            best = v if take else best
+                            at = i * k + j if take else at
+                        maxima[q], offsets[q] = best, at
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
