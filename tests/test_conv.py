@@ -366,6 +366,41 @@ def test_same_size_twin_within_the_bound_for_any_shape(n, c, h, w, o, kh, kw, dt
     assert_twin_within_bound(*_same_size_case(n, c, h, w, o, kh, kw, dtype))
 
 
+@pytest.mark.parametrize("where, value", [
+    ("x", np.inf), ("x", -np.inf), ("x", np.nan), ("weight", np.inf), ("weight", np.nan),
+    ("dout", np.inf), ("dout", np.nan)])
+@pytest.mark.parametrize("c, o", [(2, 3), (3, 2)])
+@pytest.mark.parametrize("same_size", [True, False])
+def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, same_size):
+    """The flat layout (same-size convolutions) and the transposed dx (stride 1, O <= C)
+    compute products at padding positions that the reference never forms; 0 * inf there
+    would be NaN. An inf or NaN at the image's edge (column 0, the last row) must give the
+    reference's NaN and inf entries, and its finite ones."""
+    if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    x, weight, bias, stride, padding = _same_size_case(2, c, 5, 6, o, 3, 3, "float64")
+    if not same_size:
+        padding = (0, 0)
+    rows, cols = (5, 6) if same_size else (3, 4)
+    dout = np.random.default_rng(3).standard_normal((2, o, rows, cols))
+    arrays = {"x": x, "weight": weight, "dout": dout}
+    arrays[where][0, 0, -1, 0] = value
+    arrays[where][-1, -1, 0, -1] = value
+    with np.errstate(all="ignore"):
+        got = (conv.conv2d_forward(x, weight, bias, stride, padding),
+               *conv.conv2d_backward(dout, x, weight, stride, padding))
+        with use_fast_paths(False):
+            want = (conv.conv2d_forward(x, weight, bias, stride, padding),
+                    *conv.conv2d_backward(dout, x, weight, stride, padding))
+    for name, a, b in zip(("y", "dx", "dW", "db"), got, want):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+        np.testing.assert_array_equal(np.isposinf(a), np.isposinf(b), err_msg=name)
+        np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b), err_msg=name)
+        finite = np.isfinite(b)
+        # float64 sums of under 60 terms of size ~1: reordering moves them by ~1e-14
+        np.testing.assert_allclose(a[finite], b[finite], rtol=0, atol=1e-10, err_msg=name)
+
+
 def test_only_same_size_convolutions_take_the_flat_layout(monkeypatch):
     twins = pytest.importorskip("vae_np._twins_cpu")
     calls = _count_flat_calls(monkeypatch, twins)

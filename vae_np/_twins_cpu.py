@@ -546,16 +546,28 @@ def conv2d_forward(x, weight, bias, stride, padding):
         return NotImplemented
     if _same_size(weight, stride, padding):
         flat, lead, rows_each, pitch = _flat_images(x, *padding)
-        return _correlate_flat(flat, lead, x.shape[0], rows_each, pitch, weight, padding,
-                               x.shape[2:], bias)
+        # an inf in x makes NaN only at padding positions, which are dropped: not warned of
+        with np.errstate(invalid="ignore"):
+            return _correlate_flat(flat, lead, x.shape[0], rows_each, pitch, weight, padding,
+                                   x.shape[2:], bias)
     return _correlate(x, weight, bias, stride, padding)
 
 
 def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     if not _served(dout, x, weight):
         return NotImplemented
-    if _same_size(weight, stride, padding):
-        return _backward_flat(dout, x, weight, padding, input_grad)
+    # The flat layout multiplies values at the padding positions that im2col never reads:
+    # by dout's zeros there (dW) and by W (dx). 0 * inf is NaN, so with an inf in x (then
+    # dW is not finite) or in W the flat results are not the reference's, and im2col runs.
+    if _same_size(weight, stride, padding) and np.isfinite(weight).all():
+        with np.errstate(all="ignore"):
+            flat = _backward_flat(dout, x, weight, padding, input_grad)
+        if np.isfinite(flat[1]).all():
+            return flat
+    return _backward_im2col(dout, x, weight, stride, padding, input_grad)
+
+
+def _backward_im2col(dout, x, weight, stride, padding, input_grad):
     o, c, kh, kw = weight.shape
     _, _, rows, cols = dout.shape
     ph, pw = padding
@@ -567,8 +579,10 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     # With stride 1, dx is dout correlated with the flipped kernel, channels swapped, padded
     # by k - 1 - p: the same O kh kw terms per pixel, from columns of O kh kw rows instead
     # of a C kh kw-row product and a col2im. Taken when it has no more rows (O <= C: the
-    # decoder's 32 -> 1 layer builds 9 rows instead of 288).
-    transposed = input_grad and stride == (1, 1) and o <= c and ph < kh and pw < kw
+    # decoder's 32 -> 1 layer builds 9 rows instead of 288). It multiplies W by dout's
+    # padding, which the reference never forms (0 * inf is NaN): only for a finite W.
+    transposed = input_grad and stride == (1, 1) and o <= c and ph < kh and pw < kw \
+        and np.isfinite(weight).all()
     if transposed:
         dx = _correlate(dout, _flipped(weight), None, (1, 1), (kh - 1 - ph, kw - 1 - pw))
     for chunk in _chunks(x, kh, kw, rows, cols):
