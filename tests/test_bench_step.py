@@ -155,3 +155,30 @@ def test_batch_sizes_take_positive_integers_and_name_what_else_they_got():
     for bad in ("", "0", "32,-1", "x", "3.5", ","):
         with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
             bench_step.batch_sizes(bad)
+
+
+def test_aging_batches_switch_edge_pixels_on_now_and_then():
+    """The aged state's data: every batch fresh, the centre on about half the time, the
+    edges rarely but not never (a fixed all-zero border aged every edge weight at once and
+    hid Adam's flush window, benchmarks/README.md)."""
+    rng = np.random.default_rng(0)
+    batches = np.stack([bench_step.mnist_like_batch(32, rng) for _ in range(200)])
+    assert set(np.unique(batches)) <= {0.0, 1.0}
+    assert not np.array_equal(batches[0], batches[1])
+    on = batches.reshape(-1, 28, 28).mean(axis=0)
+    assert 0.4 < on[13:15, 13:15].mean() < 0.6
+    edges = np.concatenate([on[0], on[-1], on[:, 0], on[:, -1]])
+    assert 0.0005 < edges.min() and edges.max() < 0.1
+
+
+def test_moments_in_the_flush_window_are_those_between_tiny_and_tiny_over_lr():
+    backend = bench_step.get_backend("numpy", "float32")
+    tiny = np.finfo(np.float32).tiny
+
+    class Opt:
+        lr = 1e-3
+        m = np.array([0.0, tiny / 2, tiny, -tiny * 999, tiny * 1001, 1.0, -tiny],
+                     dtype=np.float32)
+
+    # tiny, -999 tiny and -tiny are in [tiny, tiny / lr); 1001 tiny is above, tiny / 2 below
+    assert bench_step.moments_in_flush_window(backend, Opt) == 3
