@@ -24,6 +24,8 @@ by the reference on |x| and |W|. Max-pool compares and copies: equal to the bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -312,6 +314,28 @@ def test_conv_twin_in_chunks_of_one_image(monkeypatch):
     np.testing.assert_array_equal(dw, dw1)
 
 
+@contextlib.contextmanager
+def flat_products(kind):
+    """Same-size convolutions with ``kind`` products: "offsets" (one product per kernel
+    offset through NumPy's BLAS, taken here from one channel on) or "columns" (the
+    columns' one product, as where NumPy's BLAS has no C interface)."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    saved = twins._NUMPY_GEMM, twins.OFFSET_MIN_CHANNELS
+    if kind == "offsets":
+        if twins._NUMPY_GEMM is None:
+            pytest.skip("NumPy's BLAS has no C interface here")
+        twins.OFFSET_MIN_CHANNELS = 1
+    else:
+        twins._NUMPY_GEMM = None
+    try:
+        yield
+    finally:
+        twins._NUMPY_GEMM, twins.OFFSET_MIN_CHANNELS = saved
+
+
+PRODUCTS = ["offsets", "columns"]
+
+
 def _same_size_case(n, c, h, w, o, kh, kw, dtype, seed=0):
     rng = np.random.default_rng(seed)
     x, weight, bias = (rng.standard_normal(shape).astype(dtype)
@@ -337,9 +361,10 @@ def _count_flat_calls(monkeypatch, twins):
     return calls
 
 
+@pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("c, o", [(3, 2), (2, 3)])   # dx correlated (O <= C) or added back
-def test_same_size_twin_with_a_short_last_chunk(monkeypatch, c, o, dtype):
+def test_same_size_twin_with_a_short_last_chunk(monkeypatch, c, o, dtype, products):
     """Same-size convolutions (stride 1, padding (k - 1) / 2) take the flat layout; with
     chunks of two images, five images end in a one-image chunk, and the rectangular
     kernel has different row and column padding."""
@@ -350,7 +375,8 @@ def test_same_size_twin_with_a_short_last_chunk(monkeypatch, c, o, dtype):
     per_image = c * 3 * 5 * (4 + 1) * (6 + 2)                    # C kh kw R P entries
     monkeypatch.setattr(twins, "FLAT_CHUNK_ENTRIES", 2 * per_image)
     calls = _count_flat_calls(monkeypatch, twins)
-    assert_twin_within_bound(x, weight, bias, stride, padding)
+    with flat_products(products):
+        assert_twin_within_bound(x, weight, bias, stride, padding)
     assert calls["backward"] >= 1 and calls["forward"] >= 1
 
 
@@ -363,15 +389,19 @@ def test_same_size_twin_within_the_bound_for_any_shape(n, c, h, w, o, kh, kw, dt
     then covers everything the kernel reaches."""
     if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
         pytest.skip("no CPU twin here (numba missing or fast paths off)")
-    assert_twin_within_bound(*_same_size_case(n, c, h, w, o, kh, kw, dtype))
+    for products in PRODUCTS:
+        with flat_products(products):
+            assert_twin_within_bound(*_same_size_case(n, c, h, w, o, kh, kw, dtype))
 
 
 @pytest.mark.parametrize("where, value", [
     ("x", np.inf), ("x", -np.inf), ("x", np.nan), ("weight", np.inf), ("weight", np.nan),
     ("dout", np.inf), ("dout", np.nan)])
 @pytest.mark.parametrize("c, o", [(2, 3), (3, 2)])
-@pytest.mark.parametrize("same_size", [True, False])
-def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, same_size):
+@pytest.mark.parametrize("same_size, products", [(True, "offsets"), (True, "columns"),
+                                                 (False, "columns")])
+def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, same_size,
+                                                           products):
     """The flat layout (same-size convolutions) and the transposed dx (stride 1, O <= C)
     compute products at padding positions that the reference never forms; 0 * inf there
     would be NaN. An inf or NaN at the image's edge (column 0, the last row) must give the
@@ -386,7 +416,7 @@ def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, s
     arrays = {"x": x, "weight": weight, "dout": dout}
     arrays[where][0, 0, -1, 0] = value
     arrays[where][-1, -1, 0, -1] = value
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), flat_products(products):
         got = (conv.conv2d_forward(x, weight, bias, stride, padding),
                *conv.conv2d_backward(dout, x, weight, stride, padding))
         with use_fast_paths(False):
@@ -399,6 +429,36 @@ def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, s
         finite = np.isfinite(b)
         # float64 sums of under 60 terms of size ~1: reordering moves them by ~1e-14
         np.testing.assert_allclose(a[finite], b[finite], rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_the_networks_channels_take_the_per_offset_products(monkeypatch):
+    """16 channels and more (the conv networks' 32 and 64) run one product per offset
+    where NumPy's BLAS is at hand; the result is within the bound either way."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    if twins._NUMPY_GEMM is None:
+        pytest.skip("NumPy's BLAS has no C interface here")
+    calls = []
+    offsets = twins._correlate_offsets
+    monkeypatch.setattr(twins, "_correlate_offsets",
+                        lambda *args: calls.append(args[5].shape) or offsets(*args))
+    x, weight, bias, stride, padding = _same_size_case(3, 16, 5, 4, 17, 3, 3, "float32")
+    assert_twin_within_bound(x, weight, bias, stride, padding)
+    # the forward (W 17 x 16) and dx (the flipped W, 16 x 17), twice: the bound's |x| run
+    # is the reference's, so the calls are the twin's own forward and backward
+    assert (17, 16, 3, 3) in calls and (16, 17, 3, 3) in calls
+
+
+def test_numpy_blas_is_used_only_where_found_and_checked(monkeypatch):
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    monkeypatch.setattr(twins.glob, "glob", lambda pattern: [])
+    assert twins.load_numpy_blas() is None
+    assert twins._ilp64_gemms("/nonexistent/libscipy_openblas64_.so", "scipy_") is None
+
+    def ignores_its_arguments(*args):
+        return None
+
+    # a function that leaves the output as it was fails the 2x2 check
+    assert not twins._gemm_adds_into_its_output(ignores_its_arguments, np.float64)
 
 
 def test_only_same_size_convolutions_take_the_flat_layout(monkeypatch):

@@ -86,6 +86,55 @@ def load_mkl():
     return None, None
 
 
+def load_numpy_blas():
+    """{dtype: cblas_?gemm} of the BLAS inside NumPy's own wheels (scipy-openblas, 64-bit
+    integers: ``scipy_cblas_sgemm64_``), the library NumPy's matmul already runs on, or
+    None where NumPy was built otherwise. The same loaded library, so its threads are
+    NumPy's (threadpoolctl's limits hold). Used where a product must add into its output
+    (beta = 1), which numpy.matmul cannot: the conv twin's per-offset products. A 2x2
+    product is checked against numpy.matmul before the functions are handed out."""
+    folder = os.path.dirname(np.__file__)
+    # NumPy 2's wheels (scipy-openblas64), then NumPy 1's (openblas64_): both suffix 64_
+    for library, prefix in (("libscipy_openblas64_*", "scipy_"), ("libopenblas64_*", "")):
+        for path in sorted(glob.glob(os.path.join(folder, os.pardir, "numpy.libs", library))
+                           + glob.glob(os.path.join(folder, ".dylibs", library))):
+            gemms = _ilp64_gemms(path, prefix)
+            if gemms is not None:
+                return gemms
+    return None
+
+
+def _ilp64_gemms(path, prefix):
+    """{dtype: gemm} from the ILP64 OpenBLAS at ``path`` whose symbols are
+    ``{prefix}cblas_?gemm64_``, or None when it does not load, lacks them, or fails the
+    check."""
+    try:
+        lib = ctypes.CDLL(path)
+        gemms = {}
+        for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float),
+                                      (np.float64, "d", ctypes.c_double)):
+            gemm = getattr(lib, f"{prefix}cblas_{letter}gemm64_")
+            gemm.restype = None
+            gemm.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64] * 3
+                             + [scalar, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                ctypes.c_int64, scalar, ctypes.c_void_p, ctypes.c_int64])
+            gemms[np.dtype(dtype)] = gemm
+    except (OSError, AttributeError):
+        return None
+    if all(_gemm_adds_into_its_output(gemm, dtype) for dtype, gemm in gemms.items()):
+        return gemms
+    return None
+
+
+def _gemm_adds_into_its_output(gemm, dtype) -> bool:
+    a = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=dtype)
+    b = np.array([[5.0, 6.0], [7.0, 8.0]], dtype=dtype)
+    out = np.ones((2, 2), dtype=dtype)
+    gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, 2, 2, 2, 1.0, a.ctypes.data, 2, b.ctypes.data, 2,
+         1.0, out.ctypes.data, 2)
+    return bool(np.array_equal(out, a @ b.T + 1))
+
+
 _MKL_GEMM = None     # {dtype: cblas_?gemm} while the products run through MKL
 
 
@@ -670,10 +719,45 @@ def _flat_chunks(flat, n, kh, kw, rows_each, pitch):
     return chunks, np.empty((flat.shape[0] * kh * kw, width), dtype=flat.dtype)
 
 
+# With NumPy's BLAS at hand (load_numpy_blas), the flat layout needs no columns at all:
+# y = sum over the offsets of W[:, :, i, j] @ flat[:, shifted by d_ij], kh kw products of
+# K = C that add into one output, each reading its slice of flat in place. From C = 16
+# input channels on (K = C at least OFFSET_MIN_CHANNELS); with fewer, K = C products are
+# too thin: the first layer's (C = 1) forward took 1.5-1.8x the columns' time, while the
+# 32 and 64-channel ones took 0.53-0.90 of it (batch 128, benchmarks/README.md).
+OFFSET_MIN_CHANNELS = 16
+_NUMPY_GEMM = load_numpy_blas()
+
+
+def _correlate_offsets(gemm, flat, lead, length, pitch, weight, padding):
+    """(O, length) = sum_{i, j} W[:, :, i, j] @ flat[:, lead + d_ij : lead + d_ij + length]:
+    the correlation at every flat position, one product per offset adding into the last."""
+    o, c, kh, kw = weight.shape
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))      # (kh, kw, O, C)
+    product = np.empty((o, length), dtype=flat.dtype)
+    item, first = flat.itemsize, True
+    for i in range(kh):
+        for j in range(kw):
+            at = lead + (i - padding[0]) * pitch + (j - padding[1])
+            gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, o, length, c, 1.0, taps[i, j].ctypes.data,
+                 c, flat.ctypes.data + at * item, flat.shape[1], 0.0 if first else 1.0,
+                 product.ctypes.data, length)
+            first = False
+    return product
+
+
 def _correlate_flat(flat, lead, n, rows_each, pitch, weight, padding, size, bias=None):
     """conv2d_forward of the images in ``flat`` (a same-size convolution): y (N, O, H, W)."""
-    o, _, kh, kw = weight.shape
+    o, c, kh, kw = weight.shape
     h, w = size
+    gemm = _NUMPY_GEMM and _NUMPY_GEMM.get(flat.dtype)
+    if gemm is not None and c >= OFFSET_MIN_CHANNELS and n > 0:
+        product = _correlate_offsets(gemm, flat, lead, n * rows_each * pitch, pitch, weight,
+                                     padding).reshape(o, n, rows_each, pitch)
+        inside = product[:, :, :h, :w].transpose(1, 0, 2, 3)
+        if bias is None:
+            return np.ascontiguousarray(inside)
+        return np.add(inside, bias.reshape(o, 1, 1), out=np.empty((n, o, h, w), flat.dtype))
     out = np.empty((n, o, h, w), dtype=flat.dtype)
     chunks, buffer = _flat_chunks(flat, n, kh, kw, rows_each, pitch)
     for chunk in chunks:
@@ -700,7 +784,11 @@ def _backward_flat(dout, x, weight, padding, input_grad):
     # dx as the correlation of dout with the flipped kernel (columns of O kh kw rows) when
     # O <= C, else as im2col's transpose, W^T dout (C kh kw rows) added back per offset:
     # the first layer (C = 1) then builds 9 rows instead of 288.
-    correlated = input_grad and o <= c
+    # With NumPy's BLAS the correlation needs no columns (K = O products, as many as the
+    # transpose's), so it serves every O from OFFSET_MIN_CHANNELS on.
+    offsets = _NUMPY_GEMM is not None and _NUMPY_GEMM.get(x.dtype) is not None \
+        and o >= OFFSET_MIN_CHANNELS
+    correlated = input_grad and (o <= c or offsets)
     dx = dx_flat = None
     if correlated:
         dx = _correlate_flat(dout_flat, lead, n, rows_each, pitch, _flipped(weight), padding,
