@@ -723,8 +723,8 @@ def _flat_chunks(flat, n, kh, kw, rows_each, pitch):
 # y = sum over the offsets of W[:, :, i, j] @ flat[:, shifted by d_ij], kh kw products of
 # K = C that add into one output, each reading its slice of flat in place. From C = 16
 # input channels on (K = C at least OFFSET_MIN_CHANNELS); with fewer, K = C products are
-# too thin: the first layer's (C = 1) forward took 1.5-1.8x the columns' time, while the
-# 32 and 64-channel ones took 0.53-0.90 of it (batch 128, benchmarks/README.md).
+# too thin: the first layer's (C = 1) forward took 1.5x the columns' time, while the 32
+# and 64-channel ones took 0.54-0.83 of it (batch 128, benchmarks/README.md).
 OFFSET_MIN_CHANNELS = 16
 _NUMPY_GEMM = load_numpy_blas()
 
