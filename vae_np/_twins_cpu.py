@@ -784,10 +784,11 @@ def _backward_flat(dout, x, weight, padding, input_grad):
     # dx as the correlation of dout with the flipped kernel (columns of O kh kw rows) when
     # O <= C, else as im2col's transpose, W^T dout (C kh kw rows) added back per offset:
     # the first layer (C = 1) then builds 9 rows instead of 288.
-    # With NumPy's BLAS the correlation needs no columns (K = O products, as many as the
-    # transpose's), so it serves every O from OFFSET_MIN_CHANNELS on.
+    # With NumPy's BLAS the correlation needs no columns (products of K = O into C rows),
+    # so it also serves O > C when both have OFFSET_MIN_CHANNELS. For few input channels
+    # (C = 1: a first layer asked for dx) the transpose's C kh kw rows stay cheaper.
     offsets = _NUMPY_GEMM is not None and _NUMPY_GEMM.get(x.dtype) is not None \
-        and o >= OFFSET_MIN_CHANNELS
+        and min(o, c) >= OFFSET_MIN_CHANNELS
     correlated = input_grad and (o <= c or offsets)
     dx = dx_flat = None
     if correlated:
