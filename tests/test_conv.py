@@ -431,6 +431,25 @@ def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, s
         np.testing.assert_allclose(a[finite], b[finite], rtol=0, atol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("products", PRODUCTS)
+@pytest.mark.parametrize("c, o, stride", [(3, 2, 1), (2, 3, 1), (2, 3, 2)])
+def test_conv_twin_takes_an_empty_batch(products, c, o, stride):
+    """No images: the reference's shapes and zero gradients (the flat layout's chunks of
+    no image once failed here)."""
+    if twin_of("conv.conv2d_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    x, weight, bias = np.zeros((0, c, 5, 5)), np.ones((o, c, 3, 3)), np.ones(o)
+    with flat_products(products):
+        y = conv.conv2d_forward(x, weight, bias, (stride, stride), (1, 1))
+        dx, dw, db = conv.conv2d_backward(np.zeros(y.shape), x, weight, (stride, stride),
+                                          (1, 1))
+    with use_fast_paths(False):
+        y0 = conv.conv2d_forward(x, weight, bias, (stride, stride), (1, 1))
+    assert y.shape == y0.shape and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, np.zeros(weight.shape))
+    np.testing.assert_array_equal(db, np.zeros(o))
+
+
 def test_the_networks_channels_take_the_per_offset_products(monkeypatch):
     """16 channels and more (the conv networks' 32 and 64) run one product per offset
     where NumPy's BLAS is at hand; the result is within the bound either way."""

@@ -715,7 +715,7 @@ def _flat_chunks(flat, n, kh, kw, rows_each, pitch):
     per_image = flat.shape[0] * kh * kw * rows_each * pitch
     step = max(1, FLAT_CHUNK_ENTRIES // per_image)
     chunks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
-    width = (chunks[0].stop - chunks[0].start) * rows_each * pitch
+    width = min(step, n) * rows_each * pitch
     return chunks, np.empty((flat.shape[0] * kh * kw, width), dtype=flat.dtype)
 
 
@@ -781,12 +781,11 @@ def _backward_flat(dout, x, weight, padding, input_grad):
     dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
     x_flat, lead, rows_each, pitch = _flat_images(x, *padding)
     dout_flat, _, _, _ = _flat_images(dout, *padding)
-    # dx as the correlation of dout with the flipped kernel (columns of O kh kw rows) when
-    # O <= C, else as im2col's transpose, W^T dout (C kh kw rows) added back per offset:
-    # the first layer (C = 1) then builds 9 rows instead of 288.
-    # With NumPy's BLAS the correlation needs no columns (products of K = O into C rows),
-    # so it also serves O > C when both have OFFSET_MIN_CHANNELS. For few input channels
-    # (C = 1: a first layer asked for dx) the transpose's C kh kw rows stay cheaper.
+    # dx as the correlation of dout with the flipped kernel (columns of O kh kw rows), or
+    # as im2col's transpose, W^T dout (C kh kw rows) added back per offset: the fewer rows,
+    # so correlated when O <= C. With NumPy's BLAS the correlation needs no columns, so it
+    # also serves O > C when both counts reach OFFSET_MIN_CHANNELS; with few input channels
+    # (C = 1: a first layer asked for dx) the transpose's 9 rows stay cheaper.
     offsets = _NUMPY_GEMM is not None and _NUMPY_GEMM.get(x.dtype) is not None \
         and min(o, c) >= OFFSET_MIN_CHANNELS
     correlated = input_grad and (o <= c or offsets)
