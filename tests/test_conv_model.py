@@ -147,6 +147,25 @@ def test_check_vae_passes_on_the_conv_vae(decoder, c, variant, code_path, record
     assert result.passed and result.rel_error < TOL
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_check_vae_passes_with_the_per_offset_products(decoder, monkeypatch):
+    """The CPU twin's per-offset products (NumPy's BLAS, from OFFSET_MIN_CHANNELS channels
+    on: the real networks' 32 and 64) taken here from one channel on, under the check."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    if twins._NUMPY_GEMM is None:
+        pytest.skip("NumPy's BLAS has no C interface here")
+    monkeypatch.setattr(twins, "OFFSET_MIN_CHANNELS", 1)
+    calls = []
+    offsets = twins._correlate_offsets
+    monkeypatch.setattr(twins, "_correlate_offsets",
+                        lambda *args: calls.append(1) or offsets(*args))
+    model = conv_vae(decoder, 1)
+    x, eps = images(1), noise(model)
+    report = gradcheck.check_vae(model, x, eps, max_entries=None, path="fast")
+    assert calls and report.path == "fast"
+    assert report.passed and report.max_rel_error < TOL, report.table()
+
+
 def test_a_wrong_conv_gradient_fails_the_check():
     """The check sees the convolutions: a gradient off in one filter entry fails."""
     model = conv_vae("gaussian", 3, samples=2)
