@@ -795,6 +795,15 @@ def _backward_flat(dout, x, weight, padding, input_grad):
                              x.shape[2:])
     elif input_grad:
         dx_flat = np.zeros(x_flat.shape, dtype=x.dtype)
+    if o < c:
+        # dW from dout's columns, the fewer rows: dW[o, c, i, j] = sum_q x[c, q] dout[o, q -
+        # d_ij], and -d_ij is the offset (kh-1-i, kw-1-j), so dout's columns at the flipped
+        # offsets against x (0.77 of x's columns' time for 64 -> 32 channels, 0.40 for
+        # 32 -> 1, batch 128). Positions q of the leading zeros are not visited; their
+        # products are 0 unless dout is not finite, and then dW is not finite either
+        # (the centre offset pairs each dout with x) and conv2d_backward reruns im2col.
+        return dx, _weight_grad_from_dout(x_flat, dout_flat, lead, n, rows_each, pitch,
+                                          weight.shape, padding), dbias
     dweight_t = np.zeros((c * kh * kw, o), dtype=x.dtype)
     chunks, buffer = _flat_chunks(x_flat, n, kh, kw, rows_each, pitch)
     for chunk in chunks:
@@ -811,6 +820,20 @@ def _backward_flat(dout, x, weight, padding, input_grad):
         dx[...] = dx_flat[:, lead:lead + n * rows_each * pitch].reshape(
             c, n, rows_each, pitch)[:, :, :h, :w].transpose(1, 0, 2, 3)
     return dx, dweight_t.T.reshape(weight.shape), dbias
+
+
+def _weight_grad_from_dout(x_flat, dout_flat, lead, n, rows_each, pitch, shape, padding):
+    """dW (O, C, kh, kw) = sum over the flat positions q of x[c, q] dout[o, q - d_ij], from
+    dout's columns (O kh kw rows; row (o, i', j') is offset (i', j') = (kh-1-i, kw-1-j))."""
+    o, c, kh, kw = shape
+    by_flipped = np.zeros((c, o * kh * kw), dtype=x_flat.dtype)        # (c, (o, i', j'))
+    chunks, buffer = _flat_chunks(dout_flat, n, kh, kw, rows_each, pitch)
+    for chunk in chunks:
+        start, m = chunk.start * rows_each * pitch, (chunk.stop - chunk.start) * rows_each * pitch
+        columns = _flat_columns(dout_flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
+        by_flipped += x_flat[:, lead + start:lead + start + m] @ columns.T
+    flipped = by_flipped.reshape(c, o, kh, kw)[:, :, ::-1, ::-1]
+    return np.ascontiguousarray(flipped.transpose(1, 0, 2, 3))
 
 
 def _flat_add_columns(dcolumns, dx_flat, lead, start, kh, kw, ph, pw, pitch):
