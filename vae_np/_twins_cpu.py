@@ -691,16 +691,43 @@ def _flat_images(x, ph, pw):
     return flat, lead, rows_each, pitch
 
 
+def _flat_offsets(kh, kw, ph, pw, pitch):
+    """The flat distance d = (i - p_h) P + (j - p_w) of each kernel offset (i, j), in the
+    reference's row-major order."""
+    return [(i - ph) * pitch + (j - pw) for i in range(kh) for j in range(kw)]
+
+
 def _flat_columns(flat, lead, start, kh, kw, ph, pw, pitch, columns):
     """columns (C kh kw, m), rows (c, i, j) as im2col's: the kernel's offsets at flat
     positions start .. start + m - 1."""
     c, m = flat.shape[0], columns.shape[1]
     by_offset = columns.reshape(c, kh * kw, m)
-    for i in range(kh):
-        for j in range(kw):
-            at = lead + start + (i - ph) * pitch + (j - pw)
-            by_offset[:, i * kw + j] = flat[:, at:at + m]
+    for t, d in enumerate(_flat_offsets(kh, kw, ph, pw, pitch)):
+        by_offset[:, t] = flat[:, lead + start + d:lead + start + d + m]
     return columns
+
+
+def _flat_add_columns(dcolumns, dx_flat, lead, start, kh, kw, ph, pw, pitch):
+    """_flat_columns' transpose: each offset's column gradients (C kh kw, m) added onto the
+    flat positions they were read from, offsets in the reference's row-major order. The
+    columns at padding positions are 0 (dout is 0 there), so what lands on another image's
+    pixels adds 0."""
+    c, m = dx_flat.shape[0], dcolumns.shape[1]
+    by_offset = dcolumns.reshape(c, kh * kw, m)
+    for t, d in enumerate(_flat_offsets(kh, kw, ph, pw, pitch)):
+        dx_flat[:, lead + start + d:lead + start + d + m] += by_offset[:, t]
+
+
+def _crop_into(out, product, bias=None):
+    """out (n, O, H, W) = the image positions of a flat result (O, n, R, P), plus ``bias``
+    (O,) when given; returns out."""
+    h, w = out.shape[2:]
+    inside = product[:, :, :h, :w].transpose(1, 0, 2, 3)
+    if bias is None:
+        out[...] = inside
+    else:
+        np.add(inside, bias.reshape(-1, 1, 1), out=out)
+    return out
 
 
 # The flat layout's chunks hold FLAT_CHUNK_ENTRIES column entries, whatever the dtype: 1 MiB
@@ -710,13 +737,15 @@ FLAT_CHUNK_ENTRIES = 1 << 18
 
 
 def _flat_chunks(flat, n, kh, kw, rows_each, pitch):
-    """(slices of images, a columns buffer for the largest): FLAT_CHUNK_ENTRIES columns'
-    entries each (one image at least)."""
-    per_image = flat.shape[0] * kh * kw * rows_each * pitch
-    step = max(1, FLAT_CHUNK_ENTRIES // per_image)
-    chunks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
-    width = min(step, n) * rows_each * pitch
-    return chunks, np.empty((flat.shape[0] * kh * kw, width), dtype=flat.dtype)
+    """([(images, start, m)], a columns buffer for the largest): chunks of whole images
+    (a slice of the batch, one image at least) whose columns hold FLAT_CHUNK_ENTRIES
+    entries, each with its run of flat positions start .. start + m - 1."""
+    per_image = rows_each * pitch
+    step = max(1, FLAT_CHUNK_ENTRIES // (flat.shape[0] * kh * kw * per_image))
+    chunks = [(slice(a, min(n, a + step)), a * per_image, (min(n, a + step) - a) * per_image)
+              for a in range(0, n, step)]
+    return chunks, np.empty((flat.shape[0] * kh * kw, min(step, n) * per_image),
+                            dtype=flat.dtype)
 
 
 # With NumPy's BLAS at hand (load_numpy_blas), the flat layout needs no columns at all:
@@ -729,48 +758,42 @@ OFFSET_MIN_CHANNELS = 16
 _NUMPY_GEMM = load_numpy_blas()
 
 
+def _offset_gemm(dtype, channels):
+    """NumPy's BLAS gemm for ``dtype`` when the per-offset products serve ``channels``
+    (their K), else None."""
+    if _NUMPY_GEMM is None or channels < OFFSET_MIN_CHANNELS:
+        return None
+    return _NUMPY_GEMM.get(dtype)
+
+
 def _correlate_offsets(gemm, flat, lead, length, pitch, weight, padding):
     """(O, length) = sum_{i, j} W[:, :, i, j] @ flat[:, lead + d_ij : lead + d_ij + length]:
     the correlation at every flat position, one product per offset adding into the last."""
     o, c, kh, kw = weight.shape
-    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))      # (kh, kw, O, C)
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, o, c)
     product = np.empty((o, length), dtype=flat.dtype)
-    item, first = flat.itemsize, True
-    for i in range(kh):
-        for j in range(kw):
-            at = lead + (i - padding[0]) * pitch + (j - padding[1])
-            gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, o, length, c, 1.0, taps[i, j].ctypes.data,
-                 c, flat.ctypes.data + at * item, flat.shape[1], 0.0 if first else 1.0,
-                 product.ctypes.data, length)
-            first = False
+    item = flat.itemsize
+    for t, d in enumerate(_flat_offsets(kh, kw, *padding, pitch)):
+        gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, o, length, c, 1.0, taps[t].ctypes.data, c,
+             flat.ctypes.data + (lead + d) * item, flat.shape[1], 1.0 if t else 0.0,
+             product.ctypes.data, length)
     return product
 
 
 def _correlate_flat(flat, lead, n, rows_each, pitch, weight, padding, size, bias=None):
     """conv2d_forward of the images in ``flat`` (a same-size convolution): y (N, O, H, W)."""
     o, c, kh, kw = weight.shape
-    h, w = size
-    gemm = _NUMPY_GEMM and _NUMPY_GEMM.get(flat.dtype)
-    if gemm is not None and c >= OFFSET_MIN_CHANNELS and n > 0:
+    out = np.empty((n, o, *size), dtype=flat.dtype)
+    gemm = _offset_gemm(flat.dtype, c)
+    if gemm is not None and n > 0:
         product = _correlate_offsets(gemm, flat, lead, n * rows_each * pitch, pitch, weight,
-                                     padding).reshape(o, n, rows_each, pitch)
-        inside = product[:, :, :h, :w].transpose(1, 0, 2, 3)
-        if bias is None:
-            return np.ascontiguousarray(inside)
-        return np.add(inside, bias.reshape(o, 1, 1), out=np.empty((n, o, h, w), flat.dtype))
-    out = np.empty((n, o, h, w), dtype=flat.dtype)
+                                     padding)
+        return _crop_into(out, product.reshape(o, n, rows_each, pitch), bias)
     chunks, buffer = _flat_chunks(flat, n, kh, kw, rows_each, pitch)
-    for chunk in chunks:
-        images = chunk.stop - chunk.start
-        m = images * rows_each * pitch
-        columns = _flat_columns(flat, lead, chunk.start * rows_each * pitch, kh, kw,
-                                *padding, pitch, buffer[:, :m])
-        product = (weight.reshape(o, -1) @ columns).reshape(o, images, rows_each, pitch)
-        inside = product[:, :, :h, :w].transpose(1, 0, 2, 3)
-        if bias is None:
-            out[chunk] = inside
-        else:
-            np.add(inside, bias.reshape(o, 1, 1), out=out[chunk])
+    for images, start, m in chunks:
+        columns = _flat_columns(flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
+        product = weight.reshape(o, -1) @ columns
+        _crop_into(out[images], product.reshape(o, -1, rows_each, pitch), bias)
     return out
 
 
@@ -786,9 +809,7 @@ def _backward_flat(dout, x, weight, padding, input_grad):
     # so correlated when O <= C. With NumPy's BLAS the correlation needs no columns, so it
     # also serves O > C when both counts reach OFFSET_MIN_CHANNELS; with few input channels
     # (C = 1: a first layer asked for dx) the transpose's 9 rows stay cheaper.
-    offsets = _NUMPY_GEMM is not None and _NUMPY_GEMM.get(x.dtype) is not None \
-        and min(o, c) >= OFFSET_MIN_CHANNELS
-    correlated = input_grad and (o <= c or offsets)
+    correlated = input_grad and (o <= c or _offset_gemm(x.dtype, min(o, c)) is not None)
     dx = dx_flat = None
     if correlated:
         dx = _correlate_flat(dout_flat, lead, n, rows_each, pitch, _flipped(weight), padding,
@@ -802,12 +823,12 @@ def _backward_flat(dout, x, weight, padding, input_grad):
         # 32 -> 1, batch 128). Positions q of the leading zeros are not visited; their
         # products are 0 unless dout is not finite, and then dW is not finite either
         # (the centre offset pairs each dout with x) and conv2d_backward reruns im2col.
+        # (O < C makes dx correlated: no dx_flat to fill.)
         return dx, _weight_grad_from_dout(x_flat, dout_flat, lead, n, rows_each, pitch,
                                           weight.shape, padding), dbias
     dweight_t = np.zeros((c * kh * kw, o), dtype=x.dtype)
     chunks, buffer = _flat_chunks(x_flat, n, kh, kw, rows_each, pitch)
-    for chunk in chunks:
-        start, m = chunk.start * rows_each * pitch, (chunk.stop - chunk.start) * rows_each * pitch
+    for _, start, m in chunks:
         grad = dout_flat[:, lead + start:lead + start + m]             # (O, m)
         columns = _flat_columns(x_flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
         dweight_t += columns @ grad.T
@@ -815,10 +836,8 @@ def _backward_flat(dout, x, weight, padding, input_grad):
             _flat_add_columns(weight.reshape(o, -1).T @ grad, dx_flat, lead, start, kh, kw,
                               *padding, pitch)
     if dx_flat is not None:
-        h, w = x.shape[2:]
-        dx = np.empty(x.shape, dtype=x.dtype)
-        dx[...] = dx_flat[:, lead:lead + n * rows_each * pitch].reshape(
-            c, n, rows_each, pitch)[:, :, :h, :w].transpose(1, 0, 2, 3)
+        images = dx_flat[:, lead:lead + n * rows_each * pitch].reshape(c, n, rows_each, pitch)
+        dx = _crop_into(np.empty(x.shape, dtype=x.dtype), images)
     return dx, dweight_t.T.reshape(weight.shape), dbias
 
 
@@ -828,25 +847,11 @@ def _weight_grad_from_dout(x_flat, dout_flat, lead, n, rows_each, pitch, shape, 
     o, c, kh, kw = shape
     by_flipped = np.zeros((c, o * kh * kw), dtype=x_flat.dtype)        # (c, (o, i', j'))
     chunks, buffer = _flat_chunks(dout_flat, n, kh, kw, rows_each, pitch)
-    for chunk in chunks:
-        start, m = chunk.start * rows_each * pitch, (chunk.stop - chunk.start) * rows_each * pitch
+    for _, start, m in chunks:
         columns = _flat_columns(dout_flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
         by_flipped += x_flat[:, lead + start:lead + start + m] @ columns.T
     flipped = by_flipped.reshape(c, o, kh, kw)[:, :, ::-1, ::-1]
     return np.ascontiguousarray(flipped.transpose(1, 0, 2, 3))
-
-
-def _flat_add_columns(dcolumns, dx_flat, lead, start, kh, kw, ph, pw, pitch):
-    """_flat_columns' transpose: each offset's column gradients (C kh kw, m) added onto the
-    flat positions they were read from, offsets in the reference's row-major order. The
-    columns at padding positions are 0 (dout is 0 there), so what lands on another image's
-    pixels adds 0."""
-    c, m = dx_flat.shape[0], dcolumns.shape[1]
-    by_offset = dcolumns.reshape(c, kh * kw, m)
-    for i in range(kh):
-        for j in range(kw):
-            at = lead + start + (i - ph) * pitch + (j - pw)
-            dx_flat[:, at:at + m] += by_offset[:, i * kw + j]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
