@@ -73,17 +73,24 @@ def load_mkl():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        gemms = {}
-        for dtype, name, scalar in ((np.float32, "cblas_sgemm", ctypes.c_float),
-                                    (np.float64, "cblas_dgemm", ctypes.c_double)):
-            gemm = getattr(lib, name)
-            gemm.restype = None
-            gemm.argtypes = ([ctypes.c_int] * 6 + [scalar, ctypes.c_void_p, ctypes.c_int,
-                                                   ctypes.c_void_p, ctypes.c_int, scalar,
-                                                   ctypes.c_void_p, ctypes.c_int])
-            gemms[np.dtype(dtype)] = gemm
-        return path, gemms
+        return path, _cblas_gemms(lib, lambda letter: f"cblas_{letter}gemm", ctypes.c_int)
     return None, None
+
+
+def _cblas_gemms(lib, name_of, integer):
+    """{dtype: cblas_?gemm} of ``lib``, the functions ``name_of("s")`` and ``name_of("d")``
+    declared with ``integer`` for the sizes (ctypes.c_int for LP64 BLAS, ctypes.c_int64
+    for ILP64); AttributeError when one is missing."""
+    gemms = {}
+    for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float),
+                                  (np.float64, "d", ctypes.c_double)):
+        gemm = getattr(lib, name_of(letter))
+        gemm.restype = None
+        gemm.argtypes = ([ctypes.c_int] * 3 + [integer] * 3
+                         + [scalar, ctypes.c_void_p, integer, ctypes.c_void_p, integer,
+                            scalar, ctypes.c_void_p, integer])
+        gemms[np.dtype(dtype)] = gemm
+    return gemms
 
 
 def load_numpy_blas():
@@ -109,16 +116,8 @@ def _ilp64_gemms(path, prefix):
     ``{prefix}cblas_?gemm64_``, or None when it does not load, lacks them, or fails the
     check."""
     try:
-        lib = ctypes.CDLL(path)
-        gemms = {}
-        for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float),
-                                      (np.float64, "d", ctypes.c_double)):
-            gemm = getattr(lib, f"{prefix}cblas_{letter}gemm64_")
-            gemm.restype = None
-            gemm.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_int64] * 3
-                             + [scalar, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                ctypes.c_int64, scalar, ctypes.c_void_p, ctypes.c_int64])
-            gemms[np.dtype(dtype)] = gemm
+        gemms = _cblas_gemms(ctypes.CDLL(path), lambda letter: f"{prefix}cblas_{letter}gemm64_",
+                             ctypes.c_int64)
     except (OSError, AttributeError):
         return None
     if all(_gemm_adds_into_its_output(gemm, dtype) for dtype, gemm in gemms.items()):
