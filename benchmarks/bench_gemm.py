@@ -9,9 +9,10 @@ decoder) and batch 32 / 128 / 512, the three products of a step (forward x W, we
 gradient x^T dout, input gradient dout W^T, the transposes as views, as vae_np passes them)
 are timed through ``numpy.matmul`` and through MKL's ``cblas_sgemm`` called with ctypes on
 the same arrays, each product alone, best of 5 interleaved blocks of 20 (each library's
-turn after a pause that lets the other's threads go to sleep: ``interleaved_best``). The input gradient
-is also timed as its transpose, W dout^T through NumPy (the same numbers, the BLAS given the
-operands the other way round and the result in the other layout). MKL is found as
+turn after a pause that lets the other's threads go to sleep: ``interleaved_best``). The
+input gradient is also timed as its transpose, W dout^T through NumPy (the same numbers,
+the BLAS given the operands the other way round and the result in the other layout). MKL
+is found as
 ``libmkl_rt.so*`` in the environment's lib folder (where the ``mkl`` wheel puts it) or on
 the loader's path; BLIS is cython-blis's ``blis.py.gemm`` (its own bundled kernels,
 ``BLIS_NUM_THREADS``). With neither installed, NumPy's BLAS is measured alone. Each side's

@@ -61,7 +61,6 @@ def product_cases(batch: int, rng: np.random.Generator) -> dict:
     return cases
 
 
-
 def make_state(seed: int = 0) -> dict:
     """Weights (He-initialised, zero biases) and Adam's moments in flat float32 buffers,
     with (fan_in, fan_out) / (fan_out,) views in the order W1 b1 W2 b2 W3 b3 V1 c1 ..."""
