@@ -12,9 +12,8 @@ the same arrays, each product alone, best of 5 interleaved blocks of 20 (each li
 turn after a pause that lets the other's threads go to sleep: ``interleaved_best``). The
 input gradient is also timed as its transpose, W dout^T through NumPy (the same numbers,
 the BLAS given the operands the other way round and the result in the other layout). MKL
-is found as
-``libmkl_rt.so*`` in the environment's lib folder (where the ``mkl`` wheel puts it) or on
-the loader's path; BLIS is cython-blis's ``blis.py.gemm`` (its own bundled kernels,
+is found as ``libmkl_rt.so*`` in the environment's lib folder (where the ``mkl`` wheel
+puts it) or on the loader's path; BLIS is cython-blis's ``blis.py.gemm`` (its own bundled kernels,
 ``BLIS_NUM_THREADS``). With neither installed, NumPy's BLAS is measured alone. Each side's
 total is also given in GFLOP/s and as a share of NumPy's best square product (sizes
 1024-2048), the peak the step's products are measured against.
