@@ -125,13 +125,44 @@ def test_the_preset_is_the_starting_example(np64):
         ("MaxPool2d", None, None), ("Flatten", None, None), ("Linear", 64 * 7 * 7, 512),
         ("ReLU", None, None), ("Linear", 512, 32),
         ("Linear", 16, 512), ("ReLU", None, None), ("Linear", 512, 64 * 7 * 7),
-        ("Unflatten", None, None), ("Upsample", None, None), ("ReLU", None, None),
-        ("Conv2d", 64, 32), ("Upsample", None, None), ("ReLU", None, None),
+        ("ReLU", None, None), ("Unflatten", None, None), ("Upsample", None, None),
+        ("Conv2d", 64, 32), ("ReLU", None, None), ("Upsample", None, None),
         ("Conv2d", 32, 1), ("Flatten", None, None)]
     for layer in enc.layers + dec.layers:
         if isinstance(layer, Conv2d):
             assert layer.kernel_size == (3, 3) and layer.padding == (1, 1)
             assert layer.stride == (1, 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_decoders_relus_before_upsampling_give_the_examples_bits(dtype):
+    """The decoder runs each ReLU before the Upsample (and the Unflatten) that the example
+    puts it after, on a quarter of the values: its output, dx and every gradient must be
+    the example order's to the bit (nearest upsampling copies, its backward sums blocks
+    whose ReLU mask is one value)."""
+    backend = get_backend("numpy", dtype=dtype)
+    dec = conv_decoder((28, 28), 16, backend, np.random.default_rng(0), channels=(8, 16))
+    jitter_biases(dec, backend)                         # some units off, some on
+    kinds = [type(layer).__name__ for layer in dec.layers]
+    relu_before_unflatten, relu_after_conv = kinds.index("Unflatten") - 1, kinds.index("Conv2d") + 1
+    assert kinds[relu_before_unflatten] == kinds[relu_after_conv] == "ReLU"
+    example = list(dec.layers)                          # the same layer objects, reordered
+    example.insert(relu_before_unflatten + 2, example.pop(relu_before_unflatten))
+    example.insert(relu_after_conv + 1, example.pop(relu_after_conv))
+    assert [type(layer).__name__ for layer in example] == [
+        "Linear", "ReLU", "Linear", "Unflatten", "Upsample", "ReLU", "Conv2d", "Upsample",
+        "ReLU", "Conv2d", "Flatten"]                    # the example's order
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((5, 16)).astype(dtype)
+    dout = rng.standard_normal((5, 784)).astype(dtype)
+    results = []
+    for net in (dec, Sequential(example, backend)):
+        out = net.forward(z)
+        dz = net.backward(dout)
+        results.append([out, dz, *(layer.grads[key].copy()
+                                   for _, layer, key in dec.named_parameters())])
+    for ours, theirs in zip(*results):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def _torch_twin(net, torch, image_shape, decoder):

@@ -220,15 +220,17 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
                  hidden: int | Sequence[int] = 512, extra_features: int = 0) -> Sequential:
     """The starting example's decoder: (N, d [+ E]) -> (N, K C H W), K outputs per pixel.
 
-        Linear(d [+ E], 512), ReLU, Linear(512, 64 (H/4) (W/4)), Unflatten(64, H/4, W/4),
-        Upsample(2), ReLU, Conv2d(64, 32, 3, padding 1), Upsample(2), ReLU,
+        Linear(d [+ E], 512), ReLU, Linear(512, 64 (H/4) (W/4)), ReLU, Unflatten(64, H/4, W/4),
+        Upsample(2), Conv2d(64, 32, 3, padding 1), ReLU, Upsample(2),
         Conv2d(32, K C, 3, padding 1), Flatten
 
     K = ``outputs_per_pixel`` of the likelihood (1: Bernoulli logits or a fixed-variance
     mean; 2: Gaussian [mean, log-variance]). The last convolution's K C channels are K
     groups of C, flattened group after group, each in the data's (H, W, C) pixel order: the
-    likelihood's [mu (c), logvar (c)] layout on (M, K c), c = C H W. The ReLU after each
-    Upsample is the example's order (ReLU and nearest upsampling commute). ``extra_features``
+    likelihood's [mu (c), logvar (c)] layout on (M, K c), c = C H W. The example puts each
+    ReLU after its Upsample; a ReLU commutes with nearest upsampling (and with Unflatten),
+    to the bit both ways, so each runs before it, on a quarter of the values (the decoder's
+    ReLUs took 4.6 % of the conv step at batch 128, their forwards and backwards). ``extra_features``
     E (labels appended to z) widen the first Linear. The last layer is Glorot-initialised.
     ``hidden``: as the encoder's, mirrored (the last width first).
     """
@@ -243,9 +245,9 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     layers = [
         *_dense((latent_dim + extra_features, *reversed(widths), c2 * (h // 4) * (w // 4)),
                 backend, rng),
-        Unflatten((c2, h // 4, w // 4), backend),
-        Upsample(2, backend), ReLU(backend), Conv2d(c2, c1, 3, backend, rng, padding=1),
-        Upsample(2, backend), ReLU(backend),
+        ReLU(backend), Unflatten((c2, h // 4, w // 4), backend),
+        Upsample(2, backend), Conv2d(c2, c1, 3, backend, rng, padding=1), ReLU(backend),
+        Upsample(2, backend),
         Conv2d(c1, k * c, 3, backend, rng, padding=1, init="glorot"),
         Flatten(backend, channels_last=channels_last, groups=k),
     ]
