@@ -432,6 +432,34 @@ def test_conv_twin_keeps_the_references_non_finite_entries(where, value, c, o, s
 
 
 @pytest.mark.parametrize("products", PRODUCTS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv_relu_twin_is_the_conv_twin_then_the_relu(case, dtype, products):
+    """conv2d_relu_forward's CPU twin clips in the flat layout's crop (same-size
+    convolutions; the others run the reference): its bits are the conv twin's output
+    through numpy.maximum(., 0.0), with an inf and a NaN in x and a -inf and an inf in b,
+    and the reference is that composition of the references."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    if twin_of("conv.conv2d_relu_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    layer, x = make_conv(case, get_backend("numpy", "float64"))
+    x, weight, bias = (a.astype(dtype) for a in (x, layer.params["W"], layer.params["b"]))
+    args = (x, weight, bias, layer.stride, layer.padding)
+    with np.errstate(all="ignore"), flat_products(products):
+        for x[0, 0, 0, 0], bias[0] in ((x[0, 0, 0, 0], bias[0]), (np.inf, -np.inf),
+                                       (np.nan, np.inf)):
+            fused = conv.conv2d_relu_forward(*args)
+            np.testing.assert_array_equal(
+                fused.view(f"u{x.itemsize}"),
+                np.maximum(conv.conv2d_forward(*args), 0.0).view(f"u{x.itemsize}"))
+            served = twins.conv2d_relu_forward(*args) is not NotImplemented
+            assert served == twins._same_size(weight, layer.stride, layer.padding)
+            with use_fast_paths(False):
+                np.testing.assert_array_equal(conv.conv2d_relu_forward(*args),
+                                              np.maximum(conv.conv2d_forward(*args), 0.0))
+
+
+@pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("c, o, stride", [(3, 2, 1), (2, 3, 1), (2, 3, 2)])
 def test_conv_twin_takes_an_empty_batch(products, c, o, stride):
     """No images: the reference's shapes and zero gradients (the flat layout's chunks of

@@ -363,10 +363,12 @@ def _bits(a):
 
 # CPU twins checked elsewhere: the convolution's products sum the reference's terms in
 # another order (within n eps sum|terms|, tests/test_conv.py::
-# test_conv_twin_within_the_reordered_sum_bound); max-pool is bit-exact there too
+# test_conv_twin_within_the_reordered_sum_bound; the fused ReLU is the conv twin's bits
+# through the ReLU, test_conv_relu_twin_is_the_conv_twin_then_the_relu); max-pool is bit-exact there too
 # (test_maxpool_twin_is_bit_identical).
-CHECKED_IN_TEST_CONV = ("conv.conv2d_forward", "conv.conv2d_backward",
-                        "conv.maxpool2d_forward", "conv.maxpool2d_backward")
+CHECKED_IN_TEST_CONV = ("conv.conv2d_forward", "conv.conv2d_relu_forward",
+                        "conv.conv2d_backward", "conv.maxpool2d_forward",
+                        "conv.maxpool2d_backward")
 
 
 def test_every_op_with_a_cpu_twin_has_a_case():

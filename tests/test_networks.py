@@ -310,6 +310,62 @@ def test_inference_and_input_grad_false(np64, code_path):
         enc.backward(dout)                                # one backward per forward
 
 
+def _networks_with_pairs(backend):
+    """(network, its input): the conv preset (labels at the encoder's Linear) and two
+    Sequentials whose extras join in or after a Linear + ReLU pair."""
+    rng = np.random.default_rng(0)
+    enc, dec = conv_networks((8, 12), 2, 1, backend, rng, extra_features=3, **SMALL)
+    cut = Sequential([Linear(4, 5, backend, rng), ReLU(backend), Linear(7, 3, backend, rng)],
+                     backend, extra_features=2, extra_at=1)   # the extras join the ReLU's input
+    after = Sequential([Linear(4, 5, backend, rng), ReLU(backend), Linear(7, 3, backend, rng),
+                        ReLU(backend)], backend, extra_features=2, extra_at=2)
+    return [(enc, rng.standard_normal((3, 8 * 12 + 3))),
+            (dec, rng.standard_normal((3, 2 + 3))),
+            (cut, rng.standard_normal((3, 4 + 2))), (after, rng.standard_normal((3, 4 + 2)))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_fused_pairs_give_the_layers_own_bits(monkeypatch, dtype, input_grad):
+    """Sequential runs a Linear or Conv2d and the ReLU after it as one op each way
+    (layers.FUSED_FORWARDS / FUSED_BACKWARDS), never across the layer that takes the
+    extras: outputs, dx, every gradient and the caches are the bits of the layers run one
+    by one (the registries emptied), and the fused ops do run."""
+    from vae_np import layers
+    backend = get_backend("numpy", dtype=dtype)
+    runs = []
+    for registries in ("fused", "one by one"):
+        if registries == "one by one":
+            monkeypatch.setattr(layers, "FUSED_FORWARDS", {})
+            monkeypatch.setattr(layers, "FUSED_BACKWARDS", {})
+        else:
+            counts = {}
+            for table in (layers.FUSED_FORWARDS, layers.FUSED_BACKWARDS):
+                for pair, fused in table.items():
+                    def counted(*args, _fused=fused, _key=(id(table), pair)):
+                        counts[_key] = counts.get(_key, 0) + 1
+                        return _fused(*args)
+                    monkeypatch.setitem(table, pair, counted)
+        results = []
+        for net, x in _networks_with_pairs(backend):
+            jitter_biases(net, backend)
+            x = x.astype(dtype)
+            out = net.forward(x)
+            caches = [layer.cache for layer in net.layers if isinstance(layer, ReLU)]
+            dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
+            dx = net.backward(dout, input_grad=input_grad)
+            results.append([out, *caches, *([dx] if input_grad else []),
+                            *(layer.grads[key].copy() for _, layer, key in net.named_parameters())])
+        runs.append(results)
+    fused_kinds = {pair for _, pair in counts}
+    assert {(Conv2d, ReLU), (Linear, ReLU)} <= fused_kinds
+    for fused_net, plain_net in zip(*runs):
+        assert len(fused_net) == len(plain_net)
+        for a, b in zip(fused_net, plain_net):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+
+
 def test_sequential_of_linears_is_the_mlp(np64):
     """A Sequential of the MLP's layers computes the MLP's bits (the reference path)."""
     mlp = MLP((5, 4, 3), np64, np.random.default_rng(0))

@@ -593,12 +593,24 @@ def conv2d_forward(x, weight, bias, stride, padding):
     if not _served(x, weight, bias):
         return NotImplemented
     if _same_size(weight, stride, padding):
-        flat, lead, rows_each, pitch = _flat_images(x, *padding)
-        # an inf in x makes NaN only at padding positions, which are dropped: not warned of
-        with np.errstate(invalid="ignore"):
-            return _correlate_flat(flat, lead, x.shape[0], rows_each, pitch, weight, padding,
-                                   x.shape[2:], bias)
+        return _forward_flat(x, weight, bias, padding)
     return _correlate(x, weight, bias, stride, padding)
+
+
+def conv2d_relu_forward(x, weight, bias, stride, padding):
+    """The ReLU in the flat layout's crop (same-size convolutions; otherwise the reference
+    runs: conv2d_forward's twin, then the ReLU)."""
+    if not (_served(x, weight, bias) and _same_size(weight, stride, padding)):
+        return NotImplemented
+    return _forward_flat(x, weight, bias, padding, relu=True)
+
+
+def _forward_flat(x, weight, bias, padding, relu=False):
+    flat, lead, rows_each, pitch = _flat_images(x, *padding)
+    # an inf in x makes NaN only at padding positions, which are dropped: not warned of
+    with np.errstate(invalid="ignore"):
+        return _correlate_flat(flat, lead, x.shape[0], rows_each, pitch, weight, padding,
+                               x.shape[2:], bias, relu)
 
 
 def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
@@ -796,20 +808,22 @@ def _correlate_offsets(gemm, flat, lead, length, pitch, weight, padding):
     return product
 
 
-def _correlate_flat(flat, lead, n, rows_each, pitch, weight, padding, size, bias=None):
-    """conv2d_forward of the images in ``flat`` (a same-size convolution): y (N, O, H, W)."""
+def _correlate_flat(flat, lead, n, rows_each, pitch, weight, padding, size, bias=None,
+                    relu=False):
+    """conv2d_forward of the images in ``flat`` (a same-size convolution): y (N, O, H, W),
+    through the ReLU with ``relu``."""
     o, c, kh, kw = weight.shape
     out = np.empty((n, o, *size), dtype=flat.dtype)
     gemm = _offset_gemm(flat.dtype, c)
     if gemm is not None and n > 0:
         product = _correlate_offsets(gemm, flat, lead, n * rows_each * pitch, pitch, weight,
                                      padding)
-        return _crop_into(out, product.reshape(o, n, rows_each, pitch), bias)
+        return _crop_into(out, product.reshape(o, n, rows_each, pitch), bias, relu)
     chunks, buffer = _flat_chunks(flat, n, kh, kw, rows_each, pitch)
     for images, start, m in chunks:
         columns = _flat_columns(flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
         product = weight.reshape(o, -1) @ columns
-        _crop_into(out[images], product.reshape(o, -1, rows_each, pitch), bias)
+        _crop_into(out[images], product.reshape(o, -1, rows_each, pitch), bias, relu)
     return out
 
 
@@ -996,6 +1010,7 @@ def maxpool2d_backward(dout, x, kernel, first=None):
 
 TWINS.update({
     "conv.conv2d_forward": conv2d_forward,
+    "conv.conv2d_relu_forward": conv2d_relu_forward,
     "conv.conv2d_backward": conv2d_backward,
     "conv.maxpool2d_forward": maxpool2d_forward,
     "conv.maxpool2d_backward": maxpool2d_backward,

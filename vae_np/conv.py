@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from .backend import Backend, fast_twin, namespace_of
-from .layers import INITIALISATIONS, Layer
+from .layers import FUSED_FORWARDS, INITIALISATIONS, Layer, ReLU
 
 
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
@@ -181,10 +181,13 @@ class Conv2d(Layer):
                 conv2d_output_size(width, self.kernel_size[1], self.stride[1], self.padding[1]))
 
     def forward(self, x):
-        _check_images(x, channels=self.in_channels)
-        self.output_shape(x.shape[2], x.shape[3])          # the kernel fits the padded input
+        self._check_input(x)
         self.cache = x
         return conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.padding)
+
+    def _check_input(self, x):
+        _check_images(x, channels=self.in_channels)
+        self.output_shape(x.shape[2], x.shape[3])          # the kernel fits the padded input
 
     def backward(self, dout, input_grad: bool = True):
         """dL/dx (None with ``input_grad=False``); writes dW and db into ``grads``."""
@@ -194,6 +197,27 @@ class Conv2d(Layer):
         self.grads["W"][...] = dweight
         self.grads["b"][...] = dbias
         return dx
+
+
+@fast_twin
+def conv2d_relu_forward(x, weight, bias, stride, padding):
+    """max(conv2d_forward(x; W, b), 0): a Conv2d and the ReLU after it, (N, O, Ho, Wo).
+    (Its CPU twin adds the bias and clips in the pass that lays the product out.)"""
+    return namespace_of(x).maximum(conv2d_forward(x, weight, bias, stride, padding), 0.0)
+
+
+def _conv2d_relu(conv, relu, x, keep):
+    """The forward of Conv2d ``conv`` and the ReLU ``relu`` after it, leaving their caches
+    (with ``keep``) as their own forwards would: the images, and the ReLU's output."""
+    conv._check_input(x)
+    out = conv2d_relu_forward(x, conv.params["W"], conv.params["b"], conv.stride,
+                              conv.padding)
+    if keep:
+        conv.cache, relu.cache = x, out
+    return out
+
+
+FUSED_FORWARDS[(Conv2d, ReLU)] = _conv2d_relu
 
 
 # ------------------------------------------------------------------------------------------

@@ -243,6 +243,46 @@ def make_activation(name: str, backend: Backend) -> Layer:
     return ACTIVATIONS[name](backend)
 
 
+# ------------------------------------------------------------------------------------------
+# Pairs of layers that run as one op. The networks (MLP, networks.Sequential) look a layer
+# and the one after it up here by their exact classes (a subclass runs its own code).
+
+#: (first class, second class) -> ``fused(first, second, x, keep)``: the pair's forward as
+#: one op; with ``keep`` it leaves the caches the two layers' forwards would, so every
+#: backward reads its own layer's cache. vae_np.conv adds (Conv2d, ReLU).
+FUSED_FORWARDS: dict = {}
+#: (first class, second class) -> ``fused(first, second, dout, input_grad)``: the pair's
+#: backward (dL/d(first's input), or None), writing both layers' gradients.
+FUSED_BACKWARDS: dict = {}
+
+
+def fused_forward(first, second):
+    """The one-op forward of layer ``first`` followed by ``second``, or None."""
+    return FUSED_FORWARDS.get((type(first), type(second)))
+
+
+def fused_backward(first, second):
+    """The one-op backward of layer ``first`` followed by ``second``, or None."""
+    return FUSED_BACKWARDS.get((type(first), type(second)))
+
+
+def _linear_relu_forward(linear, relu, x, keep):
+    out = linear_relu_forward(x, linear.params["W"], linear.params["b"])
+    if keep:
+        linear.cache, relu.cache = x, out
+    return out
+
+
+def _linear_relu_backward(linear, relu, dout, input_grad):
+    """The ReLU's mask and the Linear's bias gradient in one pass, then the Linear."""
+    dpre, db = relu_backward_and_bias_grad(relu._cached(), dout)
+    return linear.backward(dpre, input_grad=input_grad, bias_grad=db)
+
+
+FUSED_FORWARDS[(Linear, ReLU)] = _linear_relu_forward
+FUSED_BACKWARDS[(Linear, ReLU)] = _linear_relu_backward
+
+
 class MLP(Layer):
     """Linear layers with an activation between them (none after the last).
 
@@ -251,9 +291,9 @@ class MLP(Layer):
     uses Glorot. Backward runs the layers in reverse, each taking its successor's dx.
     Parameters are named ``linear{i}.W`` and ``linear{i}.b``.
 
-    A Linear followed by a ReLU runs its forward as one op, :func:`linear_relu_forward`,
-    which keeps the two layers' caches as their own forwards would (a subclass of Linear
-    or ReLU runs its own code). The MLP keeps ``cache`` only to allow one backward per
+    A Linear followed by a ReLU runs as one op each way (:data:`FUSED_FORWARDS`,
+    :func:`linear_relu_forward`), which keeps the two layers' caches as their own forwards
+    would (a subclass of Linear or ReLU runs its own code). The MLP keeps ``cache`` only to allow one backward per
     forward.
     """
 
@@ -297,19 +337,15 @@ class MLP(Layer):
 
     def _run(self, x, keep: bool):
         """The layers in turn, writing their caches (``keep``, as ``forward``) or not
-        (inference). A Linear and the ReLU right after it (exactly those classes: a
-        subclass runs its own code) are one op, which leaves the caches the two forwards
-        would: the Linear's input and the ReLU's output."""
+        (inference). A pair in :data:`FUSED_FORWARDS` (a Linear and the ReLU right after
+        it) is one op, which leaves the caches the two forwards would."""
         layers, i = self.layers, 0
         while i < len(layers):
-            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            if type(layer) is Linear and type(after) is ReLU:
-                out = linear_relu_forward(x, layer.params["W"], layer.params["b"])
-                if keep:
-                    layer.cache, after.cache = x, out
-                x, i = out, i + 2
+            fused = fused_forward(layers[i], layers[i + 1]) if i + 1 < len(layers) else None
+            if fused is not None:
+                x, i = fused(layers[i], layers[i + 1], x, keep), i + 2
             else:
-                x, i = (layer.forward(x) if keep else layer(x)), i + 1
+                x, i = (layers[i].forward(x) if keep else layers[i](x)), i + 1
         return x
 
     def backward(self, dout, input_grad: bool = True):
@@ -318,13 +354,12 @@ class MLP(Layer):
         self.cache = None                   # one backward per forward
         layers, i = self.layers, len(self.layers) - 1
         while i > 0:
-            layer, below = layers[i], layers[i - 1]
-            if type(layer) is ReLU and type(below) is Linear:  # the pair _run ran as one op
-                dpre, db = relu_backward_and_bias_grad(layer.cache, dout)
-                dout = below.backward(dpre, input_grad=input_grad or i > 1, bias_grad=db)
+            fused = fused_backward(layers[i - 1], layers[i])
+            if fused is not None:
+                dout = fused(layers[i - 1], layers[i], dout, input_grad or i > 1)
                 i -= 2
             else:
-                dout, i = layer.backward(dout), i - 1
+                dout, i = layers[i].backward(dout), i - 1
         return layers[0].backward(dout, input_grad=input_grad) if i == 0 else dout
 
 

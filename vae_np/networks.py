@@ -22,7 +22,7 @@ import numpy as np
 
 from .backend import Backend
 from .conv import Conv2d, Flatten, MaxPool2d, Unflatten, Upsample
-from .layers import Layer, Linear, ReLU
+from .layers import Layer, Linear, ReLU, fused_backward, fused_forward
 
 # Sequential.cache after a forward (each layer keeps its own cache).
 _FORWARD_DONE = "layer caches"
@@ -30,6 +30,8 @@ _FORWARD_DONE = "layer caches"
 
 class Sequential(Layer):
     """Layers run in order; backward runs them in reverse, each taking its successor's dx.
+    A pair in ``layers.FUSED_FORWARDS`` / ``FUSED_BACKWARDS`` (a Linear or a Conv2d and the
+    ReLU after it) runs as one op, with the layers' own caches and bits, as in the MLP.
 
     Args:
         layers: the layers, each with ``forward``/``backward``/``__call__``.
@@ -93,11 +95,23 @@ class Sequential(Layer):
         extras = None
         if self.extra_features:
             x, extras = self._split(x)
-        for i, layer in enumerate(self.layers):
+        layers, i = self.layers, 0
+        while i < len(layers):
             if i == self.extra_at:
                 x = self.backend.xp.concat([x, extras], axis=1)
-            x = layer.forward(x) if train else layer(x)
+            fused = self._fused(fused_forward, i)
+            if fused is not None:
+                x, i = fused(layers[i], layers[i + 1], x, train), i + 2
+            else:
+                x, i = (layers[i].forward(x) if train else layers[i](x)), i + 1
         return x
+
+    def _fused(self, lookup, i):
+        """The one-op pass (``lookup``: layers.fused_forward or fused_backward) of layers
+        i and i + 1, or None; never across the layer that takes the extras."""
+        if i + 1 >= len(self.layers) or i + 1 == self.extra_at:
+            return None
+        return lookup(self.layers[i], self.layers[i + 1])
 
     def forward(self, x):
         """(N, D [+ E]) -> the last layer's output; every layer keeps its cache."""
@@ -118,15 +132,21 @@ class Sequential(Layer):
         self.cache = None                       # one backward per forward
         stop = 0 if input_grad else self._first_with_parameters
         dextras = None
-        for i in range(len(self.layers) - 1, stop - 1, -1):
-            layer = self.layers[i]
-            if i == stop and not input_grad and isinstance(layer, (Linear, Conv2d, Sequential)):
-                dout = layer.backward(dout, input_grad=False)
+        layers, i = self.layers, len(self.layers) - 1
+        while i >= stop:
+            fused = self._fused(fused_backward, i - 1) if i - 1 >= stop else None
+            if fused is not None:                       # the pair (i - 1, i) as one op
+                i -= 1
+                dout = fused(layers[i], layers[i + 1], dout, input_grad or i > stop)
+            elif i == stop and not input_grad and isinstance(layers[i],
+                                                            (Linear, Conv2d, Sequential)):
+                dout = layers[i].backward(dout, input_grad=False)
             else:
-                dout = layer.backward(dout)
+                dout = layers[i].backward(dout)
             if i == self.extra_at and dout is not None:
                 cut = dout.shape[1] - self.extra_features
                 dout, dextras = dout[:, :cut], dout[:, cut:]
+            i -= 1
         if not input_grad:
             return None
         return dout if dextras is None else self.backend.xp.concat([dout, dextras], axis=1)
