@@ -608,6 +608,13 @@ def test_bad_input_is_named(np64):
         MaxPool2d(2, np64).forward(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="x: expected images"):
         Upsample(2, np64).forward(np.zeros((2, 4, 4)))
+    upsample = Upsample(2, np64)
+    upsample.forward(np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match=r"dout: expected rows and columns that are "
+                                         r"multiples of the scale factor 2, got shape \(1, 1, 4, 3\)"):
+        upsample.backward(np.zeros((1, 1, 4, 3)))
+    with pytest.raises(ValueError, match="dout: expected images"):
+        upsample.backward(np.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"x: expected shape \(N, 12\)"):
         Unflatten((3, 2, 2), np64).forward(np.zeros((2, 13)))
     with pytest.raises(ValueError, match="3 channels do not split into 2 groups"):

@@ -329,6 +329,16 @@ def _case_gather_binarize(dtype, rng):
     return (x, order, u), {}
 
 
+def _case_upsample_forward(dtype, rng):
+    """Special values in odd-sized images, factor 3."""
+    return (_specials(dtype, (6, 10), rng).reshape(2, 3, 2, 5), 3), {}
+
+
+def _case_upsample_backward(dtype, rng):
+    """Blocks of 2 x 2 with special values: signed zeros, NaN and infinities in a block."""
+    return (_specials(dtype, (6, 16), rng).reshape(2, 3, 4, 4), 2), {}
+
+
 #: op name -> inputs (args, kwargs) for a dtype; every op with a CPU twin needs one here.
 TWIN_CASES = {
     "layers.linear_relu_forward": _case_linear_relu_forward,
@@ -343,6 +353,8 @@ TWIN_CASES = {
     "objectives.iwae_bound": _case_iwae_bound,
     "objectives.iwae_latent_backward": _case_iwae_latent_backward,
     "batches.gather_binarize": _case_gather_binarize,
+    "conv.upsample_forward": _case_upsample_forward,
+    "conv.upsample_backward": _case_upsample_backward,
 }
 
 

@@ -1008,7 +1008,64 @@ def maxpool2d_backward(dout, x, kernel, first=None):
     return dx
 
 
+# Upsample: one compiled pass each way (NumPy's forward is two repeats, its backward f^2
+# whole-array adds). Batch 128: the backward 2.0 / 4.1 ms where NumPy took 5.0 / 8.0 (64
+# channels at 7x7, 32 at 14x14), the forward 3.75 where NumPy took 5.41 (32 at 14x14).
+
+
+@_jit
+def _upsample_copy(x, y, f):  # pragma: no cover - compiled
+    """y (N, C, f H, f W) = each entry of x (N, C, H, W) copied into its f x f block."""
+    n, c, h, w = x.shape
+    for i in range(n):
+        for j in range(c):
+            for r in range(h):
+                for a in range(f):
+                    for s in range(w):
+                        v = x[i, j, r, s]
+                        for b in range(f):
+                            y[i, j, r * f + a, s * f + b] = v
+
+
+@_jit
+def _upsample_block_sums(dout, dx, f):  # pragma: no cover - compiled
+    """dx (N, C, H, W) = the sums of dout's f x f blocks, offsets (a, b) in row-major order
+    from (0, 0) on, as the reference's f^2 adds."""
+    n, c, h, w = dx.shape
+    for i in range(n):
+        for j in range(c):
+            for r in range(h):
+                for s in range(w):
+                    total = dout[i, j, r * f, s * f]
+                    for a in range(f):
+                        for b in range(f):
+                            if a or b:
+                                total = total + dout[i, j, r * f + a, s * f + b]
+                    dx[i, j, r, s] = total
+
+
+def upsample_forward(x, scale):
+    if not (_served(x) and x.ndim == 4):
+        return NotImplemented
+    n, c, h, w = x.shape
+    y = np.empty((n, c, scale * h, scale * w), dtype=x.dtype)
+    _upsample_copy(x, y, scale)
+    return y
+
+
+def upsample_backward(dout, scale):
+    if not (_served(dout) and dout.ndim == 4 and dout.shape[2] % scale == 0
+            and dout.shape[3] % scale == 0):
+        return NotImplemented
+    n, c, h, w = dout.shape
+    dx = np.empty((n, c, h // scale, w // scale), dtype=dout.dtype)
+    _upsample_block_sums(dout, dx, scale)
+    return dx
+
+
 TWINS.update({
+    "conv.upsample_forward": upsample_forward,
+    "conv.upsample_backward": upsample_backward,
     "conv.conv2d_forward": conv2d_forward,
     "conv.conv2d_relu_forward": conv2d_relu_forward,
     "conv.conv2d_backward": conv2d_backward,
