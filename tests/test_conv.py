@@ -236,6 +236,31 @@ def test_input_grad_false_skips_dx_and_keeps_the_parameter_gradients(np64, code_
         np.testing.assert_array_equal(layer.grads[key], expected[key])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_then_maxpool_backward_masks_on_the_pooled_side(dtype, code_path):
+    """The fused backward of a ReLU and the MaxPool2d after it masks dout where y > 0:
+    the bits of the two backwards, on ties at 0 (whole windows of zeros) and NaN; and when
+    the pool's input is not the ReLU's output, the layers' own backwards run."""
+    from vae_np.layers import FUSED_BACKWARDS, ReLU
+    backend = get_backend("numpy", dtype=dtype)
+    relu, pool = ReLU(backend), MaxPool2d(2, backend)
+    fused = FUSED_BACKWARDS[(ReLU, MaxPool2d)]
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4, 6)).astype(dtype)
+    a[0, 0, :2, :2] = -1.0                                  # a window of ReLU zeros: a tie
+    a[0, 1, 2, 3], a[1, 2, 0, 0] = np.nan, 0.0
+    dout = rng.standard_normal((2, 3, 2, 3)).astype(dtype)
+    pool.forward(relu.forward(a))
+    got = fused(relu, pool, dout, True)
+    want = relu.backward(pool.backward(dout))
+    np.testing.assert_array_equal(got.view(f"u{a.itemsize}"), want.view(f"u{a.itemsize}"))
+    b = rng.standard_normal(a.shape).astype(dtype)          # the pool saw other images
+    relu.forward(a)
+    pool.forward(b)
+    got = fused(relu, pool, dout, True)
+    np.testing.assert_array_equal(got, relu.backward(pool.backward(dout)))
+
+
 def test_inference_call_keeps_the_training_cache(np64):
     layer, x = make_conv(CONV_CASES[1], np64)
     dout = np.random.default_rng(9).standard_normal(layer.forward(x).shape)

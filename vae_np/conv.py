@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from .backend import Backend, fast_twin, namespace_of
-from .layers import FUSED_FORWARDS, INITIALISATIONS, Layer, ReLU
+from .layers import FUSED_BACKWARDS, FUSED_FORWARDS, INITIALISATIONS, Layer, ReLU, relu_backward
 
 
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
@@ -278,8 +278,8 @@ class MaxPool2d(Layer):
     Shapes: x (N, C, H, W) with H and W multiples of k (anything else is a ValueError, not
     a silently dropped border), y (N, C, H / k, W / k). Backward routes each dout to the
     window's maximum, on a tie to the first in row-major window order
-    (``maxpool2d_backward``). The cache is x and the offsets of those maxima, found
-    once in forward.
+    (``maxpool2d_backward``). The cache is x, the offsets of those maxima, found once in
+    forward, and y (read by the backward of a ReLU before the pool, ``_relu_maxpool_backward``).
     """
 
     def __init__(self, kernel_size: int, backend: Backend):
@@ -296,12 +296,27 @@ class MaxPool2d(Layer):
             raise ValueError(f"x: MaxPool2d({k}) needs height and width that are multiples "
                              f"of {k}, got shape {tuple(x.shape)}")
         y, first = maxpool2d_forward(x, k, with_index=True)
-        self.cache = (x, first)
+        self.cache = (x, first, y)
         return y
 
     def backward(self, dout):
-        x, first = self._cached()
+        x, first, _ = self._cached()
         return maxpool2d_backward(dout, x, self.kernel_size, first)
+
+
+def _relu_maxpool_backward(relu, pool, dout, input_grad):
+    """dL/d(the ReLU's input) for a ReLU and the MaxPool2d after it, with the mask on the
+    pooled side: each dout reaches only its window's first maximum, the entry x = y, so
+    where(x > 0, route(dout), 0) = route(where(y > 0, dout, 0)), the same bits, from a
+    mask of a quarter of the values (k = 2). Each layer's own backward when the pool's
+    input is not that ReLU's output."""
+    x, first, y = pool._cached()
+    if relu._cached() is not x:
+        return relu.backward(pool.backward(dout))
+    return maxpool2d_backward(relu_backward(y, dout), x, pool.kernel_size, first)
+
+
+FUSED_BACKWARDS[(ReLU, MaxPool2d)] = _relu_maxpool_backward
 
 
 # ------------------------------------------------------------------------------------------
