@@ -485,6 +485,38 @@ def test_conv_relu_twin_is_the_conv_twin_then_the_relu(case, dtype, products):
 
 
 @pytest.mark.parametrize("products", PRODUCTS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("c, o", [(3, 2), (2, 3)])   # dx correlated (O <= C) or added back
+@pytest.mark.parametrize("special", [None, ("x", np.inf), ("weight", np.nan),
+                                     ("dout", -np.inf)])
+def test_upsampled_conv_backward_twin_is_the_two_twins(monkeypatch, c, o, dtype, products,
+                                                       special):
+    """conv2d_backward_upsampled's CPU twin sums dx's blocks in the crop out of the flat
+    layout (chunks of two images: five end in a one-image chunk): the bits of the conv
+    twin's backward with its dx through upsample_backward's twin, non-finite entries
+    included (then the twin declines and the references' composition runs)."""
+    twins = pytest.importorskip("vae_np._twins_cpu")
+    if twin_of("conv.conv2d_backward_upsampled", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    x, weight, _, stride, padding = _same_size_case(5, c, 4, 6, o, 3, 3, dtype)
+    dout = np.random.default_rng(4).standard_normal((5, o, 4, 6)).astype(dtype)
+    arrays = {"x": x, "weight": weight, "dout": dout}
+    if special is not None:
+        arrays[special[0]][0, 0, -1, 0] = special[1]
+    monkeypatch.setattr(twins, "FLAT_CHUNK_ENTRIES", 2 * c * 9 * 5 * 7)
+    with np.errstate(all="ignore"), flat_products(products):
+        got = conv.conv2d_backward_upsampled(dout, x, weight, stride, padding, 2)
+        dx, dw, db = conv.conv2d_backward(dout, x, weight, stride, padding)
+        want = (conv.upsample_backward(dx, 2), dw, db)
+        served = twins.conv2d_backward_upsampled(dout, x, weight, stride, padding, 2)
+    assert (served is not NotImplemented) == (special is None)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+    assert got[0].shape == (5, c, 2, 3)
+
+
+@pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("c, o, stride", [(3, 2, 1), (2, 3, 1), (2, 3, 2)])
 def test_conv_twin_takes_an_empty_batch(products, c, o, stride):
     """No images: the reference's shapes and zero gradients (the flat layout's chunks of

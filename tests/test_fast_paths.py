@@ -376,11 +376,13 @@ def _bits(a):
 # CPU twins checked elsewhere: the convolution's products sum the reference's terms in
 # another order (within n eps sum|terms|, tests/test_conv.py::
 # test_conv_twin_within_the_reordered_sum_bound; the fused ReLU is the conv twin's bits
-# through the ReLU, test_conv_relu_twin_is_the_conv_twin_then_the_relu); max-pool is bit-exact there too
+# through the ReLU, test_conv_relu_twin_is_the_conv_twin_then_the_relu, and the
+# upsampled backward the conv twin's through upsample_backward's,
+# test_upsampled_conv_backward_twin_is_the_two_twins); max-pool is bit-exact there too
 # (test_maxpool_twin_is_bit_identical).
 CHECKED_IN_TEST_CONV = ("conv.conv2d_forward", "conv.conv2d_relu_forward",
-                        "conv.conv2d_backward", "conv.maxpool2d_forward",
-                        "conv.maxpool2d_backward")
+                        "conv.conv2d_backward", "conv.conv2d_backward_upsampled",
+                        "conv.maxpool2d_forward", "conv.maxpool2d_backward")
 
 
 def test_every_op_with_a_cpu_twin_has_a_case():

@@ -23,7 +23,7 @@ import pytest
 
 from vae_np import gradcheck
 from vae_np.backend import get_backend
-from vae_np.conv import Conv2d, MaxPool2d
+from vae_np.conv import Conv2d, MaxPool2d, Upsample
 from vae_np.layers import MLP, Linear, ReLU
 from vae_np.networks import Sequential, conv_decoder, conv_encoder, conv_networks, image_layout
 from vae_np.parameters import Parameters
@@ -328,8 +328,8 @@ def _networks_with_pairs(backend):
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_fused_pairs_give_the_layers_own_bits(monkeypatch, dtype, input_grad):
     """Sequential runs a Linear or Conv2d and the ReLU after it as one op (layers.
-    FUSED_FORWARDS), the backward of a Linear and its ReLU, and of a ReLU and the MaxPool2d
-    after it (FUSED_BACKWARDS), never across the layer that takes the extras: outputs, dx, every gradient and the caches are the bits of the layers run one
+    FUSED_FORWARDS), the backward of a Linear and its ReLU, of a ReLU and the MaxPool2d
+    after it and of an Upsample and the Conv2d after it (FUSED_BACKWARDS), never across the layer that takes the extras: outputs, dx, every gradient and the caches are the bits of the layers run one
     by one (the registries emptied), and the fused ops do run."""
     from vae_np import layers
     backend = get_backend("numpy", dtype=dtype)
@@ -358,7 +358,7 @@ def test_fused_pairs_give_the_layers_own_bits(monkeypatch, dtype, input_grad):
                             *(layer.grads[key].copy() for _, layer, key in net.named_parameters())])
         runs.append(results)
     fused_kinds = {pair for _, pair in counts}
-    assert {(Conv2d, ReLU), (Linear, ReLU), (ReLU, MaxPool2d)} <= fused_kinds
+    assert {(Conv2d, ReLU), (Linear, ReLU), (ReLU, MaxPool2d), (Upsample, Conv2d)} <= fused_kinds
     for fused_net, plain_net in zip(*runs):
         assert len(fused_net) == len(plain_net)
         for a, b in zip(fused_net, plain_net):

@@ -627,6 +627,19 @@ def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     return _backward_im2col(dout, x, weight, stride, padding, input_grad)
 
 
+def conv2d_backward_upsampled(dout, x, weight, stride, padding, scale):
+    """The flat layout's dx cropped straight into its block sums (same-size convolutions of
+    images whose sides are multiples of ``scale``, a finite W and dW; otherwise the
+    reference runs: conv2d_backward's twin, then upsample_backward's)."""
+    if not (_served(dout, x, weight) and x.ndim == 4 and _same_size(weight, stride, padding)
+            and x.shape[2] % scale == 0 and x.shape[3] % scale == 0
+            and np.isfinite(weight).all()):
+        return NotImplemented
+    with np.errstate(all="ignore"):
+        dx, dweight, dbias = _backward_flat(dout, x, weight, padding, True, block=scale)
+    return (dx, dweight, dbias) if np.isfinite(dweight).all() else NotImplemented
+
+
 def _backward_im2col(dout, x, weight, stride, padding, input_grad):
     o, c, kh, kw = weight.shape
     _, _, rows, cols = dout.shape
@@ -748,10 +761,32 @@ def _crop_loop(product, bias, out, add_bias, relu):  # pragma: no cover - compil
                     out[im, ch, r, s] = v
 
 
-def _crop_into(out, product, bias=None, relu=False):
+@_jit
+def _crop_block_sums(product, out, f):  # pragma: no cover - compiled
+    """out[n, o, r, s] = the sum of the f x f block of product[o, n] at (f r, f s), offsets
+    (a, b) in row-major order from (0, 0) on: upsample_backward's adds, on the crop."""
+    n, o, h, w = out.shape
+    for im in range(n):
+        for ch in range(o):
+            for r in range(h):
+                for s in range(w):
+                    total = product[ch, im, r * f, s * f]
+                    for a in range(f):
+                        for b in range(f):
+                            if a or b:
+                                total = total + product[ch, im, r * f + a, s * f + b]
+                    out[im, ch, r, s] = total
+
+
+def _crop_into(out, product, bias=None, relu=False, block=1):
     """out (n, O, H, W) = the image positions of a flat result (O, n, R, P), plus ``bias``
     (O,) when given, through the ReLU with ``relu``; returns out. One compiled pass: NumPy's
-    strided transposing add took 2.4-5.6x its time (64 channels at 14x14, batch 128)."""
+    strided transposing add took 2.4-5.6x its time (64 channels at 14x14, batch 128).
+    ``block`` f > 1 (no bias, no ReLU): out (n, O, H / f, W / f) holds the sums of the
+    image's f x f blocks instead, upsample_backward of the crop."""
+    if block > 1:
+        _crop_block_sums(product, out, block)
+        return out
     unused = bias is None
     _crop_loop(product, np.zeros(out.shape[1], out.dtype) if unused else bias, out,
                not unused, relu)
@@ -809,26 +844,28 @@ def _correlate_offsets(gemm, flat, lead, length, pitch, weight, padding):
 
 
 def _correlate_flat(flat, lead, n, rows_each, pitch, weight, padding, size, bias=None,
-                    relu=False):
+                    relu=False, block=1):
     """conv2d_forward of the images in ``flat`` (a same-size convolution): y (N, O, H, W),
-    through the ReLU with ``relu``."""
+    through the ReLU with ``relu``; with ``block`` f > 1, the sums of y's f x f blocks
+    (N, O, H / f, W / f) (_crop_into)."""
     o, c, kh, kw = weight.shape
-    out = np.empty((n, o, *size), dtype=flat.dtype)
+    out = np.empty((n, o, size[0] // block, size[1] // block), dtype=flat.dtype)
     gemm = _offset_gemm(flat.dtype, c)
     if gemm is not None and n > 0:
         product = _correlate_offsets(gemm, flat, lead, n * rows_each * pitch, pitch, weight,
                                      padding)
-        return _crop_into(out, product.reshape(o, n, rows_each, pitch), bias, relu)
+        return _crop_into(out, product.reshape(o, n, rows_each, pitch), bias, relu, block)
     chunks, buffer = _flat_chunks(flat, n, kh, kw, rows_each, pitch)
     for images, start, m in chunks:
         columns = _flat_columns(flat, lead, start, kh, kw, *padding, pitch, buffer[:, :m])
         product = weight.reshape(o, -1) @ columns
-        _crop_into(out[images], product.reshape(o, -1, rows_each, pitch), bias, relu)
+        _crop_into(out[images], product.reshape(o, -1, rows_each, pitch), bias, relu, block)
     return out
 
 
-def _backward_flat(dout, x, weight, padding, input_grad):
-    """conv2d_backward of a same-size convolution: (dx or None, dW, db)."""
+def _backward_flat(dout, x, weight, padding, input_grad, block=1):
+    """conv2d_backward of a same-size convolution: (dx or None, dW, db); with ``block``
+    f > 1, dx's f x f block sums (N, C, H / f, W / f) in its place."""
     o, c, kh, kw = weight.shape
     n = x.shape[0]
     dbias = np.sum(dout, axis=(0, 2, 3))                            # the reference's call
@@ -843,7 +880,7 @@ def _backward_flat(dout, x, weight, padding, input_grad):
     dx = dx_flat = None
     if correlated:
         dx = _correlate_flat(dout_flat, lead, n, rows_each, pitch, _flipped(weight), padding,
-                             x.shape[2:])
+                             x.shape[2:], block=block)
     elif input_grad:
         dx_flat = np.zeros(x_flat.shape, dtype=x.dtype)
     if o < c:
@@ -867,7 +904,8 @@ def _backward_flat(dout, x, weight, padding, input_grad):
                               *padding, pitch)
     if dx_flat is not None:
         images = dx_flat[:, lead:lead + n * rows_each * pitch].reshape(c, n, rows_each, pitch)
-        dx = _crop_into(np.empty(x.shape, dtype=x.dtype), images)
+        dx = _crop_into(np.empty((n, c, x.shape[2] // block, x.shape[3] // block),
+                                 dtype=x.dtype), images, block=block)
     return dx, dweight_t.T.reshape(weight.shape), dbias
 
 
@@ -1069,6 +1107,7 @@ TWINS.update({
     "conv.conv2d_forward": conv2d_forward,
     "conv.conv2d_relu_forward": conv2d_relu_forward,
     "conv.conv2d_backward": conv2d_backward,
+    "conv.conv2d_backward_upsampled": conv2d_backward_upsampled,
     "conv.maxpool2d_forward": maxpool2d_forward,
     "conv.maxpool2d_backward": maxpool2d_backward,
 })

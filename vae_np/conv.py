@@ -181,11 +181,12 @@ class Conv2d(Layer):
                 conv2d_output_size(width, self.kernel_size[1], self.stride[1], self.padding[1]))
 
     def forward(self, x):
-        self._check_input(x)
+        self.check_input(x)
         self.cache = x
         return conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.padding)
 
-    def _check_input(self, x):
+    def check_input(self, x):
+        """A ValueError naming x unless it is images of in_channels the kernel fits."""
         _check_images(x, channels=self.in_channels)
         self.output_shape(x.shape[2], x.shape[3])          # the kernel fits the padded input
 
@@ -209,7 +210,7 @@ def conv2d_relu_forward(x, weight, bias, stride, padding):
 def _conv2d_relu(conv, relu, x, keep):
     """The forward of Conv2d ``conv`` and the ReLU ``relu`` after it, leaving their caches
     (with ``keep``) as their own forwards would: the images, and the ReLU's output."""
-    conv._check_input(x)
+    conv.check_input(x)
     out = conv2d_relu_forward(x, conv.params["W"], conv.params["b"], conv.stride,
                               conv.padding)
     if keep:
@@ -310,8 +311,8 @@ def _relu_maxpool_backward(relu, pool, dout, input_grad):
     where(x > 0, route(dout), 0) = route(where(y > 0, dout, 0)), the same bits, from a
     mask of a quarter of the values (k = 2). Each layer's own backward when the pool's
     input is not that ReLU's output."""
-    x, first, y = pool._cached()
-    if relu._cached() is not x:
+    x, first, y = pool.cache                  # the network checked that its forward ran
+    if relu.cache is not x:
         return relu.backward(pool.backward(dout))
     return maxpool2d_backward(relu_backward(y, dout), x, pool.kernel_size, first)
 
@@ -381,6 +382,31 @@ class Upsample(Layer):
             raise ValueError(f"dout: expected rows and columns that are multiples of the "
                              f"scale factor {f}, got shape {tuple(dout.shape)}")
         return upsample_backward(dout, f)
+
+
+@fast_twin
+def conv2d_backward_upsampled(dout, x, weight, stride, padding, scale: int):
+    """(dx', dW, db) of an Upsample(f = ``scale``) and the convolution after it, x being
+    the upsampled images (N, C, f H, f W): conv2d_backward's dW and db, and its dx through
+    upsample_backward, dx' (N, C, H, W). (Its CPU twin sums the blocks in the pass that
+    crops dx out of the flat layout.)"""
+    dx, dweight, dbias = conv2d_backward(dout, x, weight, stride, padding)
+    return upsample_backward(dx, scale), dweight, dbias
+
+
+def _upsample_conv2d_backward(upsample, conv, dout, input_grad):
+    """The backward of an Upsample and the Conv2d after it: dL/d(the Upsample's input)."""
+    if not input_grad:
+        return conv.backward(dout, input_grad=False)
+    x = conv.cache                            # the network checked that its forward ran
+    dx, dweight, dbias = conv2d_backward_upsampled(dout, x, conv.params["W"], conv.stride,
+                                                   conv.padding, upsample.scale_factor)
+    conv.grads["W"][...] = dweight
+    conv.grads["b"][...] = dbias
+    return dx
+
+
+FUSED_BACKWARDS[(Upsample, Conv2d)] = _upsample_conv2d_backward
 
 
 # ------------------------------------------------------------------------------------------

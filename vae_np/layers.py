@@ -275,7 +275,7 @@ def _linear_relu_forward(linear, relu, x, keep):
 
 def _linear_relu_backward(linear, relu, dout, input_grad):
     """The ReLU's mask and the Linear's bias gradient in one pass, then the Linear."""
-    dpre, db = relu_backward_and_bias_grad(relu._cached(), dout)
+    dpre, db = relu_backward_and_bias_grad(relu.cache, dout)
     return linear.backward(dpre, input_grad=input_grad, bias_grad=db)
 
 
