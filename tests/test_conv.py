@@ -672,6 +672,9 @@ def test_bad_input_is_named(np64):
         upsample.backward(np.zeros((1, 1, 4, 3)))
     with pytest.raises(ValueError, match="dout: expected images"):
         upsample.backward(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="dout: expected rows and columns that are multiples"):
+        conv.conv2d_backward_upsampled(np.zeros((1, 1, 5, 4)), np.zeros((1, 1, 5, 4)),
+                                       np.zeros((1, 1, 3, 3)), (1, 1), (1, 1), 2)
     with pytest.raises(ValueError, match=r"x: expected shape \(N, 12\)"):
         Unflatten((3, 2, 2), np64).forward(np.zeros((2, 13)))
     with pytest.raises(ValueError, match="3 channels do not split into 2 groups"):
