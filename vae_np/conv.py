@@ -11,6 +11,9 @@ matrix product per product of the math, per cache-sized chunk of images on NumPy
 ``vae_np._twins_cpu`` / ``_twins_cuda``, section "convolution twins"), equal to these references within the reordered-sum bound of
 tests/test_conv.py (max-pool: to the bit). The derivations are in
 docs/10-convolution.md; tests/test_conv.py checks every backward by central differences.
+Three pairs of layers run as one op in a network (``layers.FUSED_FORWARDS`` /
+``FUSED_BACKWARDS``, registered at the end of each layer's section): Conv2d + ReLU forward,
+ReLU + MaxPool2d backward and Upsample + Conv2d backward, each with the two layers' bits.
 """
 
 from __future__ import annotations
