@@ -636,6 +636,40 @@ def test_pool_and_upsample_shapes_invert(n, c, hk, wk, k):
     assert Unflatten(x.shape[1:], backend).forward(flat.forward(x)).shape == x.shape
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 3), c=st.integers(1, 3), h=st.integers(1, 4), w=st.integers(1, 4),
+       f=st.integers(1, 3), dtype=st.sampled_from(["float32", "float64"]),
+       seed=st.integers(0, 2 ** 16), transposed=st.booleans())
+def test_upsample_twins_give_the_references_bits(n, c, h, w, f, dtype, seed, transposed):
+    """Any shape (an empty batch too), factor and dtype, inputs with signed zeros, NaN,
+    infinities and huge values (their block sums overflow), and non-contiguous views: the
+    same bits, NaN's sign and payload aside (IEEE 754 leaves which NaN an add of a NaN and
+    an inf - inf returns to the hardware and the compiler's operand order)."""
+    if twin_of("conv.upsample_forward", np.zeros(1)) is None:
+        pytest.skip("no CPU twin here (numba missing or fast paths off)")
+    rng = np.random.default_rng(seed)
+    specials = np.array([-0.0, 0.0, np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-45])
+
+    def images(shape):
+        a = rng.standard_normal(shape)
+        a.reshape(-1)[:] = np.where(rng.random(a.size) < 0.3,
+                                    rng.choice(specials, a.size), a.reshape(-1))
+        a = a.astype(dtype)
+        return np.ascontiguousarray(a.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2) \
+            if transposed else a
+
+    x, dout = images((n, c, h, w)), images((n, c, f * h, f * w))
+    with np.errstate(all="ignore"):
+        got = conv.upsample_forward(x, f), conv.upsample_backward(dout, f)
+        with use_fast_paths(False):
+            want = conv.upsample_forward(x, f), conv.upsample_backward(dout, f)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_array_equal(a[~np.isnan(a)].view(f"u{a.itemsize}"),
+                                      b[~np.isnan(b)].view(f"u{b.itemsize}"))
+
+
 def test_upsample_backward_sums_each_block(np64):
     dout = np.random.default_rng(13).standard_normal((2, 3, 6, 9))
     layer = Upsample(3, np64)
