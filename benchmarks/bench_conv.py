@@ -10,7 +10,9 @@ at the shapes where the networks run it (Conv2d 1->32 at 28x28, 32->64 at 14x14,
 14x14, 32->1 at 28x28; MaxPool2d(2) on 32 channels at 28x28; Upsample(2) on 64 channels at
 7x7), then the two networks together: encoder forward, decoder forward on the first d of
 its outputs, both backward with fixed upstream gradients (no dx for the images: PyTorch's
-images do not require grad either). Not the VAE's loss or Adam: those are the MLP's
+images do not require grad either; PyTorch's and JAX's networks are built from vae_np's
+layer list, so they run its order, each decoder ReLU before its Upsample). Not the VAE's
+loss or Adam: those are the MLP's
 (benchmarks/bench_step.py). Each round times vae_np then PyTorch on the same arrays
 (interleaved, so both see the same machine); the table gives medians over rounds and the
 ratio vae_np / PyTorch, the median of the rounds' own pairs (bench_step.paired_ratio).
