@@ -252,7 +252,8 @@ def make_activation(name: str, backend: Backend) -> Layer:
 #: backward reads its own layer's cache. vae_np.conv adds (Conv2d, ReLU).
 FUSED_FORWARDS: dict = {}
 #: (first class, second class) -> ``fused(first, second, dout, input_grad)``: the pair's
-#: backward (dL/d(first's input), or None), writing both layers' gradients.
+#: backward (dL/d(first's input), or None), writing both layers' gradients. vae_np.conv
+#: adds (ReLU, MaxPool2d) and (Upsample, Conv2d).
 FUSED_BACKWARDS: dict = {}
 
 
