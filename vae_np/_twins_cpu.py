@@ -616,28 +616,35 @@ def _forward_flat(x, weight, bias, padding, relu=False):
 def conv2d_backward(dout, x, weight, stride, padding, input_grad=True):
     if not _served(dout, x, weight):
         return NotImplemented
-    # The flat layout multiplies values at the padding positions that im2col never reads:
-    # by dout's zeros there (dW) and by W (dx). 0 * inf is NaN, so with an inf in x (then
-    # dW is not finite) or in W the flat results are not the reference's, and im2col runs.
-    if _same_size(weight, stride, padding) and np.isfinite(weight).all():
-        with np.errstate(all="ignore"):
-            flat = _backward_flat(dout, x, weight, padding, input_grad)
-        if np.isfinite(flat[1]).all():
-            return flat
+    flat = _exact_backward_flat(dout, x, weight, stride, padding, input_grad)
+    if flat is not None:
+        return flat
     return _backward_im2col(dout, x, weight, stride, padding, input_grad)
 
 
 def conv2d_backward_upsampled(dout, x, weight, stride, padding, scale):
-    """The flat layout's dx cropped straight into its block sums (same-size convolutions of
-    images whose sides are multiples of ``scale``, a finite W and dW; otherwise the
-    reference runs: conv2d_backward's twin, then upsample_backward's)."""
-    if not (_served(dout, x, weight) and x.ndim == 4 and _same_size(weight, stride, padding)
-            and x.shape[2] % scale == 0 and x.shape[3] % scale == 0
-            and np.isfinite(weight).all()):
+    """The flat layout's dx cropped straight into its block sums (images whose sides are
+    multiples of ``scale``, where the flat layout serves; otherwise the reference runs:
+    conv2d_backward's twin, then upsample_backward's)."""
+    if not (_served(dout, x, weight) and x.ndim == 4
+            and x.shape[2] % scale == 0 and x.shape[3] % scale == 0):
         return NotImplemented
+    flat = _exact_backward_flat(dout, x, weight, stride, padding, True, block=scale)
+    return NotImplemented if flat is None else flat
+
+
+def _exact_backward_flat(dout, x, weight, stride, padding, input_grad, block=1):
+    """_backward_flat's (dx, dW, db) where they are the reference's, else None.
+
+    The flat layout multiplies values at the padding positions that im2col never reads:
+    by dout's zeros there (dW) and by W (dx). 0 * inf is NaN, so with an inf in x (then
+    dW is not finite) or in W the flat results are not the reference's: None, also for a
+    convolution that is not same-size."""
+    if not (_same_size(weight, stride, padding) and np.isfinite(weight).all()):
+        return None
     with np.errstate(all="ignore"):
-        dx, dweight, dbias = _backward_flat(dout, x, weight, padding, True, block=scale)
-    return (dx, dweight, dbias) if np.isfinite(dweight).all() else NotImplemented
+        flat = _backward_flat(dout, x, weight, padding, input_grad, block)
+    return flat if np.isfinite(flat[1]).all() else None
 
 
 def _backward_im2col(dout, x, weight, stride, padding, input_grad):
