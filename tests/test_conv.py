@@ -702,7 +702,8 @@ def test_bad_input_is_named(np64):
     upsample = Upsample(2, np64)
     upsample.forward(np.zeros((1, 1, 2, 2)))
     with pytest.raises(ValueError, match=r"dout: expected rows and columns that are "
-                                         r"multiples of the scale factor 2, got shape \(1, 1, 4, 3\)"):
+                                         r"multiples of the scale factor 2, "
+                                         r"got shape \(1, 1, 4, 3\)"):
         upsample.backward(np.zeros((1, 1, 4, 3)))
     with pytest.raises(ValueError, match="dout: expected images"):
         upsample.backward(np.zeros((4, 4)))

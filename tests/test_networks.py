@@ -329,8 +329,9 @@ def _networks_with_pairs(backend):
 def test_fused_pairs_give_the_layers_own_bits(monkeypatch, dtype, input_grad):
     """Sequential runs a Linear or Conv2d and the ReLU after it as one op (layers.
     FUSED_FORWARDS), the backward of a Linear and its ReLU, of a ReLU and the MaxPool2d
-    after it and of an Upsample and the Conv2d after it (FUSED_BACKWARDS), never across the layer that takes the extras: outputs, dx, every gradient and the caches are the bits of the layers run one
-    by one (the registries emptied), and the fused ops do run."""
+    after it and of an Upsample and the Conv2d after it (FUSED_BACKWARDS), never across
+    the layer that takes the extras: outputs, dx, every gradient and the caches are the
+    bits of the layers run one by one (the registries emptied), and the fused ops do run."""
     from vae_np import layers
     backend = get_backend("numpy", dtype=dtype)
     runs = []

@@ -294,8 +294,8 @@ class MLP(Layer):
 
     A Linear followed by a ReLU runs as one op each way (:data:`FUSED_FORWARDS`,
     :func:`linear_relu_forward`), which keeps the two layers' caches as their own forwards
-    would (a subclass of Linear or ReLU runs its own code). The MLP keeps ``cache`` only to allow one backward per
-    forward.
+    would (a subclass of Linear or ReLU runs its own code). The MLP keeps ``cache`` only
+    to allow one backward per forward.
     """
 
     def __init__(self, sizes: Sequence[int], backend: Backend, rng: np.random.Generator,

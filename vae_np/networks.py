@@ -30,8 +30,10 @@ _FORWARD_DONE = "layer caches"
 
 class Sequential(Layer):
     """Layers run in order; backward runs them in reverse, each taking its successor's dx.
-    A pair in ``layers.FUSED_FORWARDS`` / ``FUSED_BACKWARDS`` (a Linear or a Conv2d and the
-    ReLU after it) runs as one op, with the layers' own caches and bits, as in the MLP.
+    A pair in ``layers.FUSED_FORWARDS`` / ``FUSED_BACKWARDS`` (forward: a Linear or a
+    Conv2d and the ReLU after it; backward: a Linear and its ReLU, a ReLU and a MaxPool2d,
+    an Upsample and a Conv2d) runs as one op, with the layers' own caches and bits, as in
+    the MLP; never across the layer that takes the extras.
 
     Args:
         layers: the layers, each with ``forward``/``backward``/``__call__``.
@@ -250,8 +252,8 @@ def conv_decoder(image_shape, latent_dim: int, backend: Backend, rng: np.random.
     likelihood's [mu (c), logvar (c)] layout on (M, K c), c = C H W. The example puts each
     ReLU after its Upsample; a ReLU commutes with nearest upsampling (and with Unflatten),
     to the bit both ways, so each runs before it, on a quarter of the values (the decoder's
-    ReLUs took 4.6 % of the conv step at batch 128, their forwards and backwards). ``extra_features``
-    E (labels appended to z) widen the first Linear. The last layer is Glorot-initialised.
+    ReLUs took 4.7 % of the conv step at batch 128, their forwards and backwards).
+    ``extra_features`` E (labels appended to z) widen the first Linear. The last layer is Glorot-initialised.
     ``hidden``: as the encoder's, mirrored (the last width first).
     """
     c, h, w, channels_last, widths = _check_preset(image_shape, latent_dim, channels, hidden,
