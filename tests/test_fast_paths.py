@@ -54,11 +54,13 @@ def test_fast_step_is_bit_identical_to_the_reference(dtype, decoder, samples):
     assert_identical(fast, reference)
 
 
+@pytest.mark.parametrize("batch", (32, 64))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_step_at_the_benchmark_shapes(dtype):
+def test_fast_step_at_the_benchmark_shapes(dtype, batch):
     """The starting configuration's real layer sizes (784-512-512, latent 64), where BLAS
-    takes its blocked, multi-threaded kernels."""
-    kw = dict(input_dim=784, hidden=(512, 512), latent_dim=64, batch=64, steps=2)
+    takes its blocked, multi-threaded kernels; at a batch under layers.SHORT_BATCH and at
+    one that is not (the input gradients' two orientations)."""
+    kw = dict(input_dim=784, hidden=(512, 512), latent_dim=64, batch=batch, steps=2)
     assert_identical(run_training(True, dtype, **kw), run_training(False, dtype, **kw))
 
 
