@@ -79,10 +79,11 @@ def matmul_into(out, a, b):
     return out
 
 
-#: Rows (batch size N) under which a Linear's input gradient is computed as (W dout^T)^T:
-#: OpenBLAS runs that orientation up to twice as fast when N is short, and the whole
-#: training step 6-12 % faster at N = 20-48 (measured up to N = 512 on an AMD EPYC,
-#: benchmarks/README.md, "The input gradient of a short batch").
+#: Rows (batch size N) under which a float32 Linear's input gradient is computed as
+#: (W dout^T)^T: OpenBLAS's sgemm runs that orientation up to twice as fast when N is
+#: short, and the whole float32 step 5-9 % faster at N = 20-48; its dgemm does not, and
+#: the float64 step was 6-8 % slower that way (an AMD EPYC, benchmarks/README.md, "The
+#: input gradient of a short batch").
 SHORT_BATCH = 64
 
 
@@ -90,14 +91,15 @@ def linear_input_grad(dout, W):
     """dL/dx = dout @ W^T of y = x @ W + b: dout (N, D_out), W (D_in, D_out) -> a fresh
     C-ordered (N, D_in).
 
-    Under :data:`SHORT_BATCH` rows it is the transpose of the product W @ dout^T
-    (D_in, N), copied into row order (the copy is exact): the same sums of products, with
-    their rounding from the BLAS kernel that orientation selects, so the last bits can
-    differ from dout @ W^T's. Both the reference and the fast paths take this function,
-    so they keep the same bits."""
-    if dout.shape[0] >= SHORT_BATCH:
+    In float32 under :data:`SHORT_BATCH` rows it is the transpose of the product
+    W @ dout^T (D_in, N), copied into row order (the copy is exact): the same sums of
+    products, with their rounding from the BLAS kernel that orientation selects, so the
+    last bits can differ from dout @ W^T's. Both the reference and the fast paths take
+    this function, so they keep the same bits."""
+    xp = namespace_of(dout)
+    if dout.shape[0] >= SHORT_BATCH or dout.dtype != xp.float32:
         return matmul(dout, W.T)
-    dx = namespace_of(dout).empty((dout.shape[0], W.shape[0]), dtype=dout.dtype)
+    dx = xp.empty((dout.shape[0], W.shape[0]), dtype=dout.dtype)
     dx[...] = matmul(W, dout.T).T
     return dx
 
