@@ -81,9 +81,9 @@ def matmul_into(out, a, b):
 
 #: Rows (batch size N) under which a float32 Linear's input gradient is computed as
 #: (W dout^T)^T: OpenBLAS's sgemm runs that orientation up to twice as fast when N is
-#: short, and the whole float32 step 5-9 % faster at N = 20-48; its dgemm does not, and
-#: the float64 step was 6-8 % slower that way (an AMD EPYC, benchmarks/README.md, "The
-#: input gradient of a short batch").
+#: short, and the whole float32 step about 5 % faster at N = 20-48; its dgemm does not,
+#: and the float64 step was 4-11 % slower that way (an AMD EPYC, benchmarks/README.md,
+#: "The input gradient of a short batch").
 SHORT_BATCH = 64
 
 
