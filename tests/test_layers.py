@@ -108,6 +108,22 @@ def test_linear_input_grad_is_dout_times_W_transposed_on_both_sides_of_short_bat
     np.testing.assert_allclose(host, expected, rtol=rtol, atol=rtol * np.sqrt(70))
 
 
+def test_linear_input_grad_of_mixed_dtypes_promotes_as_the_product_does():
+    """float32 dout with float64 W takes the usual orientation: a float64 dx, as
+    dout @ W^T gives, never a float32 buffer that the float64 product is cast into."""
+    dout, W = np.ones((2, 3), np.float32), np.ones((5, 3))
+    assert linear_input_grad(dout, W).dtype == (dout @ W.T).dtype == np.float64
+    assert linear_input_grad(np.ones((2, 3)), np.ones((5, 3), np.float32)).dtype == np.float64
+
+
+@pytest.mark.parametrize("dout_shape", ((3,), (6, 3), (4, 2), (4, 3, 1)))
+def test_linear_backward_names_a_dout_of_the_wrong_shape(dout_shape, np64):
+    layer = Linear(5, 3, np64, np.random.default_rng(0))
+    layer.forward(np.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"dout: expected shape \(4, 3\)"):
+        layer.backward(np.ones(dout_shape))
+
+
 def test_mlp_forward_is_the_composition(np64):
     mlp = MLP((4, 6, 5, 3), np64, np.random.default_rng(0), activation="tanh")
     x = np.random.default_rng(1).standard_normal((2, 4))

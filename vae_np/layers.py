@@ -91,13 +91,13 @@ def linear_input_grad(dout, W):
     """dL/dx = dout @ W^T of y = x @ W + b: dout (N, D_out), W (D_in, D_out) -> a fresh
     C-ordered (N, D_in).
 
-    In float32 under :data:`SHORT_BATCH` rows it is the transpose of the product
-    W @ dout^T (D_in, N), copied into row order (the copy is exact): the same sums of
-    products, with their rounding from the BLAS kernel that orientation selects, so the
-    last bits can differ from dout @ W^T's. Both the reference and the fast paths take
-    this function, so they keep the same bits."""
+    With both operands float32 and under :data:`SHORT_BATCH` rows, it is the transpose of
+    the product W @ dout^T (D_in, N), copied into row order (the copy is exact): the same
+    sums of products, with their rounding from the BLAS kernel that orientation selects,
+    so the last bits can differ from dout @ W^T's. Both the reference and the fast paths
+    take this function, so they keep the same bits."""
     xp = namespace_of(dout)
-    if dout.shape[0] >= SHORT_BATCH or dout.dtype != xp.float32:
+    if dout.shape[0] >= SHORT_BATCH or not dout.dtype == W.dtype == xp.float32:
         return matmul(dout, W.T)
     dx = xp.empty((dout.shape[0], W.shape[0]), dtype=dout.dtype)
     dx[...] = matmul(W, dout.T).T
@@ -171,6 +171,10 @@ class Linear(Layer):
         it in the same pass as its mask, :func:`relu_backward_and_bias_grad`)."""
         x = self._cached()
         W = self.params["W"]
+        if getattr(dout, "shape", None) != (x.shape[0], self.out_features):
+            raise ValueError(f"dout: expected shape ({x.shape[0]}, {self.out_features}) (the "
+                             "forward's batch, out_features), got "
+                             f"{type(dout).__name__} of shape {getattr(dout, 'shape', None)}")
         matmul_into(self.grads["W"], x.T, dout)                 # dW = x^T dout
         if bias_grad is None:
             bias_grad = self.backend.xp.sum(dout, axis=0)       # db = sum_n dout
