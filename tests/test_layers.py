@@ -25,9 +25,9 @@ from vae_np.layers import (
     LeakyReLU,
     Linear,
     ReLU,
+    SHORT_BATCH,
     Sigmoid,
     Softplus,
-    SHORT_BATCH,
     Tanh,
     linear_input_grad,
     make_activation,
@@ -91,9 +91,9 @@ def test_linear_forward_is_affine(backend):
 def test_linear_input_grad_is_dout_times_W_transposed_on_both_sides_of_short_batch(
         rows, dtype, backend_name):
     """Both orientations of the product (float32 under SHORT_BATCH rows; float64, and
-    float32 from SHORT_BATCH on) give dout W^T: against a float64 einsum, to float32's or float64's rounding of 70-term
-    sums, as a fresh C-ordered array of the input's dtype (the MLP's next ops and the
-    reference's sums expect row order)."""
+    float32 from SHORT_BATCH on) give dout W^T: against a float64 einsum, to float32's or
+    float64's rounding of 70-term sums, as a fresh C-ordered array of the input's dtype
+    (the MLP's next ops and the reference's sums expect row order)."""
     backend = get_backend(backend_name, dtype)
     rng = np.random.default_rng(rows)
     W, dout = rng.standard_normal((37, 70)), rng.standard_normal((rows, 70))
