@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import Backend, fast_twin, namespace_of
+from .backend import Backend, backend_of, fast_twin, namespace_of
 from .ops import sigmoid, softplus
 from .validation import check_int
 
@@ -79,8 +79,8 @@ def matmul_into(out, a, b):
     return out
 
 
-#: Rows (batch size N) under which a float32 Linear's input gradient is computed as
-#: (W dout^T)^T: OpenBLAS's sgemm runs that orientation up to twice as fast when N is
+#: Rows (batch size N) under which a float32 Linear's input gradient on NumPy is computed
+#: as (W dout^T)^T: OpenBLAS's sgemm runs that orientation up to twice as fast when N is
 #: short, and the whole float32 step about 5 % faster at N = 20-48; its dgemm does not,
 #: and the float64 step was 4-11 % slower that way (an AMD EPYC, benchmarks/README.md,
 #: "The input gradient of a short batch").
@@ -91,15 +91,16 @@ def linear_input_grad(dout, W):
     """dL/dx = dout @ W^T of y = x @ W + b: dout (N, D_out), W (D_in, D_out) -> a fresh
     C-ordered (N, D_in).
 
-    With both operands float32 and under :data:`SHORT_BATCH` rows, it is the transpose of
+    For NumPy arrays, both float32, under :data:`SHORT_BATCH` rows, it is the transpose of
     the product W @ dout^T (D_in, N), copied into row order (the copy is exact): the same
     sums of products, with their rounding from the BLAS kernel that orientation selects,
     so the last bits can differ from dout @ W^T's. Both the reference and the fast paths
-    take this function, so they keep the same bits."""
-    xp = namespace_of(dout)
-    if dout.shape[0] >= SHORT_BATCH or not dout.dtype == W.dtype == xp.float32:
+    take this function, so they keep the same bits. (The rule is a measurement of
+    OpenBLAS; CuPy's cuBLAS, unmeasured, keeps dout @ W^T.)"""
+    if (backend_of(dout).name != "numpy" or dout.shape[0] >= SHORT_BATCH
+            or not dout.dtype == W.dtype == np.float32):
         return matmul(dout, W.T)
-    dx = xp.empty((dout.shape[0], W.shape[0]), dtype=dout.dtype)
+    dx = np.empty((dout.shape[0], W.shape[0]), dtype=dout.dtype)
     dx[...] = matmul(W, dout.T).T
     return dx
 
